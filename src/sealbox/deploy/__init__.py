@@ -1,0 +1,1 @@
+"""Creating deployments (``sealbox init --dev``)."""

@@ -1,0 +1,82 @@
+"""``gpg``: detached ASCII-armoured OpenPGP signatures (SHA-256), made in-process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, VerificationFailed
+from . import _openpgp
+from .base import FormatSettings, KeyResolver, SignRequest, Signer
+
+if TYPE_CHECKING:
+    from ..deploy.dev import DevContext
+
+HASH = "sha256"
+
+
+class GpgSigner(Signer):
+    formats = ("gpg",)
+    detached_suffix = {"gpg": ".asc"}
+    verifier = "gpg --verify FILE.asc FILE (key: public/gpg.asc)"
+
+    def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
+        super().__init__(settings, keys)
+        if settings.key is None:
+            raise ConfigError("format 'gpg': 'key' is required")
+        self._key = keys(settings.key).rsa
+        cert_path = settings.path("public_key")
+        assert cert_path is not None
+        try:
+            self._pub = _openpgp.PublicKey.from_armored(cert_path.read_bytes())
+        except OSError as e:
+            raise ConfigError(f"format 'gpg': cannot read {cert_path}: {e.strerror}") from None
+        if not self._pub.matches(self._key.public_key()):
+            raise ConfigError(f"format 'gpg': {cert_path} is not the public half of key '{settings.key}'")
+
+    def sign(self, request: SignRequest) -> None:
+        sig = _openpgp.detached_signature(
+            self._key, self._pub, request.hash_state(HASH), HASH, int(time.time())
+        )
+        request.output.write_bytes(sig)
+
+    @classmethod
+    def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
+        key = ctx.rsa(3072)
+        name = ctx.add_key("gpg", key)
+        block = _openpgp.public_key_block(
+            key, f"sealbox {ctx.level} signing key <sealbox-{ctx.level}@example.invalid>", int(time.time())
+        )
+        ctx.write_public("gpg.asc", block, "gpg --import public/gpg.asc && gpg --verify FILE.asc FILE")
+        return {"gpg": {"key": name, "public_key": "public/gpg.asc"}}
+
+    @classmethod
+    def verify(cls, fmt: str, signed: Path, original: Path | None, public_dir: Path) -> str:
+        if original is None:
+            raise VerificationFailed("gpg signatures are detached: the signed file is needed too")
+        gpg = shutil.which("gpg")
+        if gpg is None:
+            raise VerificationFailed("gpg is not installed")
+        # A short private homedir: gpg's socket paths must stay under ~107 characters.
+        home = tempfile.mkdtemp(prefix="sbg")
+        try:
+            base = [gpg, "--homedir", home, "--batch", "--no-tty"]
+            imp = subprocess.run([*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False)
+            if imp.returncode != 0:
+                raise VerificationFailed(f"gpg --import failed: {imp.stderr.decode(errors='replace').strip()}")
+            res = subprocess.run(
+                [*base, "--status-fd", "1", "--verify", str(signed), str(original)],
+                capture_output=True, check=False,
+            )
+            status = res.stdout.decode(errors="replace")
+            if res.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+                reason = res.stderr.decode(errors="replace").strip().splitlines()
+                raise VerificationFailed(f"gpg --verify: {reason[-1] if reason else 'failed'}")
+        finally:
+            subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False)
+            shutil.rmtree(home, ignore_errors=True)
+        return "gpg --verify"

@@ -1,0 +1,111 @@
+"""Small X.509 toolkit for dev deployments and tests: CAs, TLS and code-signing certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ORG = "sealbox dev"
+
+
+def new_rsa(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG)])
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: rsa.RSAPublicKey, years: int) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365 * years))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def make_ca(cn: str, bits: int = 2048, years: int = 10) -> Issued:
+    """A self-signed root CA."""
+    key = new_rsa(bits)
+    name = _name(cn)
+    cert = (
+        _builder(name, name, key.public_key(), years)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def issue(
+    ca: Issued,
+    cn: str,
+    *,
+    key: rsa.RSAPrivateKey | None = None,
+    bits: int = 2048,
+    ekus: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CODE_SIGNING,),
+    eku_critical: bool = False,
+    san: Sequence[str] = (),
+    server: bool = False,
+    years: int = 5,
+) -> Issued:
+    """Issue a leaf certificate. ``san`` entries are IP literals or DNS names."""
+    key = key or new_rsa(bits)
+    builder = (
+        _builder(_name(cn), ca.cert.subject, key.public_key(), years)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=server,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    if ekus:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=eku_critical)
+    if san:
+        names: list[x509.GeneralName] = []
+        for entry in san:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(entry)))
+            except ValueError:
+                names.append(x509.DNSName(entry))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def tls_server(ca: Issued, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Issued:
+    return issue(ca, hosts[0], ekus=(ExtendedKeyUsageOID.SERVER_AUTH,), san=hosts, server=True)
