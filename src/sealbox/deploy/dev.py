@@ -74,11 +74,15 @@ class DevContext:
         self.keys[name] = entry
         return name
 
-    def add_pkcs12_key(self, name: str, key: PrivateKey, cert: x509.Certificate,
-                       extra: Sequence[x509.Certificate] = ()) -> str:
+    def add_pkcs12_key(
+        self, name: str, key: PrivateKey, cert: x509.Certificate, extra: Sequence[x509.Certificate] = ()
+    ) -> str:
         """Store ``key`` + cert in a passphrase-protected PKCS#12 keystore."""
         blob = pkcs12.serialize_key_and_certificates(
-            name.encode(), key, cert, list(extra) or None,
+            name.encode(),
+            key,
+            cert,
+            list(extra) or None,
             serialization.BestAvailableEncryption(self._passphrase(name)),
         )
         path = self.write_file(f"keys/{name}.p12", blob, 0o600)
@@ -101,8 +105,9 @@ class DevContext:
         return self.write_file(f"public/{filename}", data)
 
 
-def init_dev(root: Path, level: str = "dep", listen: str | None = None,
-             formats: Sequence[str] | None = None) -> Path:
+def init_dev(
+    root: Path, level: str = "dep", listen: str | None = None, formats: Sequence[str] | None = None
+) -> Path:
     """Create a dev deployment in ``root``; refuses to touch an existing one."""
     from ..formats import signer_families
 
@@ -119,15 +124,20 @@ def init_dev(root: Path, level: str = "dep", listen: str | None = None,
     server = pki.tls_server(tls_ca)
     ctx.write_file("tls/ca.pem", tls_ca.cert_pem())
     ctx.write_file("tls/server.pem", server.cert_pem() + tls_ca.cert_pem())
-    ctx.write_file("tls/server.key", server.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    ctx.write_file(
+        "tls/server.key",
+        server.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        0o600,
+    )
 
     password = secrets.token_urlsafe(18)
     ctx.write_file("token-auth", f"issuer:{password}".encode(), 0o600)
     ctx.write_file("secrets/token-secret", base64.b64encode(os.urandom(32)), 0o600)
 
     format_sections: dict[str, Any] = {}
-    for family in signer_families():
+    for family in signer_families(list(formats) if formats is not None else None):
         if formats is not None and not set(family.formats) & set(formats):
             continue
         if family.available() is not None and not getattr(family, "dev_without_tool", False):
@@ -137,8 +147,15 @@ def init_dev(root: Path, level: str = "dep", listen: str | None = None,
                 format_sections[name] = section
 
     config: dict[str, Any] = {
-        "server": {"level": level, "listen": listen, "data_dir": "data", "get_hold": 20.0,
-                   "max_file_age": 86400, "concurrency": 4, "min_filesize": 10},
+        "server": {
+            "level": level,
+            "listen": listen,
+            "data_dir": "data",
+            "get_hold": 20.0,
+            "max_file_age": 86400,
+            "concurrency": 4,
+            "min_filesize": 10,
+        },
         "tls": {"cert": "tls/server.pem", "key": "tls/server.key"},
         "security": {
             "allowed_ips": ["127.0.0.0/8", "::1/128"],

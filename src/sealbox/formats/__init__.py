@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import FormatSettings, KeyResolver, SignRequest, Signer
+from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 __all__ = ["FormatSettings", "KeyResolver", "SignRequest", "Signer", "all_formats", "signer_class"]
 
@@ -59,10 +59,10 @@ def signer_class(fmt: str) -> type[Signer]:
     return cls
 
 
-def signer_families() -> list[type[Signer]]:
+def signer_families(formats: list[str] | None = None) -> list[type[Signer]]:
     """Each implemented signer class once, in registry order (used by dev set-up)."""
     seen: list[type[Signer]] = []
-    for name in all_formats():
+    for name in formats if formats is not None else all_formats():
         cls = signer_class(name)
         if cls not in seen:
             seen.append(cls)

@@ -20,7 +20,11 @@ from ..errors import ConfigError
 
 PUBKEY_RSA = 1
 HASH_IDS = {"sha256": 8, "sha384": 9, "sha512": 10}
-_CRYPTO_HASH = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_CRYPTO_HASH: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 SIG_BINARY = 0x00
 SIG_POSITIVE_CERT = 0x13
 TAG_SIGNATURE, TAG_PUBLIC_KEY, TAG_USER_ID = 2, 6, 13
@@ -123,7 +127,9 @@ class PublicKey:
 
     @property
     def fingerprint(self) -> bytes:
-        return hashlib.sha1(b"\x99" + struct.pack(">H", len(self.body)) + self.body, usedforsecurity=False).digest()
+        return hashlib.sha1(
+            b"\x99" + struct.pack(">H", len(self.body)) + self.body, usedforsecurity=False
+        ).digest()
 
     @property
     def key_id(self) -> bytes:
@@ -148,7 +154,11 @@ def _signature(
         + _subpacket(33, bytes([4]) + pub.fingerprint)
         + extra_hashed
     )
-    head = bytes([4, sig_type, PUBKEY_RSA, HASH_IDS[hash_name]]) + struct.pack(">H", len(hashed_sub)) + hashed_sub
+    head = (
+        bytes([4, sig_type, PUBKEY_RSA, HASH_IDS[hash_name]])
+        + struct.pack(">H", len(hashed_sub))
+        + hashed_sub
+    )
     hash_state.update(head)
     hash_state.update(b"\x04\xff" + struct.pack(">I", len(head)))
     digest = hash_state.digest()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, VerificationFailed
 from . import _openpgp
-from .base import FormatSettings, KeyResolver, SignRequest, Signer
+from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -65,12 +65,17 @@ class GpgSigner(Signer):
         home = tempfile.mkdtemp(prefix="sbg")
         try:
             base = [gpg, "--homedir", home, "--batch", "--no-tty"]
-            imp = subprocess.run([*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False)
+            imp = subprocess.run(
+                [*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False
+            )
             if imp.returncode != 0:
-                raise VerificationFailed(f"gpg --import failed: {imp.stderr.decode(errors='replace').strip()}")
+                raise VerificationFailed(
+                    f"gpg --import failed: {imp.stderr.decode(errors='replace').strip()}"
+                )
             res = subprocess.run(
                 [*base, "--status-fd", "1", "--verify", str(signed), str(original)],
-                capture_output=True, check=False,
+                capture_output=True,
+                check=False,
             )
             status = res.stdout.decode(errors="replace")
             if res.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:

@@ -7,6 +7,7 @@ deadlock against a child that reads lazily.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from types import TracebackType
@@ -51,10 +52,8 @@ class ToolSecrets:
     def close_parent_ends(self) -> None:
         """Close our copies of the read ends once the child has been started."""
         for fd in self._read_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._read_fds = []
 
     def __exit__(

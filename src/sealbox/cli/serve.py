@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from ..errors import SealboxError
+from ._common import fail
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="key-name:passphrase lines (else asked on the terminal).",
+)
+@click.option("--passphrase-fd", type=int, help="Read key-name:passphrase lines from this inherited fd.")
+@click.option("--listen", default=None, help="HOST:PORT, overrides server.listen.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
+def serve(
+    config_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    listen: str | None,
+    log_file: Path | None,
+) -> None:
+    """Run a signing server for one cert level (HTTPS only)."""
+    from ..config import load_config, parse_listen
+    from ..keys import PassphraseSource
+    from ..server.run import load_signers, setup_logging
+    from ..server.run import serve as run
+
+    setup_logging(log_file)
+    try:
+        if listen:
+            parse_listen(listen)
+        cfg = load_config(config_path)
+        if passphrase_file is not None:
+            source = PassphraseSource.from_file(passphrase_file)
+        elif passphrase_fd is not None:
+            source = PassphraseSource.from_fd(passphrase_fd)
+        else:
+            source = PassphraseSource.interactive()
+        signers = load_signers(cfg, source)
+        asyncio.run(run(cfg, signers, listen))
+    except (SealboxError, ValueError) as e:
+        fail(f"not starting: {e}", 2)
+    except OSError as e:
+        fail(f"not starting: {e.strerror or e}", 2)

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._common import fail
+
+KNOWN_FORMATS = (
+    "gpg",
+    "sha2signcode",
+    "sha2signcodestub",
+    "sha2signcode-v2",
+    "sha2signcodestub-v2",
+    "signcode",
+    "osslsigncode",
+    "mar",
+    "mar_sha384",
+    "jar",
+    "focus-jar",
+    "emevoucher",
+    "widevine",
+    "widevine_blessed",
+    "dmg",
+    "macapp",
+    "dmgv2",
+)
+
+
+def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequence[str]) -> Iterator[Path]:
+    """Files given directly, plus files under given folders filtered by basename globs."""
+    for p in paths:
+        if p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                for name in sorted(names):
+                    if any(fnmatch.fnmatch(name, g) for g in includes or ["*"]) and not any(
+                        fnmatch.fnmatch(name, g) for g in excludes
+                    ):
+                        yield Path(root) / name
+        else:
+            yield p
+
+
+@click.command()
+@click.option("-H", "--host", "hosts", multiple=True, required=True, help="[fmt:...]host:port, repeatable.")
+@click.option(
+    "-c",
+    "--server-cert",
+    "ca",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="CA bundle (PEM) that verifies the servers.",
+)
+@click.option("-t", "--token-file", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "-n",
+    "--nonce-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Accepted for signtool compatibility (the nonce is unused).",
+)
+@click.option(
+    "-f", "--formats", "formats", multiple=True, required=True, help="Repeatable or comma-separated."
+)
+@click.option("-o", "--output-file", type=click.Path(path_type=Path), default=None)
+@click.option("-d", "--output-dir", type=click.Path(path_type=Path), default=None)
+@click.option("-i", "--include", "includes", multiple=True, help="Glob on basenames inside folders.")
+@click.option("-x", "--exclude", "excludes", multiple=True)
+@click.option("--cachedir", type=click.Path(path_type=Path), default=None)
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=600.0,
+    show_default=True,
+    help="Seconds allowed per file and format.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def sign(
+    hosts: tuple[str, ...],
+    ca: Path,
+    token_file: Path,
+    nonce_file: Path | None,
+    formats: tuple[str, ...],
+    output_file: Path | None,
+    output_dir: Path | None,
+    includes: tuple[str, ...],
+    excludes: tuple[str, ...],
+    cachedir: Path | None,
+    jobs: int,
+    timeout: float,
+    as_json: bool,
+    verbose: bool,
+    quiet: bool,
+    paths: tuple[str, ...],
+) -> None:
+    """Sign files through signing servers (signtool-compatible options)."""
+    from ..client import SigningClient, parse_host
+    from ..errors import SealboxError
+
+    fmts = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
+    for f in fmts:
+        if f not in KNOWN_FORMATS:
+            fail(f"invalid format: {f}", 2)
+    if not ca.is_file():
+        fail(f"certificate not found: {ca}", 2)
+    try:
+        token = token_file.read_text().strip()
+        servers = [parse_host(h) for h in hosts]
+    except OSError as e:
+        fail(f"cannot read token file {token_file}: {e.strerror}", 2)
+    except SealboxError as e:
+        fail(str(e), 2)
+    files = list(find_files([Path(p) for p in paths], includes, excludes))
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        fail(f"no such file: {missing[0]}", 2)
+    if output_file is not None and len(files) != 1:
+        fail("-o / --output-file can only be used when signing a single file", 2)
+    if output_file is not None and output_dir is not None:
+        fail("-o and -d cannot be used together", 2)
+
+    def dest_of(p: Path) -> Path:
+        if output_file is not None:
+            return output_file
+        if output_dir is not None:
+            return output_dir / p.name
+        return p
+
+    show_progress = sys.stderr.isatty() and not quiet and not as_json
+    results: list[Any] = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    with (
+        SigningClient(
+            servers,
+            ca,
+            token,
+            timeout=timeout,
+            cache_dir=cachedir,
+            nonce_file=nonce_file,
+            connections=max(4, jobs * 2),
+        ) as client,
+        ThreadPoolExecutor(jobs) as pool,
+    ):
+        if show_progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=True,
+            ) as bar:
+                task = bar.add_task("signing", total=len(files))
+                futures = [
+                    pool.submit(client.sign, p, fmts, dest_of(p), lambda n: bar.advance(task, n))
+                    for p in files
+                ]
+                results = [f.result() for f in futures]
+        else:
+            results = list(pool.map(lambda p: client.sign(p, fmts, dest_of(p)), files))
+
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        json.dump(
+            {
+                "ok": not failed,
+                "files": [
+                    {
+                        "source": str(r.source),
+                        "formats": r.formats,
+                        "outputs": [str(o) for o in r.outputs],
+                        "cached": r.cached,
+                        "server": r.server,
+                        "seconds": round(r.seconds, 3),
+                        "error": r.error,
+                    }
+                    for r in results
+                ],
+            },
+            sys.stdout,
+            indent=2,
+        )
+        sys.stdout.write("\n")
+    else:
+        for r in results:
+            if r.ok and not quiet:
+                how = " (cache)" if r.cached and len(r.cached) == len(r.formats) else ""
+                click.echo(
+                    f"signed {r.source} -> {', '.join(map(str, r.outputs))}{how} in {r.seconds:.2f}s",
+                    err=not verbose,
+                )
+            elif not r.ok:
+                click.echo(f"sealbox: error: failed to sign {r.source}: {r.error}", err=True)
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,1 @@
+"""Generators of realistic unsigned inputs for each format (demo, benchmarks, tests)."""

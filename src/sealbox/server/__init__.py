@@ -1,0 +1,1 @@
+"""The signing server (``sealbox serve``): HTTPS, classic wire protocol, content-addressed jobs."""

@@ -1,0 +1,314 @@
+"""HTTP handlers: thin, wire-compatible with the classic signing server.
+
+Order of checks for every request: peer address in ``allowed_ips`` (403), then method and
+route. ``POST /token`` additionally needs an issuer address and HTTP Basic credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from aiohttp import BodyPartReader, web
+
+from .. import tokens
+from ..config import Network, ServerConfig
+from ..errors import TokenError
+from ..hashing import CHUNK, is_sha1_hex
+from ..keys.credentials import check_password
+from .jobs import TRANSIENT_FAILURE_TTL, JobManager
+from .storage import Storage
+
+log = logging.getLogger("sealbox.http")
+
+MULTIPART_OVERHEAD = 64 * 1024  # room for the small form fields around filedata
+NONCE = {"X-Nonce": "UNUSED"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CONFIG = web.AppKey("config", ServerConfig)
+JOBS = web.AppKey("jobs", JobManager)
+STORAGE = web.AppKey("storage", Storage)
+SECRETS = web.AppKey("secrets", list[bytes])
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+    h = {"X-Sealbox-Error": reason, **(headers or {})}
+    return web.Response(status=status, text=reason + "\n", headers=h)
+
+
+def peer_ip(request: web.Request) -> str:
+    return tokens.normalize_ip(request.remote or "0.0.0.0")
+
+
+def _allowed(ip: str, networks: Sequence[Network]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr in net for net in networks)
+
+
+@web.middleware
+async def access_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    cfg = request.app[CONFIG]
+    ip = peer_ip(request)
+    response: web.StreamResponse
+    if not _allowed(ip, cfg.security.allowed_ips):
+        response = web.Response(status=403)
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            response = e
+    log.info(
+        "request",
+        extra={
+            "fields": {
+                "event": "request",
+                "peer": ip,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "bytes_in": request.content_length or 0,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+                **(
+                    {"reason": response.headers["X-Sealbox-Error"]}
+                    if "X-Sealbox-Error" in response.headers
+                    else {}
+                ),
+            }
+        },
+    )
+    return response
+
+
+# -- POST /token ----------------------------------------------------------------------------------
+async def mint_token(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    if not _allowed(peer_ip(request), cfg.security.token_issuer_ips):
+        return web.Response(status=403)
+    auth = request.headers.get("Authorization", "").split()
+    if len(auth) != 2 or auth[0] != "Basic":
+        return web.Response(status=401)
+    try:
+        user, _, password = base64.b64decode(auth[1], validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return web.Response(status=401)
+    loop = asyncio.get_running_loop()
+    ok = False
+    for entry in cfg.security.token_issuers:
+        name, _, hashed = entry.partition(":")
+        # scrypt is deliberately slow: keep it off the event loop; check every entry.
+        ok |= (name == user) & await loop.run_in_executor(None, check_password, password, hashed)
+    if not ok:
+        return web.Response(status=401)
+    form = await request.post()
+    slave_ip, duration_s = form.get("slave_ip"), form.get("duration")
+    if not isinstance(slave_ip, str) or not isinstance(duration_s, str):
+        return _error(400, "slave_ip and duration are required")
+    try:
+        duration = int(duration_s)
+    except ValueError:
+        return _error(400, "duration must be an integer number of seconds")
+    if not 0 < duration <= cfg.security.max_token_age:
+        return _error(400, f"duration must be between 1 and {cfg.security.max_token_age} seconds")
+    try:
+        token = tokens.mint(request.app[SECRETS][0], slave_ip, duration)
+    except ValueError:
+        return _error(400, "slave_ip is not an IP address")
+    return web.Response(text=token)
+
+
+# -- GET /sign/<fmt>/<sha1> -----------------------------------------------------------------------
+async def get_result(request: web.Request) -> web.StreamResponse:
+    fmt, sha1 = request.match_info["fmt"], request.match_info["sha1"]
+    cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
+    if fmt not in cfg.formats or fmt not in jobs.signers:
+        return _error(400, f"unknown format '{fmt}'")
+    if not is_sha1_hex(sha1):
+        return _error(400, "the digest must be 40 lowercase hex digits")
+    deadline = time.monotonic() + cfg.server.get_hold
+    while True:
+        found = storage.result(fmt, sha1)
+        if found is not None:
+            return await _send_file(request, *found)
+        failure = storage.failure(fmt, sha1, TRANSIENT_FAILURE_TTL)
+        if failure is not None:
+            return _error(404, f"signing failed: {failure.reason}")
+        if not jobs.pending(fmt, sha1):
+            if not storage.has_input(sha1):
+                return web.Response(status=404)
+            jobs.submit(fmt, sha1)  # content already here (other format or an output): no upload
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not await jobs.wait(fmt, sha1, remaining):
+            return web.Response(status=404, headers={"X-Pending": "True"})
+
+
+async def _send_file(request: web.Request, path: Path, digest: str) -> web.StreamResponse:
+    headers = {"X-SHA1-Digest": digest, "Content-Type": "application/octet-stream"}
+    size = path.stat().st_size
+    if size <= CHUNK:
+        return web.Response(body=path.read_bytes(), headers=headers)
+    response = web.StreamResponse(headers=headers)
+    response.content_length = size
+    await response.prepare(request)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+# -- POST /sign/<fmt> -----------------------------------------------------------------------------
+class _Upload:
+    """Streams ``filedata`` into a temp file, hashing SHA-1 and SHA-256 in the same pass."""
+
+    def __init__(self, storage: Storage, limit: int) -> None:
+        self.fd, self.path = storage.temp_file()
+        self.limit = limit
+        self.size = 0
+        self.sha1 = hashlib.sha1(usedforsecurity=False)
+        self.sha256 = hashlib.sha256()
+        self.too_large = False
+
+    async def consume(self, part: BodyPartReader) -> None:
+        with os.fdopen(self.fd, "wb", closefd=True) as f:
+            while chunk := await part.read_chunk(CHUNK):
+                self.size += len(chunk)
+                if self.size > self.limit:
+                    self.too_large = True
+                    return
+                self.sha1.update(chunk)
+                self.sha256.update(chunk)
+                f.write(chunk)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
+    if not name or len(name) > 255 or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        return "the filename must be a plain file name"
+    if not any(re.match(p, name) for p in patterns):
+        return "Unacceptable filename"
+    return None
+
+
+async def upload(request: web.Request) -> web.StreamResponse:
+    fmt = request.match_info["fmt"]
+    cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
+    known = fmt in cfg.formats and fmt in jobs.signers
+    limit = cfg.max_filesize(fmt) if known else cfg.server.max_filesize
+    if request.content_length is not None and request.content_length > limit + MULTIPART_OVERHEAD:
+        return _error(413, f"File too large: over {limit} bytes for {fmt}")
+    if not request.content_type.startswith("multipart/"):
+        return _error(400, "expected multipart/form-data")
+    fields: dict[str, str] = {}
+    upload: _Upload | None = None
+    try:
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    return _error(400, "malformed multipart body")
+                if part.name == "filedata":
+                    bad = _check_fields(request, fields, fmt, known)
+                    if bad is not None:
+                        return bad
+                    if storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"]):
+                        return web.Response(status=202, text="File is pending\n", headers=NONCE)
+                    upload = _Upload(storage, limit)
+                    await upload.consume(part)
+                    if upload.too_large:
+                        return _error(400, f"File too large: over {limit} bytes for {fmt}", NONCE)
+                elif part.name in ("sha1", "filename", "token", "nonce"):
+                    value = await part.read(decode=False)
+                    if len(value) > 4096:
+                        return _error(400, f"field {part.name} is too long")
+                    fields[part.name] = value.decode("utf-8", "replace")
+                else:
+                    await part.release()
+        except (ValueError, AssertionError, asyncio.IncompleteReadError) as e:
+            return _error(400, f"malformed multipart body: {e}")
+        if upload is None:
+            bad = _check_fields(request, fields, fmt, known)
+            return bad or _error(400, "File too small: no filedata", NONCE)
+        sha1 = fields["sha1"]
+        if upload.size < cfg.server.min_filesize:
+            return _error(
+                400, f"File too small: {upload.size} bytes, minimum {cfg.server.min_filesize}", NONCE
+            )
+        if upload.sha1.hexdigest() != sha1:
+            return _error(400, "Hash mismatch: filedata does not match the sha1 field", NONCE)
+        storage.add_input(sha1, fields["filename"], upload.path)
+        storage.clear_failure(fmt, sha1)
+        jobs.submit(fmt, sha1, {"sha256": upload.sha256})
+        upload = None
+        return web.Response(status=202, text="Accepted\n", headers=NONCE)
+    finally:
+        if upload is not None:
+            upload.discard()
+
+
+def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
+    cfg, storage = request.app[CONFIG], request.app[STORAGE]
+    if "token" not in fields:
+        return _error(400, "Missing token")
+    secrets: list[bytes] = request.app[SECRETS]
+    try:
+        tokens.verify(fields["token"], secrets, peer_ip(request))
+    except TokenError as e:
+        return _error(400, f"Invalid token: {e}")
+    if not known:
+        return _error(400, f"unknown format '{fmt}'", NONCE)
+    for name in ("sha1", "filename"):
+        if name not in fields:
+            return _error(400, f"missing field {name}", NONCE)
+    if not is_sha1_hex(fields["sha1"]):
+        return _error(400, "the sha1 field must be 40 lowercase hex digits", NONCE)
+    bad = _valid_filename(fields["filename"], cfg.security.allowed_filenames)
+    if bad is not None:
+        return _error(403, bad, NONCE)
+    failure = storage.failure(fmt, fields["sha1"], TRANSIENT_FAILURE_TTL)
+    if failure is not None and failure.permanent:
+        return _error(400, f"signing failed: {failure.reason}", NONCE)
+    return None
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    return web.json_response(
+        {"status": "ok", "level": cfg.server.level, "formats": sorted(request.app[JOBS].signers)}
+    )
+
+
+async def bad_request(request: web.Request) -> web.Response:
+    if request.method not in ("GET", "POST"):
+        return _error(405, "Method Not Allowed")
+    return _error(400, "Bad Request")
+
+
+def build_app(cfg: ServerConfig, jobs: JobManager, storage: Storage, secrets: list[bytes]) -> web.Application:
+    app = web.Application(middlewares=[access_and_log], client_max_size=1024 * 1024)
+    app[CONFIG] = cfg
+    app[JOBS] = jobs
+    app[STORAGE] = storage
+    app[SECRETS] = secrets
+    app.router.add_post("/token", mint_token)
+    app.router.add_post(r"/token/{rest:.*}", mint_token)
+    app.router.add_get("/sign/{fmt}/{sha1}", get_result)
+    app.router.add_post("/sign/{fmt}", upload)
+    app.router.add_post("/sign/{fmt}/{rest:.*}", upload)
+    app.router.add_get("/__heartbeat__", heartbeat)
+    app.router.add_route("*", "/{tail:.*}", bad_request)
+    return app

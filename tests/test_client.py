@@ -1,0 +1,147 @@
+"""Our client (`sealbox sign` and the library) against real servers over HTTPS."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sealbox.client import Server, SigningClient
+from tests.servers import BIN, ServerProcess, free_port, gpg_verify
+
+
+def sign_cli(
+    server: ServerProcess, tmp: Path, *args: str, hosts: list[str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    token = tmp / "token"
+    if not token.exists():
+        token.write_text(server.token())
+    host_args = [a for h in (hosts or [server.hostspec]) for a in ("-H", h)]
+    return subprocess.run(
+        [str(BIN / "sealbox"), "sign", *host_args, "-c", str(server.deployment.ca), "-t", str(token), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def verified(server: ServerProcess, data: Path) -> bool:
+    res = gpg_verify(data.with_name(data.name + ".asc"), data, server.deployment.public / "gpg.asc")
+    return res.returncode == 0 and b"VALIDSIG" in res.stdout
+
+
+def test_single_file(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "--json", str(payload))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["ok"] and summary["files"][0]["outputs"] == [str(payload) + ".asc"]
+    assert verified(gpg_server, payload)
+
+
+def test_many_files_in_parallel(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    files = []
+    for i in range(40):
+        f = tmp_path / f"f{i:02d}.txt"
+        f.write_bytes(f"file {i} ".encode() * 50)
+        files.append(f)
+    res = sign_cli(gpg_server, tmp_path, "-j", "8", "-f", "gpg", "--json", *map(str, files))
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["files"]) == 40
+    assert all(verified(gpg_server, f) for f in files[:5] + files[-5:])
+
+
+def test_directory_with_include_exclude(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    d = tmp_path / "tree"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a.exe", "b.txt", "sub/c.exe", "sub/skip.exe"):
+        (d / name).write_bytes(name.encode() * 20)
+    out = tmp_path / "out"
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-i", "*.exe", "-x", "skip*", "-d", str(out), str(d))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.exe", "a.exe.asc", "c.exe", "c.exe.asc"]
+    assert verified(gpg_server, out / "c.exe")
+
+
+def test_failover_when_one_server_is_down(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    for _ in range(3):  # the host order is shuffled: make sure the dead one comes first at least once
+        res = sign_cli(
+            gpg_server, tmp_path, "-f", "gpg", "--json", str(payload), hosts=[dead, gpg_server.hostspec]
+        )
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["files"][0]["server"] == gpg_server.server.url
+    with SigningClient(
+        [Server("127.0.0.1", int(dead.split(":")[1])), gpg_server.server],
+        gpg_server.deployment.ca,
+        gpg_server.token(),
+        shuffle=False,
+    ) as c:
+        out = c.sign(payload, ["gpg"], tmp_path / "fo.bin")
+    assert out.ok and out.server == gpg_server.server.url
+    assert verified(gpg_server, tmp_path / "fo.bin")
+
+
+def test_cache_hit_needs_no_network(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    cache = tmp_path / "cache"
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "--cachedir", str(cache), str(payload))
+    assert res.returncode == 0, res.stderr
+    first = (payload.with_name(payload.name + ".asc")).read_bytes()
+    payload.with_name(payload.name + ".asc").unlink()
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    res = sign_cli(
+        gpg_server, tmp_path, "-f", "gpg", "--cachedir", str(cache), "--json", str(payload), hosts=[nowhere]
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"][0]["cached"] == ["gpg"]
+    assert payload.with_name(payload.name + ".asc").read_bytes() == first
+
+
+def test_server_that_never_answers_times_out(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts TCP connections in the kernel, never speaks TLS
+        started = time.monotonic()
+        res = sign_cli(
+            gpg_server,
+            tmp_path,
+            "-f",
+            "gpg",
+            "--timeout",
+            "3",
+            str(payload),
+            hosts=[f"127.0.0.1:{silent.getsockname()[1]}"],
+        )
+        elapsed = time.monotonic() - started
+    assert res.returncode == 1
+    assert "timed out" in res.stderr and "gave up" in res.stderr
+    assert elapsed < 15
+
+
+def test_chained_output_with_o(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    dest = tmp_path / "out" / "signed.bin"
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-o", str(dest), str(payload))
+    assert res.returncode == 0, res.stderr
+    assert dest.read_bytes() == payload.read_bytes()
+    assert verified(gpg_server, dest)
+
+
+def test_usage_errors(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    res = sign_cli(gpg_server, tmp_path, "-f", "nosuch", str(payload))
+    assert res.returncode == 2 and "invalid format: nosuch" in res.stderr
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-o", "x", str(payload), str(payload))
+    assert res.returncode == 2
+
+
+@pytest.mark.parametrize("n", [1])
+def test_library_reports_progress(gpg_server: ServerProcess, tmp_path: Path, payload: Path, n: int) -> None:
+    seen: list[int] = []
+    with gpg_server.client() as c:
+        out = c.sign(payload, ["gpg"], progress=seen.append)
+    assert out.ok and seen == [n]

@@ -1,0 +1,81 @@
+"""Start-up: passphrases proven by a test signature, clear refusals, no secret in logs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.servers import BIN, Deployment, ServerProcess, start_server
+
+
+def test_wrong_passphrase_refuses_to_start(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "pp", "dep", ["gpg"])
+    wrong = tmp_path / "wrong"
+    wrong.write_text("gpg:not-the-passphrase\n")
+    sp = start_server(d, wait=False, passphrase_file=wrong)
+    rc = sp.proc.wait(60)
+    out = sp.log.read_text()
+    assert rc == 2
+    assert "key 'gpg': wrong passphrase" in out and "not starting" in out
+    assert "not-the-passphrase" not in out
+
+
+def test_missing_passphrase_and_no_terminal(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "pp2", "dep", ["gpg"])
+    res = subprocess.run(
+        [str(BIN / "sealbox"), "serve", "--config", str(d.config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 2 and "no terminal" in res.stderr
+
+
+def test_invalid_config_value_is_named(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "cfg", "dep", ["gpg"])
+    d.config.write_text(d.config.read_text().replace('level = "dep"', 'level = "prod"'))
+    res = subprocess.run(
+        [
+            str(BIN / "sealbox"),
+            "serve",
+            "--config",
+            str(d.config),
+            "--passphrase-file",
+            str(d.root / "passphrases"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 2 and "server.level" in res.stderr
+
+
+def test_passphrases_never_logged(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    with gpg_server.client() as c:
+        assert c.sign(payload, ["gpg"]).ok
+    log = gpg_server.log.read_text()
+    assert '"event":"request"' in log and '"event":"job"' in log
+    for secret in gpg_server.deployment.passphrases().values():
+        assert secret not in log
+    assert gpg_server.deployment.auth[1] not in log
+
+
+def test_results_survive_restart_and_sigterm_drains(tmp_path: Path, payload: Path) -> None:
+    d = Deployment.create(tmp_path / "rs", "dep", ["gpg"])
+    sp = start_server(d)
+    with sp.client() as c:
+        assert c.sign(payload, ["gpg"], tmp_path / "a.bin").ok
+    assert sp.stop() == 0
+    assert '"event":"stopped"' in sp.log.read_text()
+    sp2 = start_server(d)
+    try:
+        with sp2.client() as c:
+            out = c.sign(payload, ["gpg"], tmp_path / "b.bin")
+        assert out.ok
+        uploads = [e for e in sp2.log_lines() if e.get("path") == "/sign/gpg"]
+        assert uploads == []  # served from the content store kept on disk
+    finally:
+        sp2.stop()
