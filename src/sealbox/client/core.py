@@ -24,6 +24,7 @@ from .plan import detached_suffix, order_formats, wire_name
 DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
+SMALL_FILE = 256 * 1024
 
 
 class ClientError(SealboxError):
@@ -207,6 +208,9 @@ class SigningClient:
         refusals: dict[str, str] = {}
         error_count = 0
         uploaded: set[str] = set()
+        # Small files go up at once (POST, then one long-poll GET): a round trip less than
+        # asking first. Large files are asked about first, so a server that has them saves the upload.
+        upload_first = self.token is not None and source.stat().st_size <= SMALL_FILE
         i = 0
         while True:
             candidates = [s for s in servers if s.url not in refusals]
@@ -220,6 +224,9 @@ class SigningClient:
                 raise ClientError(f"{source.name} ({fmt}): gave up after {spent:.1f} s: {last}")
             server = candidates[i % len(candidates)]
             try:
+                if upload_first and server.url not in uploaded:
+                    uploaded.add(server.url)
+                    self._upload(server, wire, source, digest, deadline)
                 state = self._poll(server, wire, digest, dest, deadline)
                 if state == "done":
                     self._to_cache(wire, digest, dest)

@@ -1,0 +1,36 @@
+"""Run the benchmarks and print a Markdown table; raw figures go to bench/results/latest.json.
+
+.venv/bin/python -m bench            # everything (about 3 minutes)
+.venv/bin/python -m bench core       # server/client/gpg figures only
+.venv/bin/python -m bench formats    # per-format figures only
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import core, formats
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv: list[str]) -> int:
+    which = argv[1:] or ["core", "formats"]
+    RESULTS.mkdir(exist_ok=True)
+    out: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ok = True
+    if "core" in which:
+        res, passed = core.run()
+        out["core"], ok = res, ok and passed
+    if "formats" in which:
+        out["formats"] = formats.run()
+    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2))
+    print(f"\nraw figures: {RESULTS / 'latest.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

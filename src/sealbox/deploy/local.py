@@ -1,0 +1,143 @@
+"""Local deployments and servers on loopback: what `make demo`, the benchmarks and the tests run.
+
+``Deployment.create`` runs ``sealbox init --dev``; ``start_server`` runs ``sealbox serve`` in a
+child process on a free port and waits until it listens.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..client import Server, SigningClient, request_token
+from .dev import init_dev
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    root: Path
+    level: str
+
+    @classmethod
+    def create(cls, root: Path, level: str = "dep", formats: Sequence[str] | None = None) -> Deployment:
+        init_dev(root, level, f"127.0.0.1:{free_port()}", list(formats) if formats else None)
+        return cls(root, level)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "sealbox.toml"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "tls" / "ca.pem"
+
+    @property
+    def public(self) -> Path:
+        return self.root / "public"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        user, _, password = (self.root / "token-auth").read_text().partition(":")
+        return user, password
+
+    def passphrases(self) -> dict[str, str]:
+        out = {}
+        for line in (self.root / "passphrases").read_text().splitlines():
+            name, _, value = line.partition(":")
+            out[name] = value
+        return out
+
+
+@dataclass
+class ServerProcess:
+    deployment: Deployment
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def server(self) -> Server:
+        return Server("127.0.0.1", self.port)
+
+    @property
+    def hostspec(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def token(self, ip: str = "127.0.0.1", duration: int = 600) -> str:
+        user, password = self.deployment.auth
+        return request_token(self.server, self.deployment.ca, user, password, ip, duration)
+
+    def client(self, **kw: Any) -> SigningClient:
+        return SigningClient([self.server], self.deployment.ca, self.token(), **kw)
+
+    def log_lines(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"raw": line})
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(
+    deployment: Deployment,
+    port: int | None = None,
+    extra: Sequence[str] = (),
+    wait: bool = True,
+    passphrase_file: Path | None = None,
+) -> ServerProcess:
+    port = port or free_port()
+    log = deployment.root / f"server-{port}-{time.monotonic_ns()}.log"
+    args = [
+        str(BIN / "sealbox"),
+        "serve",
+        "--config",
+        str(deployment.config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--passphrase-file",
+        str(passphrase_file or deployment.root / "passphrases"),
+        *extra,
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    sp = ServerProcess(deployment, port, proc, log, list(extra))
+    if wait:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()}")
+            if '"event":"listening"' in log.read_text(errors="replace"):
+                return sp
+            time.sleep(0.05)
+        sp.stop()
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+    return sp
