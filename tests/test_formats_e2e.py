@@ -1,4 +1,4 @@
-"""Every format through a real server: signed, checked by its independent verifier, bad inputs refused fast."""
+"""Every format through a real server: signed, checked by its independent verifier, bad input refused."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def test_passphrases_never_logged(gpg_server: ServerProcess, tmp_path: Path, pay
     assert gpg_server.deployment.auth[1] not in log
 
 
-def test_results_survive_restart_and_sigterm_drains(tmp_path: Path, payload: Path) -> None:
+def test_results_survive_restart(tmp_path: Path, payload: Path) -> None:
     d = Deployment.create(tmp_path / "rs", "dep", ["gpg"])
     sp = start_server(d)
     with sp.client() as c:
@@ -75,7 +75,32 @@ def test_results_survive_restart_and_sigterm_drains(tmp_path: Path, payload: Pat
         with sp2.client() as c:
             out = c.sign(payload, ["gpg"], tmp_path / "b.bin")
         assert out.ok
-        uploads = [e for e in sp2.log_lines() if e.get("path") == "/sign/gpg"]
-        assert uploads == []  # served from the content store kept on disk
+        jobs = [e for e in sp2.log_lines() if e.get("event") == "job"]
+        assert jobs == []  # served from the content store kept on disk, nothing signed again
     finally:
         sp2.stop()
+
+
+def test_sigterm_finishes_in_flight_jobs(tmp_path: Path) -> None:
+    import hashlib
+    import ssl
+
+    import httpx
+
+    from sealbox.samples.android import write_jar
+
+    d = Deployment.create(tmp_path / "drain", "dep", ["jar"])
+    sp = start_server(d)
+    jar = write_jar(tmp_path, "lib.jar", extra_size=4096)
+    digest = hashlib.sha1(jar.read_bytes(), usedforsecurity=False).hexdigest()
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(d.ca))) as c:
+        r = c.post(
+            f"{sp.server.url}/sign/jar",
+            data={"sha1": digest, "filename": jar.name, "token": sp.token(), "nonce": ""},
+            files={"filedata": (jar.name, jar.read_bytes())},
+        )
+    assert r.status_code == 202
+    assert sp.stop() == 0  # SIGTERM right away: jarsigner takes most of a second, so the job is in flight
+    events = [e.get("event") for e in sp.log_lines()]
+    assert events.index("stopping") < events.index("job") < events.index("stopped")
+    assert (d.root / "data" / "signed" / "jar" / digest).is_file()
