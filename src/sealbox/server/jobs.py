@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -172,7 +173,10 @@ class JobManager:
         work = self.storage.temp_dir()
         try:
             copy = work / "out"
-            shutil.copyfile(result, copy)
+            try:
+                os.link(result, copy)  # same bytes, no copy: results are never modified in place
+            except OSError:
+                shutil.copyfile(result, copy)
             self.storage.add_result(fmt, digest, copy)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -54,14 +54,11 @@ class Storage:
     def temp_dir(self) -> Path:
         return Path(tempfile.mkdtemp(dir=self.tmp, prefix="job-"))
 
-    def _write_atomic(self, path: Path, data: bytes, sync: bool = True) -> None:
+    def _write_atomic(self, path: Path, data: bytes) -> None:
         fd, tmp = self.temp_file()
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                if sync:
-                    f.flush()
-                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -82,7 +79,7 @@ class Storage:
 
     def add_input(self, sha1: str, filename: str, src: Path) -> None:
         """Move a verified upload into place (``src`` must be in ``tmp/``)."""
-        self._write_atomic(self.unsigned / f"{sha1}.fn", filename.encode("utf-8"), sync=False)
+        self._write_atomic(self.unsigned / f"{sha1}.fn", filename.encode("utf-8"))
         os.replace(src, self.unsigned / sha1)
 
     def link_input(self, sha1: str, filename: str, src: Path) -> None:
@@ -107,25 +104,35 @@ class Storage:
         return self.signed / fmt / sha1
 
     def result(self, fmt: str, sha1: str) -> tuple[Path, str] | None:
-        """The result file and its SHA-1, if both are there; refreshes their age."""
+        """The result file and its SHA-1, if both are there and whole; refreshes their age."""
         path = self.signed / fmt / sha1
+        meta = self.signed / fmt / f"{sha1}.sha1"
         try:
-            digest = (self.signed / fmt / f"{sha1}.sha1").read_text("ascii").strip()
+            digest, _, size = meta.read_text("ascii").strip().partition(" ")
+            if path.stat().st_size != int(size):
+                # Torn by a power loss (results are renamed into place but not fsynced):
+                # drop it so the job runs again instead of serving a broken file.
+                path.unlink(missing_ok=True)
+                return None
             now = time.time()
             os.utime(path, (now, now))
-            os.utime(self.signed / fmt / f"{sha1}.sha1", (now, now))
-        except OSError:
+            os.utime(meta, (now, now))
+        except (OSError, ValueError):
             return None
         return path, digest
 
     def add_result(self, fmt: str, sha1: str, output: Path) -> str:
-        """Publish ``output`` (in ``tmp/``) as the result; returns its SHA-1."""
+        """Publish ``output`` (in ``tmp/``) as the result; returns its SHA-1.
+
+        The metadata (digest and size) goes first, then the result is renamed into place:
+        a reader never sees a result without its metadata, and ``result`` refuses a file
+        whose size does not match, so no fsync is needed on the hot path.
+        """
         folder = self.signed / fmt
         folder.mkdir(exist_ok=True, mode=0o700)
-        with output.open("rb") as f:
-            os.fsync(f.fileno())
         digest = hash_file(output)
-        self._write_atomic(folder / f"{sha1}.sha1", digest.encode())
+        size = output.stat().st_size
+        self._write_atomic(folder / f"{sha1}.sha1", f"{digest} {size}".encode())
         os.replace(output, folder / sha1)
         return digest
 
@@ -146,9 +153,7 @@ class Storage:
     def add_failure(self, fmt: str, sha1: str, permanent: bool, reason: str) -> None:
         folder = self.failed / fmt
         folder.mkdir(exist_ok=True, mode=0o700)
-        self._write_atomic(
-            folder / sha1, f"{'permanent' if permanent else 'transient'}\n{reason}".encode(), False
-        )
+        self._write_atomic(folder / sha1, f"{'permanent' if permanent else 'transient'}\n{reason}".encode())
 
     def clear_failure(self, fmt: str, sha1: str) -> None:
         (self.failed / fmt / sha1).unlink(missing_ok=True)
