@@ -386,3 +386,20 @@ def test_repack_zip_round_trip(tmp_path: Path, arc: Path) -> None:
         assert [i.filename for i in zf.infolist()] == ["b/x.dll", "a.txt", "b/"]
         assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in zf.infolist() if not i.is_dir())
     subprocess.run(["unzip", "-tq", str(out)], check=True, capture_output=True)
+
+
+def test_tar_decompression_bomb_is_refused_by_ratio(tmp_path: Path) -> None:
+    import gzip
+    import io
+
+    zeros = 80 * 1024 * 1024
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = zeros
+        tf.addfile(info, io.BytesIO(bytes(zeros)))
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(raw.getvalue(), 9))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(FormatRejected, match="decompression bomb"):
+        safe_extract_tar(bomb, tmp_path / "out")

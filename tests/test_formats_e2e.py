@@ -215,3 +215,65 @@ def test_chaining_formats_on_one_file(full: ServerProcess, tmp_path: Path) -> No
     _verify(full, "sha2signcode", src, out)
     _verify(full, "widevine", src, out)
     _verify(full, "gpg", src, out)
+
+
+def _evil_zip(path: Path, kind: str) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\n\r\n")
+        if kind == "traversal":
+            z.writestr("../../evil.class", b"x" * 100)
+        else:
+            z.writestr("bomb.bin", b"\0" * (300 * 1024 * 1024))  # 300 MiB of zeros, ~300 KiB compressed
+    return path
+
+
+def _evil_tar(path: Path, kind: str) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as t:
+        if kind == "traversal":
+            info = tarfile.TarInfo("../../etc/evil")
+            data = b"x" * 100
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        else:
+            info = tarfile.TarInfo("Evil.app/Contents/MacOS/link")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            t.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize(
+    "fmt, kind", [("jar", "traversal"), ("jar", "bomb"), ("dmg", "traversal"), ("dmg", "symlink")]
+)
+def test_malicious_archives_are_refused_by_the_server(
+    full: ServerProcess, tmp_path: Path, fmt: str, kind: str
+) -> None:
+    evil = (
+        _evil_zip(tmp_path / "evil.jar", kind) if fmt == "jar" else _evil_tar(tmp_path / "evil.tar.gz", kind)
+    )
+    with full.client(timeout=120) as c:
+        started = time.monotonic()
+        res = c.sign(evil, [fmt], tmp_path / "out" / evil.name)
+    assert not res.ok and "signing failed" in (res.error or "")
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "out" / evil.name).exists()
+    assert _no_temp_left(full)
+
+
+@pytest.mark.parametrize("fmt", ["gpg", "sha2signcode", "mar", "widevine_blessed"])
+def test_sealbox_verify_command(full: ServerProcess, tmp_path: Path, fmt: str) -> None:
+    src = GOOD[fmt][0](tmp_path)
+    with full.client() as c:
+        assert c.sign(src, [fmt]).ok
+    cmd = [str(BIN / "sealbox"), "verify", "--format", fmt, "--public", str(full.deployment.public), str(src)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr
+    other = Deployment.create(tmp_path / "other", "nightly", [fmt])
+    cmd[cmd.index("--public") + 1] = str(other.public)
+    bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "NOT verified" in bad.stderr

@@ -60,6 +60,8 @@ __all__ = [
 
 #: default bound on the total uncompressed size of one archive (4 GiB)
 DEFAULT_MAX_TOTAL = 4 * 1024**3
+MAX_RATIO = 200
+BOMB_MIN_SIZE = 64 * 1024**2
 #: default bound on the number of members of one archive
 DEFAULT_MAX_MEMBERS = 50_000
 
@@ -150,9 +152,11 @@ def _check_symlink(rel: PurePosixPath, target: str, what: str) -> None:
 class _Writer:
     """Creates members under ``dest`` without ever following a link and counts bytes."""
 
-    def __init__(self, dest: Path, max_total: int, max_members: int, kind: str) -> None:
+    def __init__(self, dest: Path, max_total: int, max_members: int, kind: str, packed_size: int) -> None:
         self.dest = dest
         self.max_total = max_total
+        # Past BOMB_MIN_SIZE, unpacking to more than MAX_RATIO times the archive is a bomb.
+        self.ratio_limit = max(BOMB_MIN_SIZE, MAX_RATIO * packed_size)
         self.max_members = max_members
         self.kind = kind
         self.total = 0
@@ -213,6 +217,11 @@ class _Writer:
                 if self.total > self.max_total:
                     raise FormatRejected(
                         f"{self.kind} unpacks to more than {self.max_total} bytes (at member {str(rel)!r})"
+                    )
+                if self.total > self.ratio_limit:
+                    raise FormatRejected(
+                        f"{self.kind} unpacks to over {MAX_RATIO} times its size (at member {str(rel)!r}): "
+                        "a decompression bomb"
                     )
                 out.write(chunk)
         os.chmod(path, (mode & _FILE_MODE_MASK) | 0o600)
@@ -289,7 +298,7 @@ def safe_extract_tar(
         wanted = ", ".join(f"tar.{c}" if c else "tar" for c in compressions)
         got = "not a tarball" if compression is None else f"a tar.{compression}" if compression else "a tar"
         raise FormatRejected(f"input must be a tarball ({wanted}); it is {got}")
-    writer = _Writer(dest, max_total, max_members, "tarball")
+    writer = _Writer(dest, max_total, max_members, "tarball", path.stat().st_size)
     stream_limit = max_total + _HEADER_ALLOWANCE * (max_members + 1)
     try:
         with path.open("rb") as raw, _decompressor(raw, compression) as plain:
@@ -436,7 +445,7 @@ def safe_extract_zip(
     declared = _zip_declared_count(path)
     if declared is not None and declared > max_members:
         raise FormatRejected(f"zip has more than {max_members} members ({declared})")
-    writer = _Writer(dest, max_total, max_members, "zip")
+    writer = _Writer(dest, max_total, max_members, "zip", path.stat().st_size)
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()

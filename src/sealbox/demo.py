@@ -184,15 +184,13 @@ def _print(rows: list[Row]) -> None:
 
 
 def _task(root: Path, servers: dict[str, ServerProcess]) -> bool:
-    try:
-        from .task import demo as task_demo
-    except ImportError:
-        console.print("(task runner not available in this build)")
-        return True
-    if not hasattr(task_demo, "run_demo"):
-        return True
+    from .task import demo as task_demo
+
     return task_demo.run_demo(
-        root / "task", {lvl: sp.deployment.root for lvl, sp in servers.items()}, console
+        root / "task",
+        {lvl: sp.deployment.root for lvl, sp in servers.items()},
+        {lvl: [sp.hostspec] for lvl, sp in servers.items()},
+        console,
     )
 
 

@@ -365,8 +365,14 @@ def test_zip_bomb_with_highly_compressed_member(dep: Deployment, tmp_path: Path,
             for _ in range(96):
                 f.write(block)
     assert bomb.stat().st_size < 200_000
-    signer = dep.signer("jar", max_uncompressed_size=64 << 20)
-    _assert_rejected(signer, bomb, tmp_path, "member 'bomb.bin' makes the archive expand beyond")
+    signer = dep.signer("jar", max_uncompressed_size=1 << 30)
+    _assert_rejected(signer, bomb, tmp_path, "member 'bomb.bin' expands")
+
+
+def test_total_uncompressed_size_is_bounded(dep: Deployment, tmp_path: Path, no_tools: None) -> None:
+    big = _zip(tmp_path / "big.jar", [("a.bin", os.urandom(600_000)), ("b.bin", os.urandom(600_000))])
+    signer = dep.signer("jar", max_uncompressed_size=1 << 20)
+    _assert_rejected(signer, big, tmp_path, "member 'b.bin' makes the archive expand beyond")
 
 
 def test_too_many_members(dep: Deployment, tmp_path: Path, no_tools: None) -> None:

@@ -58,6 +58,9 @@ TOOLS = ("java", "jarsigner", "apksigner", "zipalign")
 
 DEFAULT_MAX_MEMBERS = 20_000
 DEFAULT_MAX_UNCOMPRESSED = 2 * 1024**3
+# A large member compressed better than this is a decompression bomb, not code or resources.
+MAX_RATIO = 200
+BOMB_MIN_SIZE = 16 * 1024**2
 DEFAULT_TIMEOUT = 300.0
 #: JVM options: no hsperfdata file in /tmp, a private tmpdir is added per job
 DEFAULT_JAVA_OPTIONS = ("-XX:-UsePerfData", "-XX:+UseSerialGC", "-Xmx1024m")
@@ -143,6 +146,11 @@ def _inspect(zf: zipfile.ZipFile, max_members: int, max_uncompressed: int) -> li
             raise FormatRejected(f"directory member '{shown}' has content")
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
             raise FormatRejected(f"stored member '{shown}' has inconsistent sizes")
+        if info.file_size > BOMB_MIN_SIZE and info.file_size > MAX_RATIO * max(1, info.compress_size):
+            raise FormatRejected(
+                f"member '{shown}' expands {info.file_size // max(1, info.compress_size)}:1 to "
+                f"{info.file_size} bytes (zip bomb?)"
+            )
         total += info.file_size
         if total > max_uncompressed:
             raise FormatRejected(

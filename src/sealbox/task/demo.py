@@ -1,0 +1,320 @@
+"""A sample "small release" signing task with its upstream build artifacts and signed record.
+
+:func:`write_sample_task` does what a build worker and the task graph would: it writes the
+build's artifacts into ``W/cot/<buildTaskId>/public/build/``, signs the build's
+chain-of-trust record with the dev ``build`` class key (``keys/build.key`` of a folder made by
+``sealbox task init --dev``), and writes ``W/task.json`` asking for, per level:
+
+* ``setup.exe``: ``sha2signcode``          * ``target.zip``: ``sha2signcode`` + ``widevine``
+* ``app.apk``: ``jar``                       * ``update.mar``: ``mar``
+* ``target.tar.gz``: ``widevine``            * ``SHA256SUMS``/``SHA512SUMS`` of them, gpg-signed
+
+Formats the level's servers do not serve are left out (a file with none is published as is).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tomllib
+import zipfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import cot
+from .devinit import DEV_SOURCES, SCOPE_PREFIX
+
+BUILD_TASK_ID = "BuildTaskSample0000001"
+_FIXED = (2024, 1, 1, 0, 0, 0)
+
+
+def fake_elf(tag: str, size: int = 8192) -> bytes:
+    """Bytes that start like an ELF executable (widevine signs executables only)."""
+    body = (tag.encode() + b"\0") * (size // (len(tag) + 1))
+    return b"\x7fELF\x02\x01\x01\x00" + bytes(8) + body
+
+
+def _pe(tag: str) -> bytes:
+    """A real unsigned PE (pip's launcher) with a distinct overlay so each member differs."""
+    from ..samples.pe import launcher_path
+
+    return launcher_path().read_bytes() + f"sealbox sample {tag}\n".encode()
+
+
+def write_release_zip(path: Path) -> Path:
+    """A Windows build zip: two PE files to sign, a blocklisted DLL, widevine targets."""
+    precomplete = 'remove "firefox.exe"\nremove "xul.dll"\nrmdir "defaults/"\n'
+    members: list[tuple[str, bytes]] = [
+        ("firefox/", b""),
+        ("firefox/firefox.exe", _pe("firefox.exe")),
+        ("firefox/xul.dll", _pe("xul.dll")),
+        ("firefox/plugin-container.exe", _pe("plugin-container.exe")),
+        ("firefox/msvcp140.dll", _pe("msvcp140.dll")),
+        ("firefox/application.ini", b"[App]\nName=Firefox\nVersion=100.0\n"),
+        ("firefox/defaults/pref/channel-prefs.js", b'pref("app.update.channel", "release");\n'),
+        ("firefox/precomplete", precomplete.encode()),
+    ]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, _FIXED)
+            info.external_attr = (0o40755 if name.endswith("/") else 0o100644) << 16
+            zf.writestr(info, data)
+    return path
+
+
+def write_release_tarball(path: Path) -> Path:
+    """A Linux build tarball with widevine targets, a precomplete and skipped files."""
+    members: list[tuple[str, bytes | None, int]] = [
+        ("firefox", None, 0o755),
+        ("firefox/firefox", fake_elf("firefox"), 0o755),
+        ("firefox/libxul.so", fake_elf("libxul.so"), 0o755),
+        ("firefox/plugin-container", fake_elf("plugin-container"), 0o755),
+        ("firefox/application.ini", b"[App]\nName=Firefox\nVersion=100.0\n", 0o644),
+        ("firefox/defaults", None, 0o755),
+        ("firefox/defaults/pref", None, 0o755),
+        ("firefox/defaults/pref/channel-prefs.js", b'pref("app.update.channel", "release");\n', 0o644),
+        ("firefox/distribution", None, 0o755),
+        ("firefox/distribution/policies.json", b"{}\n", 0o644),
+        ("firefox/precomplete", b'remove "firefox"\nremove "libxul.so"\n', 0o644),
+    ]
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data, mode in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            info.mtime = 1704067200
+            info.uid, info.gid, info.uname, info.gname = 1000, 1000, "builder", "builder"
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _level_formats(worker_dir: Path, level: str) -> tuple[str, set[str]]:
+    config = tomllib.loads((worker_dir / "worker.toml").read_text(encoding="utf-8"))
+    section = config["levels"][level]
+    cert = section.get("cert") or f"{level}-signing"
+    return cert, set(section["formats"])
+
+
+def write_build_artifacts(folder: Path) -> dict[str, Path]:
+    """The build's outputs under ``folder/public/build``; returns path -> file."""
+    from ..samples.android import write_apk
+    from ..samples.mar import write_mar
+    from ..samples.pe import write_pe
+
+    build = folder / "public" / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    files = {
+        "setup.exe": write_pe(build, "setup.exe"),
+        "target.zip": write_release_zip(build / "target.zip"),
+        "app.apk": write_apk(build, "app.apk"),
+        "update.mar": write_mar(build, "update.mar", size=256 * 1024),
+        "target.tar.gz": write_release_tarball(build / "target.tar.gz"),
+    }
+    return {f"public/build/{name}": p for name, p in files.items()}
+
+
+def sign_upstream_record(
+    folder: Path, task: dict[str, Any], task_id: str, key_file: Path, worker_type: str = "build"
+) -> list[Path]:
+    """Write and sign ``folder/public/chain-of-trust.json`` as the upstream worker would."""
+    key = cot.load_private_key(key_file)
+    return cot.write_record(folder, task, task_id, worker_type, f"{worker_type}-worker-1", "sealbox-dev", key)
+
+
+def write_sample_task(
+    work_dir: Path, worker_dir: Path, level: str = "dep", build_task_id: str = BUILD_TASK_ID
+) -> Path:
+    """Write ``work_dir/task.json`` and its upstream build artifacts + signed record; returns
+    the task path. ``worker_dir`` is a folder made by ``sealbox task init --dev``."""
+    cert, served = _level_formats(worker_dir, level)
+    wanted: list[tuple[str, list[str]]] = [
+        ("public/build/setup.exe", ["sha2signcode"]),
+        ("public/build/target.zip", ["sha2signcode", "widevine"]),
+        ("public/build/app.apk", ["jar"]),
+        ("public/build/update.mar", ["mar"]),
+        ("public/build/target.tar.gz", ["widevine"]),
+    ]
+    upstream_dir = work_dir / "cot" / build_task_id
+    write_build_artifacts(upstream_dir)
+    build_task = {
+        "provisionerId": "sealbox-dev",
+        "workerType": "build",
+        "metadata": {"name": "sample build", "source": DEV_SOURCES.get(level, DEV_SOURCES["dep"])},
+        "payload": {"command": ["./mach", "build"]},
+        "scopes": [],
+    }
+    sign_upstream_record(upstream_dir, build_task, build_task_id, worker_dir / "keys" / "build.key")
+    entries = []
+    used: set[str] = set()
+    for path, formats in wanted:
+        fmts = [f for f in formats if f in served]  # may be empty: published (and summed) as is
+        used.update(fmts)
+        entries.append({"taskId": build_task_id, "taskType": "build", "paths": [path], "formats": fmts})
+    payload: dict[str, Any] = {"upstreamArtifacts": entries, "maxRunTime": 600}
+    if "gpg" in served:
+        payload["checksums"] = {"path": "public/build", "algorithms": ["sha256", "sha512"], "sign": True}
+        used.add("gpg")
+    task = {
+        "provisionerId": "sealbox-dev",
+        "workerType": "signing",
+        "taskGroupId": build_task_id,
+        "dependencies": [build_task_id],
+        "scopes": [f"{SCOPE_PREFIX}cert:{cert}", *(f"{SCOPE_PREFIX}format:{f}" for f in sorted(used))],
+        "payload": payload,
+        "metadata": {
+            "name": f"sample {level} signing of a small release",
+            "description": "made by sealbox.task.demo.write_sample_task",
+            "owner": "sealbox@example.invalid",
+            "source": DEV_SOURCES.get(level, DEV_SOURCES["dep"]),
+        },
+        "extra": {"tasks_for": "hg-push"},
+    }
+    task_path = work_dir / "task.json"
+    task_path.write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+    return task_path
+
+
+# -- verification of a sample task's outputs and the `make demo` step ---------------------------
+
+
+def verify_release_outputs(
+    artifact_dir: Path,
+    public_dir: Path,
+    worker_public_key: str | None = None,
+    formats: Collection[str] | None = None,
+) -> list[tuple[str, str]]:
+    """Check every output of the sample task with the independent verifiers; returns
+    ``(output, how it was verified)`` rows. ``formats``: those the level served (default: all).
+    Raises VerificationFailed on the first failure."""
+    import tarfile as _tarfile
+    import tempfile
+
+    from ..archives import safe_extract_tar, safe_extract_zip
+    from ..checksums import verify_checksums
+    from ..errors import VerificationFailed
+    from ..formats import signer_class
+    from ..formats.authenticode import is_signed
+    from .behaviours import widevine_format_for, widevine_sig_name
+
+    rows: list[tuple[str, str]] = []
+    build = artifact_dir / "public" / "build"
+
+    def check(fmt: str, signed: Path, original: Path | None, label: str) -> None:
+        if formats is not None and fmt not in formats:
+            return
+        how = signer_class(fmt).verify(fmt, signed, original, public_dir)
+        rows.append((label, how.split(" -in ")[0].split(" -pkeyopt")[0]))
+
+    if (build / "setup.exe").exists():
+        check("sha2signcode", build / "setup.exe", None, "public/build/setup.exe")
+    with tempfile.TemporaryDirectory(prefix="sbdemo") as tmp:
+        if (build / "target.zip").exists():
+            tree = Path(tmp) / "zip"
+            names = safe_extract_zip(build / "target.zip", tree)
+            for n in names:
+                p = tree / n
+                if n.endswith((".exe", ".dll")) and not n.endswith("msvcp140.dll"):
+                    check("sha2signcode", p, None, f"public/build/target.zip!{n}")
+                if widevine_format_for(n) is not None and p.is_file():
+                    sig = tree / widevine_sig_name(n, "zip")
+                    fmt = widevine_format_for(n)
+                    assert fmt is not None
+                    check(fmt, sig, p, f"public/build/target.zip!{n}.sig")
+            if (formats is None or "sha2signcode" in formats) and is_signed(
+                tree / "firefox" / "msvcp140.dll"
+            ):
+                raise VerificationFailed("target.zip: the blocklisted msvcp140.dll was signed")
+        if (build / "target.tar.gz").exists():
+            tree = Path(tmp) / "tar"
+            names = safe_extract_tar(build / "target.tar.gz", tree)
+            with _tarfile.open(build / "target.tar.gz") as tf:
+                repacked = formats is None or "widevine" in formats
+                if repacked and any(m.uid or m.gid for m in tf.getmembers()):
+                    raise VerificationFailed("target.tar.gz: members are not root-owned")
+            for n in names:
+                fmt = widevine_format_for(n)
+                if fmt is not None and (tree / n).is_file():
+                    check(
+                        fmt,
+                        tree / widevine_sig_name(n, "tar"),
+                        tree / n,
+                        f"public/build/target.tar.gz!{n}.sig",
+                    )
+    if (build / "app.apk").exists():
+        check("jar", build / "app.apk", None, "public/build/app.apk")
+    if (build / "update.mar").exists():
+        check("mar", build / "update.mar", None, "public/build/update.mar")
+    for sums in ("SHA256SUMS", "SHA512SUMS"):
+        if (build / sums).exists():
+            verify_checksums(build / sums)
+            check("gpg", build / f"{sums}.asc", build / sums, f"public/build/{sums}.asc")
+    if worker_public_key is not None:
+        record = artifact_dir / cot.RECORD
+        if (
+            cot.verify_signature(
+                record.read_bytes(),
+                (artifact_dir / cot.SIGNATURE).read_bytes(),
+                {"signing": [cot.parse_public_key(worker_public_key)]},
+            )
+            is None
+        ):
+            raise VerificationFailed("the task's chain-of-trust signature does not verify")
+        cot.check_files(cot.parse_record(record.read_bytes()), cot.list_artifacts(artifact_dir))
+        rows.append((cot.RECORD, "Ed25519 verify with the worker's public key + sha256 of every file"))
+    return rows
+
+
+def run_demo(
+    root: Path, deployments: Mapping[str, Path], hosts: Mapping[str, Sequence[str]], console: Any = None
+) -> bool:
+    """The last step of ``make demo``: a worker for the demo deployments (``hosts``: the running
+    servers per level), then the sample task over a small release at the highest level present,
+    every output verified."""
+    import time
+
+    from ..errors import SealboxError
+    from .devinit import init_worker_dev
+    from .runner import run_task
+
+    def say(text: str) -> None:
+        if console is not None:
+            console.print(text, markup=False, highlight=False)
+        else:
+            print(text)
+
+    level = next((lv for lv in ("release", "nightly", "dep") if lv in deployments), None)
+    if level is None:
+        say("signing task: no deployment given")
+        return False
+    worker = root / "worker"
+    config = init_worker_dev(worker, list(deployments.values()), samples=False, hosts=hosts)
+    work, out = root / "work", root / "artifacts"
+    write_sample_task(work, worker, level)
+    say(f"signing task: sealbox task run --config {config} --work-dir {work} --artifact-dir {out}")
+    started = time.monotonic()
+    code = run_task(config, work, out, task_id="SigningTaskSample00001", echo=say, live_progress=False)
+    seconds = time.monotonic() - started
+    if code != 0:
+        say(f"signing task FAILED (exit {code})")
+        return False
+    worker_cfg = tomllib.loads(config.read_text())
+    try:
+        rows = verify_release_outputs(
+            out,
+            deployments[level] / "public",
+            worker_cfg["trusted"]["signing"]["keys"][0],
+            worker_cfg["levels"][level]["formats"],
+        )
+    except (SealboxError, OSError) as e:
+        say(f"signing task: output verification FAILED: {e}")
+        return False
+    say(f"signing task at level '{level}' done in {seconds:.1f} s; outputs checked by independent verifiers:")
+    for label, how in rows:
+        say(f"  ok  {label}: {how}")
+    return True
