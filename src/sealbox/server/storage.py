@@ -39,7 +39,10 @@ class Storage:
         self.tmp = root / "tmp"
         for d in (self.unsigned, self.signed, self.failed, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Leftovers of a crash are never served: start from an empty scratch area.
+        # Leftovers of a crash are never served: start from an empty scratch area. Remembered
+        # failures go too: they may depend on a config that has changed since.
+        shutil.rmtree(self.failed, ignore_errors=True)
+        self.failed.mkdir(mode=0o700)
         for leftover in self.tmp.iterdir():
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
