@@ -52,15 +52,27 @@ def _subpacket(kind: int, data: bytes) -> bytes:
     return bytes([len(data) + 1, kind]) + data
 
 
-def crc24(data: bytes) -> int:
-    crc = 0xB704CE
-    for byte in data:
-        crc ^= byte << 16
+def _crc24_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        crc = i << 16
         for _ in range(8):
             crc <<= 1
             if crc & 0x1000000:
                 crc ^= 0x1864CFB
-    return crc & 0xFFFFFF
+        table.append(crc & 0xFFFFFF)
+    return tuple(table)
+
+
+_CRC24 = _crc24_table()
+
+
+def crc24(data: bytes) -> int:
+    """The OpenPGP armour checksum (RFC 4880 6.1), table-driven."""
+    crc = 0xB704CE
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFF) ^ _CRC24[(crc >> 16) ^ byte]
+    return crc
 
 
 def armor(kind: str, data: bytes) -> bytes:

@@ -158,13 +158,14 @@ class JobManager:
         if not out.is_file():
             raise SigningFailed(f"format '{job.fmt}' produced no output")
         digest = storage.add_result(job.fmt, job.sha1, out)
-        # Keep the output as an input too: chaining another format needs no upload, and
-        # (for formats that replace the file) signing an output again returns it unchanged.
-        result = storage.result_path(job.fmt, job.sha1)
-        name = filename + signer.detached_suffix.get(job.fmt, "")
-        storage.link_input(digest, name, result)
-        if not signer.detached_suffix.get(job.fmt) and digest != job.sha1:
-            self._remember_identity(job.fmt, digest, result)
+        # Keep an output that replaces the file as an input too: chaining another format
+        # needs no upload, and signing the output again with this format returns it
+        # unchanged. (A detached signature is not something anyone signs next.)
+        if not signer.detached_suffix.get(job.fmt):
+            result = storage.result_path(job.fmt, job.sha1)
+            storage.link_input(digest, filename, result)
+            if digest != job.sha1:
+                self._remember_identity(job.fmt, digest, result)
         return digest
 
     def _remember_identity(self, fmt: str, digest: str, result: Any) -> None:

@@ -81,8 +81,10 @@ class Storage:
             return None
 
     def add_input(self, sha1: str, filename: str, src: Path) -> None:
-        """Move a verified upload into place (``src`` must be in ``tmp/``)."""
-        self._write_atomic(self.unsigned / f"{sha1}.fn", filename.encode("utf-8"))
+        """Move a verified upload into place (``src`` must be in ``tmp/``).
+
+        The name is written first and the data renamed in last: ``has_input`` needs both."""
+        (self.unsigned / f"{sha1}.fn").write_bytes(filename.encode("utf-8"))
         os.replace(src, self.unsigned / sha1)
 
     def link_input(self, sha1: str, filename: str, src: Path) -> None:
@@ -112,14 +114,16 @@ class Storage:
         meta = self.signed / fmt / f"{sha1}.sha1"
         try:
             digest, _, size = meta.read_text("ascii").strip().partition(" ")
-            if path.stat().st_size != int(size):
+            st = path.stat()
+            if st.st_size != int(size):
                 # Torn by a power loss (results are renamed into place but not fsynced):
                 # drop it so the job runs again instead of serving a broken file.
                 path.unlink(missing_ok=True)
                 return None
             now = time.time()
-            os.utime(path, (now, now))
-            os.utime(meta, (now, now))
+            if now - st.st_mtime > 60:  # keep it alive, without a write per GET
+                os.utime(path, (now, now))
+                os.utime(meta, (now, now))
         except (OSError, ValueError):
             return None
         return path, digest
