@@ -10,27 +10,8 @@ from typing import Any
 
 import click
 
+from ..wire import KNOWN
 from ._common import fail
-
-KNOWN_FORMATS = (
-    "gpg",
-    "sha2signcode",
-    "sha2signcodestub",
-    "sha2signcode-v2",
-    "sha2signcodestub-v2",
-    "signcode",
-    "osslsigncode",
-    "mar",
-    "mar_sha384",
-    "jar",
-    "focus-jar",
-    "emevoucher",
-    "widevine",
-    "widevine_blessed",
-    "dmg",
-    "macapp",
-    "dmgv2",
-)
 
 
 def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequence[str]) -> Iterator[Path]:
@@ -110,7 +91,7 @@ def sign(
 
     fmts = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
     for f in fmts:
-        if f not in KNOWN_FORMATS:
+        if f not in KNOWN:
             fail(f"invalid format: {f}", 2)
     if not ca.is_file():
         fail(f"certificate not found: {ca}", 2)

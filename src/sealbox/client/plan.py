@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..wire import ALIASES
+
 # Detached signatures of the final bytes go last, in this order (as signtool does).
 LAST = ("widevine", "widevine_blessed", "macapp", "dmg", "gpg")
 DETACHED = {"gpg": ".asc", "widevine": ".sig", "widevine_blessed": ".sig"}
-WIRE = {"macapp": "dmg", "dmgv2": "dmg"}
 
 
 def wire_name(fmt: str) -> str:
-    return WIRE.get(fmt, fmt)
+    return ALIASES.get(fmt, fmt)
 
 
 def detached_suffix(fmt: str) -> str:

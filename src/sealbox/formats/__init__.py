@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
+from ..wire import ALIASES
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 __all__ = ["FormatSettings", "KeyResolver", "SignRequest", "Signer", "all_formats", "signer_class"]
@@ -28,9 +29,6 @@ _REGISTRY: dict[str, str] = {
     "dmg": "macos:MacAppSigner",
 }
 
-#: client-side names that travel under another wire name
-WIRE_ALIASES = {"macapp": "dmg", "dmgv2": "dmg"}
-
 
 def all_formats() -> list[str]:
     """Every wire name whose module is installed, in registry order."""
@@ -45,7 +43,7 @@ def all_formats() -> list[str]:
 
 
 def signer_class(fmt: str) -> type[Signer]:
-    target = _REGISTRY.get(WIRE_ALIASES.get(fmt, fmt))
+    target = _REGISTRY.get(ALIASES.get(fmt, fmt))
     if target is None:
         raise ConfigError(f"unknown format '{fmt}'")
     module_name, _, cls_name = target.partition(":")

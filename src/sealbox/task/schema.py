@@ -14,33 +14,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..wire import KNOWN
 
 #: Taskcluster slugids are 22 characters; anything path-safe up to 64 is accepted
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESTRICTED_BY_DEFAULT = ("nightly", "release")
 CHECKSUM_ALGORITHMS = ("sha256", "sha512", "sha384", "sha1")
-#: every format name a task may ask for (wire names plus the client-side aliases)
-KNOWN_FORMATS = frozenset(
-    {
-        "gpg",
-        "sha2signcode",
-        "sha2signcodestub",
-        "sha2signcode-v2",
-        "sha2signcodestub-v2",
-        "signcode",
-        "osslsigncode",
-        "mar",
-        "mar_sha384",
-        "jar",
-        "focus-jar",
-        "emevoucher",
-        "widevine",
-        "widevine_blessed",
-        "dmg",
-        "macapp",
-        "dmgv2",
-    }
-)
 
 
 def describe(e: ValidationError, what: str) -> str:
@@ -96,7 +75,7 @@ class UpstreamArtifact(BaseModel):
     @classmethod
     def _formats(cls, v: list[str]) -> list[str]:
         for f in v:
-            if f not in KNOWN_FORMATS:
+            if f not in KNOWN:
                 raise ValueError(f"unknown format {f!r}")
         if len(set(v)) != len(v):
             raise ValueError("the same format is listed twice")
@@ -260,7 +239,7 @@ class LevelSection(BaseModel):
     @classmethod
     def _formats(cls, v: list[str]) -> list[str]:
         for f in v:
-            if f not in KNOWN_FORMATS:
+            if f not in KNOWN:
                 raise ValueError(f"unknown format {f!r}")
         return v
 
