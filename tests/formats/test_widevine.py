@@ -75,8 +75,10 @@ def sign(signer: Signer, src: Path, work: Path, precompute: bool = True) -> Path
 
 
 def elf(tmp_path: Path, size: int = 200_000, name: str = "libwidevinecdm.so") -> Path:
+    """A real ELF binary followed by random bytes (unique content, still well-formed)."""
     path = tmp_path / name
-    path.write_bytes(b"\x7fELF\x02\x01\x01" + os.urandom(size - 7))
+    real = Path("/bin/true").read_bytes()
+    path.write_bytes(real + os.urandom(max(0, size - len(real))))
     return path
 
 
@@ -261,3 +263,19 @@ def test_dev_setup_public_files(dep: Deployment) -> None:
         check=True,
     ).stdout
     assert cert_key.strip() == (dep.public / "widevine.pem").read_text().strip()
+
+
+def test_truncated_binaries_are_refused(tmp_path: Path) -> None:
+    from sealbox.errors import FormatRejected
+    from sealbox.formats.widevine import _check_whole
+    from sealbox.samples.pe import write_pe
+
+    elf = Path("/bin/ls").read_bytes()
+    for name, data in (("ls", elf), ("setup.exe", write_pe(tmp_path).read_bytes())):
+        whole = tmp_path / f"whole-{name}"
+        whole.write_bytes(data)
+        _check_whole(whole, data[:4])  # a whole binary passes
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(FormatRejected, match="truncated"):
+            _check_whole(cut, data[:4])

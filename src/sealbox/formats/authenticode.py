@@ -146,6 +146,11 @@ def _pe_cert_table(head: bytes, size: int) -> tuple[int, int]:
     return cert_off, cert_size
 
 
+def check_pe(path: Path) -> None:
+    """Raise :class:`FormatRejected` unless ``path`` is a whole, well-formed PE file."""
+    _pe_cert_table(*_read_head(path))
+
+
 def _read_head(path: Path) -> tuple[bytes, int]:
     with path.open("rb") as f:
         return f.read(_HEAD), os.fstat(f.fileno()).st_size

@@ -190,6 +190,35 @@ def _bool_option(settings: FormatSettings, name: str, default: bool) -> bool:
     return value
 
 
+def _check_whole(path: Path, head: bytes) -> None:
+    """Refuse a truncated binary: a PE's sections, or an ELF's section header table, must lie
+    inside the file."""
+    if head.startswith(b"MZ"):
+        from .authenticode import check_pe
+
+        check_pe(path)
+    elif head.startswith(b"\x7fELF"):
+        with path.open("rb") as f:
+            ident = f.read(64)
+        size = path.stat().st_size
+        if len(ident) < 52:
+            raise FormatRejected("truncated ELF: header cut off")
+        is64, little = ident[4] == 2, ident[5] == 1
+        end = "<" if little else ">"
+        if is64:
+            if len(ident) < 64:
+                raise FormatRejected("truncated ELF: header cut off")
+            (shoff,) = struct.unpack_from(end + "Q", ident, 0x28)
+            shentsize, shnum = struct.unpack_from(end + "HH", ident, 0x3A)
+        else:
+            (shoff,) = struct.unpack_from(end + "I", ident, 0x20)
+            shentsize, shnum = struct.unpack_from(end + "HH", ident, 0x2E)
+        if shoff + shentsize * shnum > size:
+            raise FormatRejected(
+                f"truncated ELF: section headers end at byte {shoff + shentsize * shnum}, the file has {size}"
+            )
+
+
 class WidevineSigner(Signer):
     formats = ("widevine", "widevine_blessed")
     detached_suffix = {"widevine": ".sig", "widevine_blessed": ".sig"}
@@ -230,6 +259,8 @@ class WidevineSigner(Signer):
             raise FormatRejected(
                 "not an executable (ELF, PE or Mach-O); widevine signatures are only made for binaries"
             )
+        if self._require_executable:
+            _check_whole(path, head)
 
     def sign(self, request: SignRequest) -> None:
         self._check_input(request.input)
