@@ -17,7 +17,7 @@ from sealbox.cli.cot import cot as cot_cli
 from sealbox.samples.pe import write_dll, write_pe
 from sealbox.task import behaviours as bh
 from sealbox.task import cot
-from sealbox.task.demo import fake_elf, run_demo, verify_release_outputs
+from sealbox.task.demo import elf_sample, run_demo, verify_release_outputs
 from sealbox.task.scopes import try_or_pull_request
 from tests.servers import BIN, Deployment, ServerProcess, start_server
 
@@ -78,8 +78,8 @@ def test_widevine_tar_xz_keeps_compression_and_skips_existing_sigs(tmp_path: Pat
     src = tmp_path / "target.tar.xz"
     with tarfile.open(src, "w:xz") as tf:
         for name, data in {
-            "firefox/firefox": fake_elf("ff"),
-            "firefox/libxul.so": fake_elf("xul"),
+            "firefox/firefox": elf_sample("ff"),
+            "firefox/libxul.so": elf_sample("xul"),
             "firefox/libxul.so.sig": b"already there",
             "firefox/precomplete": b"",
         }.items():

@@ -30,10 +30,10 @@ BUILD_TASK_ID = "BuildTaskSample0000001"
 _FIXED = (2024, 1, 1, 0, 0, 0)
 
 
-def fake_elf(tag: str, size: int = 8192) -> bytes:
-    """Bytes that start like an ELF executable (widevine signs executables only)."""
-    body = (tag.encode() + b"\0") * (size // (len(tag) + 1))
-    return b"\x7fELF\x02\x01\x01\x00" + bytes(8) + body
+def elf_sample(tag: str) -> bytes:
+    """A real ELF executable (coreutils' ``true``) with ``tag`` appended so each file differs:
+    widevine signs whole, well-formed binaries only."""
+    return Path("/bin/true").read_bytes() + tag.encode()
 
 
 def _pe(tag: str) -> bytes:
@@ -68,9 +68,9 @@ def write_release_tarball(path: Path) -> Path:
     """A Linux build tarball with widevine targets, a precomplete and skipped files."""
     members: list[tuple[str, bytes | None, int]] = [
         ("firefox", None, 0o755),
-        ("firefox/firefox", fake_elf("firefox"), 0o755),
-        ("firefox/libxul.so", fake_elf("libxul.so"), 0o755),
-        ("firefox/plugin-container", fake_elf("plugin-container"), 0o755),
+        ("firefox/firefox", elf_sample("firefox"), 0o755),
+        ("firefox/libxul.so", elf_sample("libxul.so"), 0o755),
+        ("firefox/plugin-container", elf_sample("plugin-container"), 0o755),
         ("firefox/application.ini", b"[App]\nName=Firefox\nVersion=100.0\n", 0o644),
         ("firefox/defaults", None, 0o755),
         ("firefox/defaults/pref", None, 0o755),
