@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -80,10 +80,6 @@ _APK_FORMAT_ERRORS = ("ApkFormatException", "MinSdkVersionException", "ZipFormat
 def _one_time_password() -> str:
     """The password protecting one job's keystore (a function so tests can observe it)."""
     return secrets.token_urlsafe(32)
-
-
-def _minimal_env(home: Path) -> dict[str, str]:
-    return {"PATH": _CHILD_PATH, "LANG": "C.UTF-8", "HOME": str(home)}
 
 
 # -- zip validation and rewrite -----------------------------------------------------------------
@@ -367,9 +363,7 @@ class AndroidSigner(Signer):
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        if settings.key is None:
-            raise ConfigError(f"format '{settings.name}': 'key' is required")
-        unlocked = keys(settings.key)
+        unlocked = keys(settings.require_key())
         self._key = unlocked.rsa
         self._cert = unlocked.certificate
         if self._cert.public_key() != self._key.public_key():
@@ -489,7 +483,7 @@ class AndroidSigner(Signer):
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=_minimal_env(work),
+                env=child_env(work, _CHILD_PATH),
                 cwd=work,
                 pass_fds=sec.fds if sec else (),
                 start_new_session=True,
@@ -622,7 +616,7 @@ def _run_verifier(argv: list[str], work: Path) -> tuple[int, str]:
             argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
-            env=_minimal_env(work),
+            env=child_env(work, _CHILD_PATH),
             timeout=300,
             check=False,
         )

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -208,10 +208,6 @@ def _one_time_password() -> bytes:
     return secrets.token_urlsafe(24).encode()
 
 
-def _child_env(home: Path) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(home)}
-
-
 def _tail(text: str, markers: tuple[str, ...] = ()) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # OpenSSL error-stack lines (``40C0...:error:...``) are noise next to osslsigncode's own words
@@ -238,9 +234,7 @@ class AuthenticodeSigner(Signer):
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
         fmt = settings.name
-        if settings.key is None:
-            raise ConfigError(f"format '{fmt}': 'key' is required")
-        unlocked = keys(settings.key)
+        unlocked = keys(settings.require_key())
         self._key = unlocked.private_key
         if not unlocked.chain:
             raise ConfigError(
@@ -334,7 +328,7 @@ class AuthenticodeSigner(Signer):
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     pass_fds=fds.fds,
-                    env=_child_env(work_dir),
+                    env=child_env(work_dir),
                     cwd=work_dir,
                 )
             except OSError as e:
@@ -405,7 +399,7 @@ class AuthenticodeSigner(Signer):
                 check=False,
                 timeout=120,
                 stdin=subprocess.DEVNULL,
-                env=_child_env(signed.parent),
+                env=child_env(signed.parent),
             )
         except subprocess.TimeoutExpired:
             raise VerificationFailed("osslsigncode verify timed out") from None

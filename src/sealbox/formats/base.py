@@ -10,6 +10,7 @@ for anything that might succeed on another attempt.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,17 @@ class FormatSettings:
 
     def get(self, option: str, default: Any = None) -> Any:
         return self.options.get(option, default)
+
+    def require_key(self) -> str:
+        """The name of this format's key; a format that signs needs one."""
+        if self.key is None:
+            raise ConfigError(f"format '{self.name}': 'key' is required")
+        return self.key
+
+
+def child_env(home: Path | str = "/nonexistent", path: str | None = None) -> dict[str, str]:
+    """The whole environment a signing tool gets: nothing of ours (no secrets) leaks in."""
+    return {"PATH": path or os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(home)}
 
 
 class Signer(ABC):

@@ -8,7 +8,6 @@ replaces the voucher: it carries the voucher bytes, the signature and the signer
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,17 +20,13 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
 
 DEFAULT_MAX_SIZE = 1 << 20
 SUBPROCESS_TIMEOUT = 60
-
-
-def _clean_env() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/nonexistent"}
 
 
 def _check_certificate(fmt: str, key_name: str, cert: x509.Certificate, public_key: Any) -> None:
@@ -76,13 +71,11 @@ class EmeVoucherSigner(Signer):
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        if settings.key is None:
-            raise ConfigError(f"format '{settings.name}': 'key' is required")
-        unlocked = keys(settings.key)
+        unlocked = keys(settings.require_key())
         self._key = unlocked.rsa
         self._cert = unlocked.certificate
         self._extra = unlocked.chain[1:]
-        _check_certificate(settings.name, settings.key, self._cert, self._key.public_key())
+        _check_certificate(settings.name, settings.require_key(), self._cert, self._key.public_key())
         max_size = settings.get("max_size", DEFAULT_MAX_SIZE)
         if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
             raise ConfigError(f"format '{settings.name}': max_size must be a positive integer")
@@ -152,7 +145,7 @@ class EmeVoucherSigner(Signer):
             ]
             try:
                 res = subprocess.run(
-                    cmd, capture_output=True, check=False, env=_clean_env(), timeout=SUBPROCESS_TIMEOUT
+                    cmd, capture_output=True, check=False, env=child_env(), timeout=SUBPROCESS_TIMEOUT
                 )
             except subprocess.TimeoutExpired:
                 raise VerificationFailed("openssl cms -verify timed out") from None

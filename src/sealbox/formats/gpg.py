@@ -26,9 +26,7 @@ class GpgSigner(Signer):
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        if settings.key is None:
-            raise ConfigError("format 'gpg': 'key' is required")
-        self._key = keys(settings.key).rsa
+        self._key = keys(settings.require_key()).rsa
         cert_path = settings.path("public_key")
         assert cert_path is not None
         try:

@@ -35,7 +35,7 @@ from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFai
 from ..keys.handoff import ToolSecrets
 from ..keys.store import UnlockedKey
 from ..samples import macos as stand_in
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -62,17 +62,14 @@ def _top_level_apps(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.endswith(".app") and p.is_dir() and not p.is_symlink())
 
 
-def _child_env() -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
-        "LANG": "C.UTF-8",
-        "HOME": os.environ.get("HOME", "/"),
-    }
-
-
 def _last_line(data: bytes) -> str:
     lines = data.decode("utf-8", errors="replace").strip().splitlines()
     return lines[-1][:300] if lines else "no message"
+
+
+def _codesign_env() -> dict[str, str]:
+    # codesign finds the signing keychain through HOME, so this tool keeps the real one.
+    return child_env(os.environ.get("HOME", "/"))
 
 
 class MacAppSigner(Signer):
@@ -157,7 +154,7 @@ class MacAppSigner(Signer):
             argv = [a.replace(KEY_PLACEHOLDER, secrets.paths[0]) if blobs else a for a in self._command]
             try:
                 proc = subprocess.Popen(
-                    [*argv, str(app)], cwd=cwd, env=_child_env(), stdin=subprocess.DEVNULL,
+                    [*argv, str(app)], cwd=cwd, env=_codesign_env(), stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=secrets.fds,
                     start_new_session=True,
                 )  # fmt: skip
@@ -244,7 +241,7 @@ def _verify_app(app: Path, public_dir: Path) -> str:
         raise VerificationFailed(f"{app.name}: real codesign signatures can only be verified on macOS")
     res = subprocess.run(
         [codesign, "--verify", "--deep", "--strict", "--verbose=2", str(app)],
-        capture_output=True, check=False, env=_child_env(), timeout=300,
+        capture_output=True, check=False, env=_codesign_env(), timeout=300,
     )  # fmt: skip
     if res.returncode != 0:
         raise VerificationFailed(f"codesign --verify: {_last_line(res.stderr)}")

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -285,10 +285,6 @@ def _mar_cli() -> Path | None:
     return Path(found) if found else None
 
 
-def _clean_env() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-
-
 class MarSigner(Signer):
     formats = ("mar", "mar_sha384")
     verifier = "mar -v FILE -k public/mar.pem (mar_sha384: public/mar_sha384.pem)"
@@ -297,10 +293,8 @@ class MarSigner(Signer):
         super().__init__(settings, keys)
         if settings.name not in ALGORITHMS:
             raise ConfigError(f"format '{settings.name}' is not a MAR format")
-        if settings.key is None:
-            raise ConfigError(f"format '{settings.name}': 'key' is required")
         self._algo, self._algo_id, bits = ALGORITHMS[settings.name]
-        self._key = keys(settings.key).rsa
+        self._key = keys(settings.require_key()).rsa
         if self._key.key_size != bits:
             raise ConfigError(
                 f"format '{settings.name}': key '{settings.key}' is RSA-{self._key.key_size}; "
@@ -447,7 +441,7 @@ class MarSigner(Signer):
                 [str(cli), "-v", str(signed), "-k", str(pub)],
                 capture_output=True,
                 check=False,
-                env=_clean_env(),
+                env=child_env(),
                 timeout=SUBPROCESS_TIMEOUT,
             )
         except subprocess.TimeoutExpired:

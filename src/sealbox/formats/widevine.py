@@ -23,7 +23,6 @@ rebuilt with ``printf`` and ``openssl dgst`` for ``openssl pkeyutl -verify``.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import struct
 import subprocess
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -179,10 +178,6 @@ def verify_sig(sig_bytes: bytes, data_path: Path, public_key_pem: bytes, expect_
         raise VerificationFailed("RSA-PSS signature does not match the file") from None
 
 
-def _clean_env() -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/nonexistent"}
-
-
 def _bool_option(settings: FormatSettings, name: str, default: bool) -> bool:
     value = settings.get(name, default)
     if not isinstance(value, bool):
@@ -230,9 +225,7 @@ class WidevineSigner(Signer):
         super().__init__(settings, keys)
         if settings.name not in BLESSED:
             raise ConfigError(f"format '{settings.name}' is not a widevine format")
-        if settings.key is None:
-            raise ConfigError(f"format '{settings.name}': 'key' is required")
-        unlocked = keys(settings.key)
+        unlocked = keys(settings.require_key())
         self._key = unlocked.rsa
         if self._key.key_size < MIN_KEY_BITS:
             raise ConfigError(
@@ -332,7 +325,7 @@ class WidevineSigner(Signer):
             ]
             try:
                 res = subprocess.run(
-                    cmd, capture_output=True, check=False, env=_clean_env(), timeout=SUBPROCESS_TIMEOUT
+                    cmd, capture_output=True, check=False, env=child_env(), timeout=SUBPROCESS_TIMEOUT
                 )
             except subprocess.TimeoutExpired:
                 raise VerificationFailed("openssl pkeyutl -verify timed out") from None
