@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import shutil
@@ -275,8 +276,6 @@ class SigningClient:
             return "unknown"
 
     def _receive(self, r: httpx.Response, dest: Path, expected: str) -> None:
-        import hashlib
-
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         h = hashlib.sha1(usedforsecurity=False)

@@ -9,6 +9,7 @@ then remembered for a short while, so polling clients learn about them within se
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
@@ -141,8 +142,6 @@ class JobManager:
             raise FormatRejected("the input is no longer on the server; upload it again")
         if not digests:
             # Re-hash a stored input: a corrupt copy must never be signed.
-            import hashlib
-
             states = {"sha1": hashlib.sha1(usedforsecurity=False), "sha256": hashlib.sha256()}
             with src.open("rb") as f:
                 while chunk := f.read(CHUNK):
