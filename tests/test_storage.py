@@ -6,32 +6,56 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
+from sealbox.errors import ConfigError
 from sealbox.server.storage import Storage
 
 SHA = "a" * 40
 
 
 def _publish(st: Storage, data: bytes) -> str:
-    out = st.temp_dir() / "out"
+    out = st.temp_path()
     out.write_bytes(data)
-    return st.add_result("gpg", SHA, out)
+    return st.add_result("gpg", SHA, out).digest
 
 
-def test_result_roundtrip_and_torn_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xattrs", [True, False], ids=["xattr", "sidecar"])
+def test_result_roundtrip_and_torn_file(tmp_path: Path, xattrs: bool) -> None:
     st = Storage(tmp_path)
+    assert st.xattrs  # the test machine's file system has user xattrs; the fallback is forced below
+    st.xattrs = xattrs
     digest = _publish(st, b"signature bytes")
     found = st.result("gpg", SHA)
-    assert found is not None and found[1] == digest and found[0].read_bytes() == b"signature bytes"
-    found[0].write_bytes(b"")  # what a power loss can leave after an un-synced rename
+    assert found is not None and found.digest == digest and found.path.read_bytes() == b"signature bytes"
+    assert found.body == b"signature bytes"  # small: served from memory
+    st.close()
+    st = Storage(tmp_path)  # a restart: found on disk
+    st.xattrs = xattrs
+    found = st.result("gpg", SHA)
+    assert found is not None and found.digest == digest and found.size == len(b"signature bytes")
+    found.path.write_bytes(b"")  # what a power loss can leave after an un-synced rename
+    st.close()
+    st = Storage(tmp_path)
+    st.xattrs = xattrs
     assert st.result("gpg", SHA) is None
     assert not (tmp_path / "signed" / "gpg" / SHA).exists()
 
 
+def test_one_server_per_data_folder(tmp_path: Path) -> None:
+    st = Storage(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another sealbox server"):
+        Storage(tmp_path)
+    st.close()
+    Storage(tmp_path).close()
+
+
 def test_leftovers_in_tmp_are_cleared_on_start(tmp_path: Path) -> None:
     st = Storage(tmp_path)
-    fd, half = st.temp_file()
-    os.write(fd, b"half an upload")
-    os.close(fd)
+    half, f = st.temp_file()
+    f.write(b"half an upload")
+    f.close()
+    st.close()
     Storage(tmp_path)
     assert not half.exists()
 
@@ -42,9 +66,12 @@ def test_failures_permanent_and_transient(tmp_path: Path) -> None:
     f = st.failure("mar", SHA, transient_ttl=60)
     assert f is not None and f.permanent and f.reason == "not a MAR file"
     st.add_failure("mar", "b" * 40, False, "tool crashed")
-    old = time.time() - 120
-    os.utime(tmp_path / "failed" / "mar" / ("b" * 40), (old, old))
-    assert st.failure("mar", "b" * 40, transient_ttl=60) is None  # forgotten: may be retried
+    assert st.failure("mar", "b" * 40, transient_ttl=60) is not None
+    later = time.time() + 120
+    assert st.failure("mar", "b" * 40, transient_ttl=60, now=later) is None  # forgotten: may be retried
+    assert st.failure("mar", SHA, transient_ttl=60, now=later) is not None  # permanent stays
+    st.clear_failure("mar", SHA)
+    assert st.failure("mar", SHA, transient_ttl=60) is None
 
 
 def test_cleanup_removes_old_entries_only(tmp_path: Path) -> None:
@@ -55,5 +82,18 @@ def test_cleanup_removes_old_entries_only(tmp_path: Path) -> None:
         os.utime(p, (old, old))
     fresh = tmp_path / "unsigned" / ("c" * 40)
     fresh.write_bytes(b"fresh input")
-    assert st.cleanup(max_age=500) == 2
+    assert st.cleanup(max_age=500) == (1 if st.xattrs else 2)  # the result (and its sidecar)
     assert st.result("gpg", SHA) is None and fresh.exists()
+
+
+@pytest.mark.parametrize("xattrs", [True, False], ids=["xattr", "sidecar"])
+def test_inputs_keep_their_filename(tmp_path: Path, xattrs: bool) -> None:
+    st = Storage(tmp_path)
+    st.xattrs = xattrs
+    st.add_input_bytes(SHA, "setup (x64).exe", b"input bytes")
+    assert st.has_input(SHA) and st.input_filename(SHA) == "setup (x64).exe"
+    assert st.input_path(SHA).read_bytes() == b"input bytes"
+    names = sorted(p.name for p in (tmp_path / "unsigned").iterdir())
+    assert names == ([SHA] if xattrs else [SHA, f"{SHA}.fn"])
+    st.drop_input(SHA)
+    assert not st.has_input(SHA) and list((tmp_path / "unsigned").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -32,6 +33,12 @@ class ServerSection(_Strict):
     get_hold: float = Field(30.0, ge=0, le=60, description="long-poll hold of GET, seconds")
     job_timeout: float = Field(120.0, gt=0)
     concurrency: int = Field(4, ge=1, le=64)
+    signing_processes: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=0,
+        le=64,
+        description="worker processes for small in-process jobs; 0 signs in threads only",
+    )
     min_filesize: int = Field(10, ge=0)
     max_filesize: int = Field(DEFAULT_MAX_FILESIZE, gt=0)
 

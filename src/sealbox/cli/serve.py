@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import click
@@ -29,8 +28,7 @@ def serve(
     """Run a signing server for one cert level (HTTPS only)."""
     from ..config import load_config, parse_listen
     from ..keys import PassphraseSource
-    from ..server.run import load_signers, setup_logging
-    from ..server.run import serve as run
+    from ..server.run import load_signers, run, setup_logging
 
     setup_logging(log_file)
     try:
@@ -44,7 +42,7 @@ def serve(
         else:
             source = PassphraseSource.interactive()
         signers = load_signers(cfg, source)
-        asyncio.run(run(cfg, signers, listen))
+        run(cfg, signers, listen)
     except (SealboxError, ValueError) as e:
         fail(f"not starting: {e}", 2)
     except OSError as e:

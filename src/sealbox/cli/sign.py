@@ -6,7 +6,6 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -119,21 +118,16 @@ def sign(
         return p
 
     show_progress = sys.stderr.isatty() and not quiet and not as_json
-    results: list[Any] = []
-    from concurrent.futures import ThreadPoolExecutor
-
-    with (
-        SigningClient(
-            servers,
-            ca,
-            token,
-            timeout=timeout,
-            cache_dir=cachedir,
-            nonce_file=nonce_file,
-            connections=max(4, jobs * 2),
-        ) as client,
-        ThreadPoolExecutor(jobs) as pool,
-    ):
+    items = [(p, fmts, dest_of(p)) for p in files]
+    with SigningClient(
+        servers,
+        ca,
+        token,
+        timeout=timeout,
+        cache_dir=cachedir,
+        nonce_file=nonce_file,
+        connections=max(4, jobs * 2),
+    ) as client:
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -145,13 +139,9 @@ def sign(
                 transient=True,
             ) as bar:
                 task = bar.add_task("signing", total=len(files))
-                futures = [
-                    pool.submit(client.sign, p, fmts, dest_of(p), lambda n: bar.advance(task, n))
-                    for p in files
-                ]
-                results = [f.result() for f in futures]
+                results = client.sign_many(items, jobs, lambda n: bar.advance(task, n))
         else:
-            results = list(pool.map(lambda p: client.sign(p, fmts, dest_of(p)), files))
+            results = client.sign_many(items, jobs)
 
     failed = [r for r in results if not r.ok]
     if as_json:

@@ -4,13 +4,17 @@ Used by ``sealbox sign``, ``sealbox token``, the task runner and the tests alike
 
     with SigningClient([parse_host("127.0.0.1:9110")], ca=Path("ca.pem"), token=token) as c:
         c.sign(Path("setup.exe"), ["sha2signcode", "gpg"])
+
+``AsyncSigningClient`` is the same client for code that already runs an event loop.
 """
 
-from .core import ClientError, SigningClient, SignOutcome, request_token
+from .aio import AsyncSigningClient, ClientError, SignOutcome
+from .core import SigningClient, request_token
 from .hosts import Server, parse_host
 from .plan import detached_suffix, order_formats, wire_name
 
 __all__ = [
+    "AsyncSigningClient",
     "ClientError",
     "Server",
     "SignOutcome",

@@ -1,107 +1,41 @@
-"""SigningClient: the classic protocol with failover, bounded retries, timeouts and a cache."""
+"""SigningClient: the blocking face of :class:`AsyncSigningClient`.
+
+The protocol runs on an event loop in a private thread; any number of caller threads may
+sign at once (the task runner does), and ``sign_many`` signs a batch with one call.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import random
-import shutil
-import ssl
+import asyncio
+import concurrent.futures
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
-import httpx
-
-from ..errors import SealboxError
-from ..hashing import CHUNK, hash_file
+from .aio import DEFAULT_TIMEOUT, AsyncSigningClient, SignItem, SignOutcome, request_token_async
 from .hosts import Server
-from .plan import detached_suffix, order_formats, wire_name
 
-DEFAULT_TIMEOUT = 600.0
-CONNECT_TIMEOUT = 10.0
-LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
-SMALL_FILE = 256 * 1024
-
-
-class ClientError(SealboxError):
-    """A file could not be signed; the message says which server said what."""
-
-
-@dataclass
-class SignOutcome:
-    """What happened to one file."""
-
-    source: Path
-    outputs: list[Path] = field(default_factory=list)
-    formats: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    server: str = ""
-    seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def timeout(self, read: float) -> httpx.Timeout:
-        left = max(0.1, self.left())
-        return httpx.Timeout(min(read, left), connect=min(CONNECT_TIMEOUT, left))
+T = TypeVar("T")
 
 
 def request_token(
     server: Server, ca: Path, user: str, password: str, ip: str, duration: int, timeout: float = 30.0
 ) -> str:
     """Mint an upload token for ``ip`` through ``POST /token`` (what a token issuer does)."""
+    coro = request_token_async(server, ca, user, password, ip, duration, timeout)
     try:
-        r = httpx.post(
-            f"{server.url}/token",
-            data={"slave_ip": ip, "duration": str(duration)},
-            auth=(user, password),
-            verify=_ssl_context(ca),
-            timeout=timeout,
-        )
-    except httpx.HTTPError as e:
-        raise ClientError(f"{server.url}: cannot mint a token: {_describe(e)}") from None
-    if r.status_code != 200:
-        reason = r.headers.get("X-Sealbox-Error") or r.reason_phrase
-        raise ClientError(f"{server.url}: token request refused: {r.status_code} {reason}")
-    return r.text.strip()
-
-
-def _ssl_context(ca: Path) -> ssl.SSLContext:
-    if not ca.is_file():
-        raise ClientError(f"CA bundle {ca} not found")
-    return ssl.create_default_context(cafile=str(ca))
-
-
-def _describe(e: Exception) -> str:
-    if isinstance(e, httpx.TimeoutException):
-        return f"timed out ({type(e).__name__})"
-    text = str(e) or type(e).__name__
-    return text.splitlines()[0]
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from async code: run the request on a loop of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class SigningClient:
-    """Signs files with the classic protocol against a list of servers.
-
-    Servers are tried in a random order per format; a server that fails to answer is moved
-    to the back. Each (file, format) gets ``timeout`` seconds overall; deterministic
-    refusals (the server says the input can't be signed) fail at once.
-    """
+    """Signs files with the classic protocol against a list of servers (see AsyncSigningClient)."""
 
     def __init__(
         self,
@@ -117,25 +51,23 @@ class SigningClient:
         connections: int = 16,
         source_address: str | None = None,
     ) -> None:
-        if not servers:
-            raise ClientError("at least one server is required")
-        self.servers = list(servers)
-        self.token = token.strip() if token else None
-        self.timeout = timeout
-        self.cache_dir = cache_dir
-        self.nonce_file = nonce_file
-        self.max_errors = max_errors
-        self._shuffle = shuffle
-        self._order: dict[str, list[Server]] = {}
-        self._lock = threading.Lock()
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        context = _ssl_context(ca)
-        self._http = httpx.Client(
-            verify=context,
-            transport=httpx.HTTPTransport(verify=context, limits=limits, local_address=source_address),
-            limits=limits,
-            headers={"User-Agent": "sealbox-client"},
+        self._client = AsyncSigningClient(
+            servers,
+            ca,
+            token,
+            timeout=timeout,
+            cache_dir=cache_dir,
+            nonce_file=nonce_file,
+            max_errors=max_errors,
+            shuffle=shuffle,
+            connections=connections,
+            source_address=source_address,
         )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sealbox-client", daemon=True)
+        self._thread.start()
+        self._running: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
 
     def __enter__(self) -> SigningClient:
         return self
@@ -146,9 +78,27 @@ class SigningClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        """Cancel what is still running (after Ctrl-C, say), close connections, stop the loop."""
+        if self._loop.is_closed():
+            return
+        with self._lock:
+            for fut in self._running:
+                fut.cancel()
+        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
-    # -- public API -------------------------------------------------------------------------
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._lock:
+            self._running.add(fut)
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._running.discard(fut)
+
     def sign(
         self,
         source: Path,
@@ -156,207 +106,15 @@ class SigningClient:
         dest: Path | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> SignOutcome:
-        """Sign ``source`` with each format in turn (chaining), writing to ``dest``.
+        """Sign ``source`` with each format in turn; the outcome carries any error."""
+        return self._run(self._client.sign(source, formats, dest, progress))
 
-        Formats that replace the file sign the previous result; detached formats (gpg,
-        widevine) write ``<dest><suffix>`` beside it. Never raises for a signing failure:
-        the outcome carries the error.
-        """
-        started = time.monotonic()
-        out = SignOutcome(source=source)
-        dest = dest or source
-        ordered = order_formats(formats)
-        current = source
-        try:
-            for fmt in ordered:
-                suffix = detached_suffix(fmt)
-                if not suffix:
-                    target = dest
-                elif len(ordered) == 1 and dest != source and dest.name.endswith(suffix):
-                    target = dest  # signtool style: `-o file.asc -f gpg file`
-                else:
-                    target = dest.with_name(dest.name + suffix)
-                server, cached = self.sign_one(current, fmt, target)
-                out.formats.append(fmt)
-                out.outputs.append(target)
-                if cached:
-                    out.cached.append(fmt)
-                out.server = server or out.server
-                if not suffix:
-                    current = target
-            if current == source and dest != source and dest not in out.outputs:
-                # Only detached formats: the signed file beside its signatures is the input.
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, dest)
-        except ClientError as e:
-            out.error = str(e)
-        out.seconds = time.monotonic() - started
-        if progress:
-            progress(1)
-        return out
+    def sign_many(
+        self, items: Sequence[SignItem], jobs: int = 8, progress: Callable[[int], None] | None = None
+    ) -> list[SignOutcome]:
+        """Sign many files, at most ``jobs`` at a time; outcomes in the order of ``items``."""
+        return self._run(self._client.sign_many(items, jobs, progress))
 
     def sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool]:
-        """Sign one file with one format; returns (server url, came from cache)."""
-        wire = wire_name(fmt)
-        digest = hash_file(source)
-        if self._from_cache(wire, digest, dest):
-            return "", True
-        deadline = _Deadline(self.timeout)
-        servers = [s for s in self._servers_for(wire)]
-        if not servers:
-            raise ClientError(f"no server serves format '{fmt}'")
-        errors: list[str] = []
-        refusals: dict[str, str] = {}
-        error_count = 0
-        uploaded: set[str] = set()
-        # Small files go up at once (POST, then one long-poll GET): a round trip less than
-        # asking first. Large files are asked about first, so a server that has them saves the upload.
-        upload_first = self.token is not None and source.stat().st_size <= SMALL_FILE
-        i = 0
-        while True:
-            candidates = [s for s in servers if s.url not in refusals]
-            if not candidates:
-                raise ClientError(
-                    f"{source.name} ({fmt}): refused: " + "; ".join(f"{u}: {r}" for u, r in refusals.items())
-                )
-            if error_count >= self.max_errors * len(servers) or deadline.left() <= 0:
-                last = errors[-1] if errors else "no answer"
-                spent = deadline.seconds - max(0.0, deadline.left())
-                raise ClientError(f"{source.name} ({fmt}): gave up after {spent:.1f} s: {last}")
-            server = candidates[i % len(candidates)]
-            try:
-                if upload_first and server.url not in uploaded:
-                    uploaded.add(server.url)
-                    self._upload(server, wire, source, digest, deadline)
-                state = self._poll(server, wire, digest, dest, deadline)
-                if state == "done":
-                    self._to_cache(wire, digest, dest)
-                    return server.url, False
-                if state == "pending":
-                    continue
-                # Unknown to the server (or it forgot a transient failure): upload.
-                if state.startswith("failed:") and server.url in uploaded:
-                    refusals[server.url] = state.removeprefix("failed:")
-                    continue
-                self._upload(server, wire, source, digest, deadline)
-                uploaded.add(server.url)
-            except _Refused as e:
-                refusals[server.url] = str(e)
-            except (httpx.HTTPError, OSError, _Retry) as e:
-                error_count += 1
-                errors.append(f"{server.url}: {_describe(e) if isinstance(e, Exception) else e}")
-                i += 1  # move on to the next server
-                self._rotate(wire, server)
-                if i % len(candidates) == 0:
-                    time.sleep(min(2.0, 0.2 * 2 ** min(error_count, 4), max(0.0, deadline.left())))
-
-    # -- protocol steps ---------------------------------------------------------------------
-    def _poll(self, server: Server, wire: str, digest: str, dest: Path, deadline: _Deadline) -> str:
-        url = f"{server.url}/sign/{wire}/{digest}"
-        started = time.monotonic()
-        with self._http.stream("GET", url, timeout=deadline.timeout(LONG_POLL_READ)) as r:
-            if r.status_code < 400:
-                expected = r.headers.get("X-SHA1-Digest")
-                if not expected:
-                    raise _Retry("answer without X-SHA1-Digest")
-                self._receive(r, dest, expected.lower())
-                return "done"
-            r.read()
-            if "X-Pending" in r.headers:
-                if time.monotonic() - started < 0.2:
-                    time.sleep(0.2)  # a server with no long-poll hold: don't spin
-                return "pending"
-            reason: str | None = r.headers.get("X-Sealbox-Error")
-            if r.status_code == 404 and reason:
-                return "failed:" + reason
-            if r.status_code >= 500:
-                raise _Retry(f"server error {r.status_code}")
-            if r.status_code != 404:
-                raise _Refused(f"{r.status_code} {reason or r.reason_phrase}")
-            return "unknown"
-
-    def _receive(self, r: httpx.Response, dest: Path, expected: str) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        h = hashlib.sha1(usedforsecurity=False)
-        try:
-            with tmp.open("wb") as f:
-                for chunk in r.iter_raw(CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-            if h.hexdigest() != expected:
-                raise _Retry("downloaded result does not match its X-SHA1-Digest")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _upload(self, server: Server, wire: str, source: Path, digest: str, deadline: _Deadline) -> None:
-        if self.token is None:
-            raise _Refused("no token: pass -t/--token-file")
-        nonce = ""
-        if self.nonce_file is not None:
-            with contextlib.suppress(OSError):
-                nonce = self.nonce_file.read_text()
-        size = source.stat().st_size
-        with source.open("rb") as f:
-            r = self._http.post(
-                f"{server.url}/sign/{wire}",
-                data={"sha1": digest, "filename": source.name, "token": self.token, "nonce": nonce},
-                files={"filedata": (source.name, f, "application/octet-stream")},
-                # Sending takes time proportional to the size; allow ~20 MB/s at worst.
-                timeout=deadline.timeout(max(60.0, size / 20e6)),
-            )
-        if r.status_code >= 400:
-            reason = r.headers.get("X-Sealbox-Error") or r.reason_phrase
-            if r.status_code >= 500:
-                raise _Retry(f"upload failed: {r.status_code} {reason}")
-            raise _Refused(f"{r.status_code} {reason}")
-        if self.nonce_file is not None and "X-Nonce" in r.headers:
-            with contextlib.suppress(OSError):
-                self.nonce_file.write_text(r.headers["X-Nonce"])
-
-    # -- servers and cache ------------------------------------------------------------------
-    def _servers_for(self, wire: str) -> list[Server]:
-        with self._lock:
-            if wire not in self._order:
-                order = [s for s in self.servers if s.serves(wire)]
-                if self._shuffle:
-                    random.shuffle(order)
-                self._order[wire] = order
-            return list(self._order[wire])
-
-    def _rotate(self, wire: str, server: Server) -> None:
-        with self._lock:
-            order = self._order.get(wire, [])
-            if server in order:
-                order.remove(server)
-                order.append(server)
-
-    def _from_cache(self, wire: str, digest: str, dest: Path) -> bool:
-        if self.cache_dir is None:
-            return False
-        cached = self.cache_dir / wire / digest
-        if not cached.is_file():
-            return False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        shutil.copyfile(cached, tmp)
-        os.replace(tmp, dest)
-        return True
-
-    def _to_cache(self, wire: str, digest: str, result: Path) -> None:
-        if self.cache_dir is None:
-            return
-        folder = self.cache_dir / wire
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
-        shutil.copyfile(result, tmp)
-        os.replace(tmp, folder / digest)
-
-
-class _Retry(Exception):
-    """Worth another attempt (possibly on another server)."""
-
-
-class _Refused(Exception):
-    """This server will not sign this input; trying it again is pointless."""
+        """Sign one file with one format; raises ClientError on failure."""
+        return self._run(self._client.sign_one(source, fmt, dest))

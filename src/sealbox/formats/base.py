@@ -35,6 +35,7 @@ class SignRequest:
     input: Path
     output: Path
     filename: str
+    #: a private scratch folder (exists only if the signer's ``uses_work_dir`` is true)
     work_dir: Path
     digests: Mapping[str, Any] = field(default_factory=dict)
 
@@ -92,6 +93,11 @@ class Signer(ABC):
     detached_suffix: ClassVar[Mapping[str, str]] = {}
     #: one-line description of the independent verifier, for docs and the demo table
     verifier: ClassVar[str] = ""
+    #: False for signers that never touch ``request.work_dir`` (it is then not created)
+    uses_work_dir: ClassVar[bool] = True
+    #: True for signers that only compute (no child process): small jobs then run in the
+    #: server's signing worker processes
+    in_process: ClassVar[bool] = False
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         self.settings = settings

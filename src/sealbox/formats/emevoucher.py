@@ -68,6 +68,8 @@ class EmeVoucherSigner(Signer):
     verifier = (
         "openssl cms -verify -binary -inform DER -in FILE -CAfile public/emevoucher-ca.pem -out VOUCHER"
     )
+    uses_work_dir = False
+    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)

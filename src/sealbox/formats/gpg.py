@@ -23,6 +23,8 @@ class GpgSigner(Signer):
     formats = ("gpg",)
     detached_suffix = {"gpg": ".asc"}
     verifier = "gpg --verify FILE.asc FILE (key: public/gpg.asc)"
+    uses_work_dir = False
+    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)

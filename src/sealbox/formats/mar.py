@@ -288,6 +288,7 @@ def _mar_cli() -> Path | None:
 class MarSigner(Signer):
     formats = ("mar", "mar_sha384")
     verifier = "mar -v FILE -k public/mar.pem (mar_sha384: public/mar_sha384.pem)"
+    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)

@@ -220,6 +220,8 @@ class WidevineSigner(Signer):
     verifier = (
         "openssl pkeyutl -verify -pubin -inkey public/widevine.pem (PSS, salt 32) over the digest in docs"
     )
+    uses_work_dir = False
+    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)

@@ -13,13 +13,14 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from aiohttp import BodyPartReader, web
+import multipart
+from aiohttp import web
 
 from .. import tokens
 from ..config import Network, ServerConfig
@@ -27,7 +28,7 @@ from ..errors import TokenError
 from ..hashing import CHUNK, is_sha1_hex
 from ..keys.credentials import check_password
 from .jobs import TRANSIENT_FAILURE_TTL, JobManager
-from .storage import Storage
+from .storage import Result, Storage
 
 log = logging.getLogger("sealbox.http")
 
@@ -139,7 +140,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     while True:
         found = storage.result(fmt, sha1)
         if found is not None:
-            return await _send_file(request, *found)
+            return await _send_result(request, found)
         failure = storage.failure(fmt, sha1, TRANSIENT_FAILURE_TTL)
         if failure is not None:
             return _error(404, f"signing failed: {failure.reason}")
@@ -152,15 +153,14 @@ async def get_result(request: web.Request) -> web.StreamResponse:
             return web.Response(status=404, headers={"X-Pending": "True"})
 
 
-async def _send_file(request: web.Request, path: Path, digest: str) -> web.StreamResponse:
-    headers = {"X-SHA1-Digest": digest, "Content-Type": "application/octet-stream"}
-    size = path.stat().st_size
-    if size <= CHUNK:
-        return web.Response(body=path.read_bytes(), headers=headers)
+async def _send_result(request: web.Request, found: Result) -> web.StreamResponse:
+    headers = {"X-SHA1-Digest": found.digest, "Content-Type": "application/octet-stream"}
+    if found.body is not None:
+        return web.Response(body=found.body, headers=headers)
     response = web.StreamResponse(headers=headers)
-    response.content_length = size
+    response.content_length = found.size
     await response.prepare(request)
-    with path.open("rb") as f:
+    with found.path.open("rb") as f:
         while chunk := f.read(CHUNK):
             await response.write(chunk)
     await response.write_eof()
@@ -168,42 +168,103 @@ async def _send_file(request: web.Request, path: Path, digest: str) -> web.Strea
 
 
 # -- POST /sign/<fmt> -----------------------------------------------------------------------------
+FIELDS = ("sha1", "filename", "token", "nonce")
+MAX_FIELD = 4096
+
+
+class _Malformed(Exception):
+    """The body is not the multipart form the protocol describes."""
+
+
+def _boundary(content_type: str) -> str | None:
+    kind, options = multipart.parse_options_header(content_type)
+    boundary = options.get("boundary", "")
+    if kind != "multipart/form-data" or not 0 < len(boundary) <= 70:
+        return None
+    return str(boundary)
+
+
+async def _parts(request: web.Request, boundary: str) -> AsyncGenerator[tuple[str, AsyncIterator[bytes]]]:
+    """The form's parts as (name, body chunks), streamed; a part must be read before the next."""
+    parser = multipart.PushMultipartParser(boundary, max_header_count=8, max_segment_count=16, strict=True)
+    pending: list[Any] = []  # parser events not consumed yet
+    stream = request.content.iter_any()
+
+    async def events() -> AsyncIterator[Any]:
+        while True:
+            if pending:
+                yield pending.pop(0)
+                continue
+            chunk = await anext(stream, b"")
+            try:
+                pending.extend(parser.parse(chunk))
+            except multipart.MultipartError as e:
+                raise _Malformed(str(e)) from None
+            if not chunk and not pending:
+                if not parser.closed:
+                    raise _Malformed("the body ended before the final boundary")
+                return
+
+    source = events()
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in source:
+            if event is None:
+                return
+            yield event
+
+    async for event in source:
+        if not isinstance(event, multipart.MultipartSegment) or event.disposition != "form-data":
+            raise _Malformed("every part must be a form-data field")
+        chunks = body()
+        yield event.name or "", chunks
+        async for _ in chunks:  # whatever the caller left unread
+            pass
+
+
 class _Upload:
-    """Streams ``filedata`` into a temp file, hashing SHA-1 and SHA-256 in the same pass."""
+    """``filedata`` as it arrives: SHA-1 and SHA-256 in the same pass, kept in memory while
+    small and spooled to a temp file beyond ``SPOOL`` bytes, so memory stays bounded."""
+
+    SPOOL = 1024 * 1024
 
     def __init__(self, storage: Storage, limit: int) -> None:
-        self.fd, self.path = storage.temp_file()
+        self.storage = storage
         self.limit = limit
         self.size = 0
         self.sha1 = hashlib.sha1(usedforsecurity=False)
         self.sha256 = hashlib.sha256()
-        self.too_large = False
+        self.data = bytearray()
+        self.file: BinaryIO | None = None
+        self.path: Path | None = None
+        self.seen = False
 
-    async def consume(self, part: BodyPartReader) -> None:
-        with os.fdopen(self.fd, "wb", closefd=True) as f:
-            while chunk := await part.read_chunk(CHUNK):
-                self.size += len(chunk)
-                if self.size > self.limit:
-                    self.too_large = True
-                    return
-                self.sha1.update(chunk)
-                self.sha256.update(chunk)
-                f.write(chunk)
+    async def consume(self, chunks: AsyncIterator[bytes]) -> bool:
+        """Read the part; False if it is over the limit (the rest is not stored)."""
+        self.seen = True
+        async for chunk in chunks:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                return False
+            self.sha1.update(chunk)
+            self.sha256.update(chunk)
+            if self.file is None and self.size > self.SPOOL:
+                self.path, self.file = self.storage.temp_file()
+                self.file.write(self.data)
+                self.data = bytearray()
+            if self.file is not None:
+                self.file.write(chunk)
+            else:
+                self.data += chunk
+        if self.file is not None:
+            self.file.close()
+        return True
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        self.path.unlink(missing_ok=True)
-
-
-_DISPOSITION_NAME = re.compile(r'^form-data\s*;\s*name="([^"\\]*)"', re.IGNORECASE)
-
-
-def _field_name(part: BodyPartReader) -> str | None:
-    """The form field's name. Matched directly: aiohttp's generic RFC 2231 parser costs more
-    than the rest of a small upload, and form fields only ever use this simple form."""
-    match = _DISPOSITION_NAME.match(part.headers.get("Content-Disposition", ""))
-    return match.group(1) if match else None
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
@@ -221,55 +282,69 @@ async def upload(request: web.Request) -> web.StreamResponse:
     limit = cfg.max_filesize(fmt) if known else cfg.server.max_filesize
     if request.content_length is not None and request.content_length > limit + MULTIPART_OVERHEAD:
         return _error(413, f"File too large: over {limit} bytes for {fmt}")
-    # The raw header, not request.content_type: aiohttp parses that with the (slow) email package.
-    if not request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
-        return _error(400, "expected multipart/form-data")
+    boundary = _boundary(request.headers.get("Content-Type", ""))
+    if boundary is None:
+        return _error(400, "expected multipart/form-data with a boundary")
     fields: dict[str, str] = {}
-    upload: _Upload | None = None
+    data = _Upload(storage, limit)
     try:
         try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                name = _field_name(part) if isinstance(part, BodyPartReader) else None
-                if not isinstance(part, BodyPartReader) or name is None:
-                    return _error(400, "malformed multipart body")
-                if name == "filedata":
-                    bad = _check_fields(request, fields, fmt, known)
-                    if bad is not None:
-                        return bad
-                    if storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"]):
-                        return web.Response(status=202, text="File is pending\n", headers=NONCE)
-                    upload = _Upload(storage, limit)
-                    await upload.consume(part)
-                    if upload.too_large:
-                        return _error(400, f"File too large: over {limit} bytes for {fmt}", NONCE)
-                elif name in ("sha1", "filename", "token", "nonce"):
-                    value = await part.read(decode=False)
-                    if len(value) > 4096:
-                        return _error(400, f"field {name} is too long")
-                    fields[name] = value.decode("utf-8", "replace")
-                else:
-                    await part.release()
-        except (ValueError, AssertionError, asyncio.IncompleteReadError) as e:
+            async with contextlib.aclosing(_parts(request, boundary)) as parts:
+                refused = await _read_form(request, parts, fields, data, fmt, known)
+        except (_Malformed, ValueError, asyncio.IncompleteReadError) as e:
             return _error(400, f"malformed multipart body: {e}")
-        if upload is None:
+        if refused is not None:
+            return refused
+        if not data.seen:
             bad = _check_fields(request, fields, fmt, known)
             return bad or _error(400, "File too small: no filedata", NONCE)
         sha1 = fields["sha1"]
-        if upload.size < cfg.server.min_filesize:
-            return _error(
-                400, f"File too small: {upload.size} bytes, minimum {cfg.server.min_filesize}", NONCE
-            )
-        if upload.sha1.hexdigest() != sha1:
+        if data.size < cfg.server.min_filesize:
+            return _error(400, f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}", NONCE)
+        if data.sha1.hexdigest() != sha1:
             return _error(400, "Hash mismatch: filedata does not match the sha1 field", NONCE)
-        storage.add_input(sha1, fields["filename"], upload.path)
         storage.clear_failure(fmt, sha1)
-        jobs.submit(fmt, sha1, {"sha256": upload.sha256})
-        upload = None
+        if data.path is not None:
+            storage.add_input(sha1, fields["filename"], data.path)
+            data.path = None
+            jobs.submit(fmt, sha1, {"sha256": data.sha256})
+        else:
+            jobs.submit(fmt, sha1, {"sha256": data.sha256}, (fields["filename"], data.data))
         return web.Response(status=202, text="Accepted\n", headers=NONCE)
     finally:
-        if upload is not None:
-            upload.discard()
+        data.discard()
+
+
+async def _read_form(
+    request: web.Request,
+    parts: AsyncIterator[tuple[str, AsyncIterator[bytes]]],
+    fields: dict[str, str],
+    data: _Upload,
+    fmt: str,
+    known: bool,
+) -> web.Response | None:
+    """Read the form into ``fields`` and ``data``; a response if the upload is refused on the way.
+
+    The fields come first (as signtool sends them), so the token is checked before any of
+    ``filedata`` is read, and a file the server already has is not read at all."""
+    storage, jobs = request.app[STORAGE], request.app[JOBS]
+    async for name, chunks in parts:
+        if name == "filedata" and not data.seen:
+            bad = _check_fields(request, fields, fmt, known)
+            if bad is not None:
+                return bad
+            if storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"]):
+                return web.Response(status=202, text="File is pending\n", headers=NONCE)
+            if not await data.consume(chunks):
+                return _error(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE)
+        elif name in FIELDS:
+            value = bytearray()
+            async for chunk in chunks:
+                value += chunk
+                if len(value) > MAX_FIELD:
+                    return _error(400, f"field {name} is too long")
+            fields[name] = value.decode("utf-8", "replace")
+    return None
 
 
 def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:

@@ -1,9 +1,10 @@
 """Signing jobs: keyed by (format, input sha1), run in a bounded pool with a timeout.
 
 Each format gets at most ``concurrency`` jobs at once, so a slow format cannot starve the
-others, and signing runs in worker threads so the event loop keeps serving. A job that
-fails because of its input is remembered as permanent; other failures are retried and
-then remembered for a short while, so polling clients learn about them within seconds.
+others. Signing never runs on the event loop: small uploads for in-process signers go to
+the signing worker processes (:mod:`.workers`), everything else to worker threads. A job
+that fails because of its input is remembered as permanent; other failures are retried
+and then remembered for a short while, so polling clients learn about them within seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 
 from ..errors import FormatRejected, SigningFailed
 from ..formats.base import Signer, SignRequest
-from ..hashing import CHUNK
-from .storage import Storage
+from ..hashing import hash_stream
+from .storage import Result, Storage
+from .workers import Order, WorkerPool
 
 log = logging.getLogger("sealbox.jobs")
 
@@ -34,16 +36,24 @@ TRANSIENT_FAILURE_TTL = 60.0
 class _Job:
     fmt: str
     sha1: str
+    #: (filename, bytes) of an upload small enough to arrive in memory; the job stores it
+    upload: tuple[str, bytes | bytearray] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class JobManager:
     def __init__(
-        self, storage: Storage, signers: Mapping[str, Signer], concurrency: int, timeout: float
+        self,
+        storage: Storage,
+        signers: Mapping[str, Signer],
+        concurrency: int,
+        timeout: float,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.storage = storage
         self.signers = signers
         self.timeout = timeout
+        self.workers = workers
         self._limits = {fmt: asyncio.Semaphore(concurrency) for fmt in signers}
         self._pool = ThreadPoolExecutor(
             max_workers=min(64, concurrency * max(1, len(signers))), thread_name_prefix="sign"
@@ -54,11 +64,20 @@ class JobManager:
     def pending(self, fmt: str, sha1: str) -> bool:
         return (fmt, sha1) in self._jobs
 
-    def submit(self, fmt: str, sha1: str, digests: Mapping[str, Any] | None = None) -> None:
-        """Queue a job unless one is already pending for (fmt, sha1)."""
+    def submit(
+        self,
+        fmt: str,
+        sha1: str,
+        digests: Mapping[str, Any] | None = None,
+        upload: tuple[str, bytes | bytearray] | None = None,
+    ) -> None:
+        """Queue a job unless one is already pending for (fmt, sha1).
+
+        ``upload`` is a verified upload still in memory: the job writes it to the store
+        in its worker thread, so the event loop does no disk work for it."""
         if (fmt, sha1) in self._jobs:
             return
-        job = _Job(fmt, sha1)
+        job = _Job(fmt, sha1, upload)
         self._jobs[(fmt, sha1)] = job
         task = asyncio.get_running_loop().create_task(self._run(job, dict(digests or {})))
         self._tasks.add(task)
@@ -112,71 +131,95 @@ class JobManager:
         loop = asyncio.get_running_loop()
         reason = ""
         for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
-            work = self.storage.temp_dir()
             try:
-                fut = loop.run_in_executor(self._pool, self._sign, job, work, digests)
-                digest = await asyncio.wait_for(fut, self.timeout)
+                result = await asyncio.wait_for(self._attempt(loop, job, digests), self.timeout)
                 self.storage.clear_failure(job.fmt, job.sha1)
-                return "signed", digest
+                return "signed", result.digest
             except FormatRejected as e:
                 self.storage.add_failure(job.fmt, job.sha1, True, str(e))
                 return "rejected", str(e)
             except TimeoutError:
                 reason = f"signing timed out after {self.timeout:g} s"
-            except SigningFailed as e:
+            except (SigningFailed, OSError) as e:
                 reason = str(e)
-            finally:
-                # A timed-out worker may still be writing here; it only ever writes inside ``work``.
-                shutil.rmtree(work, ignore_errors=True)
             if attempt < TRANSIENT_ATTEMPTS:
                 await asyncio.sleep(0.5 * attempt)
         self.storage.add_failure(job.fmt, job.sha1, False, reason)
         return "failed", reason
 
-    def _sign(self, job: _Job, work: Any, digests: dict[str, Any]) -> str:
-        """Runs in a worker thread: verify the stored input, sign it, publish the result."""
-        storage = self.storage
-        src = storage.input_path(job.sha1)
-        filename = storage.input_filename(job.sha1)
-        if filename is None or not src.is_file():
-            raise FormatRejected("the input is no longer on the server; upload it again")
+    async def _attempt(self, loop: asyncio.AbstractEventLoop, job: _Job, digests: dict[str, Any]) -> Result:
+        upload = job.upload
+        if upload is not None and self.workers is not None and self.workers.accepts(job.fmt, len(upload[1])):
+            result = await self.workers.run(Order(job.fmt, job.sha1, upload[0], bytes(upload[1])))
+            job.upload = None  # stored by the worker
+            self.storage.remember(job.fmt, job.sha1, result)
+            return result
+        job.upload = None  # a second attempt reads the stored input
+        return await loop.run_in_executor(
+            self._pool, sign_job, self.storage, self.signers, job.fmt, job.sha1, upload, digests
+        )
+
+
+def sign_job(
+    storage: Storage,
+    signers: Mapping[str, Signer],
+    fmt: str,
+    sha1: str,
+    upload: tuple[str, bytes | bytearray] | None,
+    digests: Mapping[str, Any] | None,
+) -> Result:
+    """Store or verify the input, sign it, publish the result (in a worker thread or process).
+
+    ``upload`` is (filename, bytes) of a verified upload still in memory; without it the
+    input is read from the store and, without ``digests`` from its upload, re-hashed."""
+    signer = signers[fmt]
+    if upload is not None:
+        storage.add_input_bytes(sha1, *upload)
         if not digests:
-            # Re-hash a stored input: a corrupt copy must never be signed.
-            states = {"sha1": hashlib.sha1(usedforsecurity=False), "sha256": hashlib.sha256()}
-            with src.open("rb") as f:
-                while chunk := f.read(CHUNK):
-                    for h in states.values():
-                        h.update(chunk)
-            if states["sha1"].hexdigest() != job.sha1:
-                storage.drop_input(job.sha1)
-                raise SigningFailed("stored input was corrupt and has been dropped; upload it again")
-            digests = {"sha256": states["sha256"]}
-        out = work / "out"
-        signer = self.signers[job.fmt]
+            digests = {"sha256": hashlib.sha256(upload[1])}
+    src = storage.input_path(sha1)
+    filename = storage.input_filename(sha1)
+    if filename is None or not src.is_file():
+        raise FormatRejected("the input is no longer on the server; upload it again")
+    if not digests:
+        # Re-hash a stored input: a corrupt copy must never be signed.
+        with src.open("rb") as f:
+            states = hash_stream(f, ("sha1", "sha256"))
+        if states["sha1"].hexdigest() != sha1:
+            storage.drop_input(sha1)
+            raise SigningFailed("stored input was corrupt and has been dropped; upload it again")
+        digests = {"sha256": states["sha256"]}
+    out = storage.temp_path("out")
+    # A timed-out job may still be running; it only ever writes to ``out`` and ``work``.
+    work = storage.temp_dir() if signer.uses_work_dir else storage.temp_path("job")
+    try:
         signer.sign(SignRequest(input=src, output=out, filename=filename, work_dir=work, digests=digests))
         if not out.is_file():
-            raise SigningFailed(f"format '{job.fmt}' produced no output")
-        digest = storage.add_result(job.fmt, job.sha1, out)
-        # Keep an output that replaces the file as an input too: chaining another format
-        # needs no upload, and signing the output again with this format returns it
-        # unchanged. (A detached signature is not something anyone signs next.)
-        if not signer.detached_suffix.get(job.fmt):
-            result = storage.result_path(job.fmt, job.sha1)
-            storage.link_input(digest, filename, result)
-            if digest != job.sha1:
-                self._remember_identity(job.fmt, digest, result)
-        return digest
-
-    def _remember_identity(self, fmt: str, digest: str, result: Any) -> None:
-        if self.storage.result(fmt, digest) is not None:
-            return
-        work = self.storage.temp_dir()
-        try:
-            copy = work / "out"
-            try:
-                os.link(result, copy)  # same bytes, no copy: results are never modified in place
-            except OSError:
-                shutil.copyfile(result, copy)
-            self.storage.add_result(fmt, digest, copy)
-        finally:
+            raise SigningFailed(f"format '{fmt}' produced no output")
+        result = storage.add_result(fmt, sha1, out)
+    finally:
+        out.unlink(missing_ok=True)
+        if signer.uses_work_dir:
             shutil.rmtree(work, ignore_errors=True)
+    # Keep an output that replaces the file as an input too: chaining another format
+    # needs no upload, and signing the output again with this format returns it
+    # unchanged. (A detached signature is not something anyone signs next.)
+    if not signer.detached_suffix.get(fmt):
+        storage.link_input(result.digest, filename, result.path)
+        if result.digest != sha1:
+            _remember_identity(storage, fmt, result)
+    return result
+
+
+def _remember_identity(storage: Storage, fmt: str, result: Result) -> None:
+    if storage.result(fmt, result.digest) is not None:
+        return
+    copy = storage.temp_path("out")
+    try:
+        try:
+            os.link(result.path, copy)  # same bytes, no copy: results are never modified in place
+        except OSError:
+            shutil.copyfile(result.path, copy)
+        storage.add_result(fmt, result.digest, copy)
+    finally:
+        copy.unlink(missing_ok=True)

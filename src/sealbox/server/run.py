@@ -25,6 +25,7 @@ from ..keys import PassphraseSource, UnlockedKey, load_key
 from .app import build_app
 from .jobs import JobManager
 from .storage import Storage
+from .workers import WorkerPool
 
 log = logging.getLogger("sealbox.server")
 PROBE = b"sealbox start-up test signature"
@@ -120,13 +121,31 @@ def tls_context(cfg: ServerConfig) -> ssl.SSLContext:
     return ctx
 
 
+def run(cfg: ServerConfig, signers: dict[str, Signer], listen: str | None = None) -> None:
+    """Open the content store, fork the signing workers, serve until SIGTERM/SIGINT."""
+    storage = Storage(cfg.resolve(cfg.server.data_dir))
+    try:
+        # Before the event loop and any thread exist: forking is safe only now.
+        workers = WorkerPool(storage, signers, cfg.server.signing_processes)
+        try:
+            asyncio.run(serve(cfg, signers, storage, workers, listen))
+        finally:
+            workers.close()
+    finally:
+        storage.close()
+
+
 async def serve(
-    cfg: ServerConfig, signers: dict[str, Signer], listen: str | None = None, ready: Any = None
+    cfg: ServerConfig,
+    signers: dict[str, Signer],
+    storage: Storage,
+    workers: WorkerPool | None = None,
+    listen: str | None = None,
+    ready: Any = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight jobs and exit."""
     host, port = parse_listen(listen or cfg.server.listen)
-    storage = Storage(cfg.resolve(cfg.server.data_dir))
-    jobs = JobManager(storage, signers, cfg.server.concurrency, cfg.server.job_timeout)
+    jobs = JobManager(storage, signers, cfg.server.concurrency, cfg.server.job_timeout, workers)
     app = build_app(cfg, jobs, storage, cfg.token_secrets())
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

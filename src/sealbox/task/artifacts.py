@@ -9,6 +9,7 @@ display (a live bar on a terminal, one line per file otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import ssl
@@ -20,8 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-import httpx
+import aiohttp
 
+from ..client.aio import describe
 from ..errors import SealboxError
 
 CHUNK = 1 << 20
@@ -158,29 +160,36 @@ def _download(
         verify = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
     except (OSError, ssl.SSLError) as e:
         raise Unavailable(f"{name}: cannot load the artifact store CA {ca}: {e}") from None
-    size = 0
     try:
-        with httpx.stream(
-            "GET", url, verify=verify, timeout=httpx.Timeout(timeout, connect=15.0), follow_redirects=True
-        ) as r:
-            if r.status_code != 200:
-                raise Unavailable(f"{name}: {url} answered {r.status_code} {r.reason_phrase}")
-            declared = r.headers.get("Content-Length")
-            total = int(declared) if declared and declared.isdigit() else None
-            if total is not None and total > max_size:
-                raise Unavailable(f"{name}: {total} bytes is more than the {max_size}-byte limit")
-            advance = progress.start(name, total)
-            with tmp.open("wb") as f:
-                for chunk in r.iter_bytes(CHUNK):
-                    size += len(chunk)
-                    if size > max_size:
-                        raise Unavailable(f"{name}: more than the {max_size}-byte limit")
-                    f.write(chunk)
-                    advance(len(chunk))
-    except httpx.HTTPError as e:
-        raise Unavailable(f"{name}: cannot download {url}: {str(e) or type(e).__name__}") from None
+        return asyncio.run(_fetch(url, tmp, name, progress, verify, max_size, timeout))
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise Unavailable(f"{name}: cannot download {url}: {describe(e)}") from None
     except OSError as e:
         raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
+
+
+async def _fetch(
+    url: str, tmp: Path, name: str, progress: Progress, verify: ssl.SSLContext, max_size: int, timeout: float
+) -> int:
+    size = 0
+    limits = aiohttp.ClientTimeout(total=timeout, connect=min(15.0, timeout))
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=verify)) as session,
+        session.get(url, timeout=limits) as r,
+    ):
+        if r.status != 200:
+            raise Unavailable(f"{name}: {url} answered {r.status} {r.reason}")
+        total = r.content_length
+        if total is not None and total > max_size:
+            raise Unavailable(f"{name}: {total} bytes is more than the {max_size}-byte limit")
+        advance = progress.start(name, total)
+        with tmp.open("wb") as f:
+            async for chunk in r.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > max_size:
+                    raise Unavailable(f"{name}: more than the {max_size}-byte limit")
+                f.write(chunk)
+                advance(len(chunk))
     return size
 
 
