@@ -33,6 +33,10 @@ DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
 SMALL_FILE = 256 * 1024
+#: Small uploads ask the server to answer with the result (sealbox servers honour
+#: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
+WAIT_HEADER = "X-Sealbox-Wait"
+UPLOAD_WAIT = 30.0
 USER_AGENT = "sealbox-client"
 _serial = itertools.count()
 
@@ -289,19 +293,19 @@ class AsyncSigningClient:
             try:
                 if upload_first and server.url not in uploaded:
                     uploaded.add(server.url)
-                    await self._upload(server, wire, source, data, size, digest, deadline)
-                state = await self._poll(server, wire, digest, dest, deadline)
+                    state = await self._upload(server, wire, source, data, size, digest, dest, deadline)
+                else:
+                    state = await self._poll(server, wire, digest, dest, deadline)
+                if state == "unknown" or (state.startswith("failed:") and server.url not in uploaded):
+                    # Unknown to the server, or a failure we did not cause (it may have been
+                    # transient, and uploading again clears it): upload.
+                    uploaded.add(server.url)
+                    state = await self._upload(server, wire, source, data, size, digest, dest, deadline)
                 if state == "done":
                     self._to_cache(wire, digest, dest)
                     return server.url, False
-                if state == "pending":
-                    continue
-                # Unknown to the server (or it forgot a transient failure): upload.
                 if state.startswith("failed:") and server.url in uploaded:
                     refusals[server.url] = state.removeprefix("failed:")
-                    continue
-                await self._upload(server, wire, source, data, size, digest, deadline)
-                uploaded.add(server.url)
             except _Refused as e:
                 refusals[server.url] = str(e)
             except (aiohttp.ClientError, TimeoutError, OSError, _Retry) as e:
@@ -360,8 +364,11 @@ class AsyncSigningClient:
         data: bytes | None,
         size: int,
         digest: str,
+        dest: Path,
         deadline: _Deadline,
-    ) -> None:
+    ) -> str:
+        """Upload; "done" if the server answered with the result (small files ask it to
+        wait for the job: a round trip less), "failed:<reason>" or "pending"."""
         if self.token is None:
             raise _Refused("no token: pass -t/--token-file")
         nonce = ""
@@ -378,25 +385,31 @@ class AsyncSigningClient:
             )
             writer = form()
             body: Any = writer
+            headers = {"Content-Type": writer.content_type}
             if data is not None:
                 # A small form goes out in one piece: one TLS record, not one per part line.
                 body = await writer.as_bytes()
+                headers[WAIT_HEADER] = str(int(UPLOAD_WAIT))
             # Sending takes time proportional to the size; allow ~20 MB/s at worst.
+            read = max(60.0, size / 20e6) + (UPLOAD_WAIT if data is not None else 0)
             async with self._http().post(
-                f"{server.url}/sign/{wire}",
-                data=body,
-                headers={"Content-Type": writer.content_type},
-                timeout=deadline.timeout(max(60.0, size / 20e6)),
+                f"{server.url}/sign/{wire}", data=body, headers=headers, timeout=deadline.timeout(read)
             ) as r:
-                await r.read()
-                if r.status >= 400:
-                    reason = r.headers.get("X-Sealbox-Error") or r.reason
-                    if r.status >= 500:
-                        raise _Retry(f"upload failed: {r.status} {reason}")
-                    raise _Refused(f"{r.status} {reason}")
                 if self.nonce_file is not None and "X-Nonce" in r.headers:
                     with contextlib.suppress(OSError):
                         self.nonce_file.write_text(r.headers["X-Nonce"])
+                if r.status == 200 and "X-SHA1-Digest" in r.headers:
+                    await self._receive(r, dest, r.headers["X-SHA1-Digest"].lower())
+                    return "done"
+                await r.read()
+                reason = r.headers.get("X-Sealbox-Error")
+                if r.status == 404 and reason:  # the job failed (answer of a waited upload)
+                    return "failed:" + reason
+                if r.status >= 500:
+                    raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
+                if r.status >= 400:
+                    raise _Refused(f"{r.status} {reason or r.reason}")
+                return "pending"
 
     # -- servers and cache ------------------------------------------------------------------
     def _servers_for(self, wire: str) -> list[Server]:

@@ -131,12 +131,25 @@ async def mint_token(request: web.Request) -> web.Response:
 # -- GET /sign/<fmt>/<sha1> -----------------------------------------------------------------------
 async def get_result(request: web.Request) -> web.StreamResponse:
     fmt, sha1 = request.match_info["fmt"], request.match_info["sha1"]
-    cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
+    cfg, jobs = request.app[CONFIG], request.app[JOBS]
     if fmt not in cfg.formats or fmt not in jobs.signers:
         return _error(400, f"unknown format '{fmt}'")
     if not is_sha1_hex(sha1):
         return _error(400, "the digest must be 40 lowercase hex digits")
-    deadline = time.monotonic() + cfg.server.get_hold
+    return await _outcome(request, fmt, sha1, cfg.server.get_hold, _still_pending)
+
+
+def _still_pending() -> web.Response:
+    return web.Response(status=404, headers={"X-Pending": "True"})
+
+
+async def _outcome(
+    request: web.Request, fmt: str, sha1: str, hold: float, pending: Callable[[], web.Response]
+) -> web.StreamResponse:
+    """What a poll for (fmt, sha1) answers, waiting up to ``hold`` seconds for its job:
+    the result, the reason it failed, a plain 404 (unknown: upload it) or ``pending()``."""
+    jobs, storage = request.app[JOBS], request.app[STORAGE]
+    deadline = time.monotonic() + hold
     while True:
         found = storage.result(fmt, sha1)
         if found is not None:
@@ -150,7 +163,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
             jobs.submit(fmt, sha1)  # content already here (other format or an output): no upload
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not await jobs.wait(fmt, sha1, remaining):
-            return web.Response(status=404, headers={"X-Pending": "True"})
+            return pending()
 
 
 async def _send_result(request: web.Request, found: Result) -> web.StreamResponse:
@@ -169,6 +182,7 @@ async def _send_result(request: web.Request, found: Result) -> web.StreamRespons
 
 # -- POST /sign/<fmt> -----------------------------------------------------------------------------
 FIELDS = ("sha1", "filename", "token", "nonce")
+WAIT_HEADER = "X-Sealbox-Wait"
 MAX_FIELD = 4096
 
 
@@ -238,6 +252,7 @@ class _Upload:
         self.file: BinaryIO | None = None
         self.path: Path | None = None
         self.seen = False
+        self.known = False  # the server already has this file: not read
 
     async def consume(self, chunks: AsyncIterator[bytes]) -> bool:
         """Read the part; False if it is over the limit (the rest is not stored)."""
@@ -295,6 +310,8 @@ async def upload(request: web.Request) -> web.StreamResponse:
             return _error(400, f"malformed multipart body: {e}")
         if refused is not None:
             return refused
+        if data.known:
+            return await _accepted(request, fmt, fields["sha1"], "File is pending")
         if not data.seen:
             bad = _check_fields(request, fields, fmt, known)
             return bad or _error(400, "File too small: no filedata", NONCE)
@@ -310,7 +327,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
             jobs.submit(fmt, sha1, {"sha256": data.sha256})
         else:
             jobs.submit(fmt, sha1, {"sha256": data.sha256}, (fields["filename"], data.data))
-        return web.Response(status=202, text="Accepted\n", headers=NONCE)
+        return await _accepted(request, fmt, sha1, "Accepted")
     finally:
         data.discard()
 
@@ -334,7 +351,8 @@ async def _read_form(
             if bad is not None:
                 return bad
             if storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"]):
-                return web.Response(status=202, text="File is pending\n", headers=NONCE)
+                data.known = True  # the server has it: the rest need not be read
+                return None
             if not await data.consume(chunks):
                 return _error(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE)
         elif name in FIELDS:
@@ -345,6 +363,23 @@ async def _read_form(
                     return _error(400, f"field {name} is too long")
             fields[name] = value.decode("utf-8", "replace")
     return None
+
+
+async def _accepted(request: web.Request, fmt: str, sha1: str, text: str) -> web.StreamResponse:
+    """202, as the classic protocol answers an upload. A client that sends ``X-Sealbox-Wait: S``
+    instead gets what ``GET /sign/<fmt>/<sha1>`` would answer once the job is done (waiting up
+    to S seconds, at most ``get_hold``), saving a round trip; 202 if it is still running."""
+
+    def accepted() -> web.Response:
+        return web.Response(status=202, text=text + "\n", headers=NONCE)
+
+    try:
+        hold = min(float(request.headers.get(WAIT_HEADER, "")), request.app[CONFIG].server.get_hold)
+    except ValueError:
+        return accepted()
+    if not hold > 0:  # also NaN
+        return accepted()
+    return await _outcome(request, fmt, sha1, hold, accepted)
 
 
 def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:

@@ -24,7 +24,7 @@ from ..errors import FormatRejected, SigningFailed
 from ..formats.base import Signer, SignRequest
 from ..hashing import hash_stream
 from .storage import Result, Storage
-from .workers import Order, WorkerPool
+from .workers import Order, WorkerLost, WorkerPool
 
 log = logging.getLogger("sealbox.jobs")
 
@@ -150,10 +150,14 @@ class JobManager:
     async def _attempt(self, loop: asyncio.AbstractEventLoop, job: _Job, digests: dict[str, Any]) -> Result:
         upload = job.upload
         if upload is not None and self.workers is not None and self.workers.accepts(job.fmt, len(upload[1])):
-            result = await self.workers.run(Order(job.fmt, job.sha1, upload[0], bytes(upload[1])))
-            job.upload = None  # stored by the worker
-            self.storage.remember(job.fmt, job.sha1, result)
-            return result
+            try:
+                result = await self.workers.run(Order(job.fmt, job.sha1, upload[0], bytes(upload[1])))
+            except WorkerLost:
+                pass  # logged by the pool: this job signs in a thread instead
+            else:
+                job.upload = None  # stored by the worker
+                self.storage.remember(job.fmt, job.sha1, result)
+                return result
         job.upload = None  # a second attempt reads the stored input
         return await loop.run_in_executor(
             self._pool, sign_job, self.storage, self.signers, job.fmt, job.sha1, upload, digests

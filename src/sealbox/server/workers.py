@@ -42,6 +42,10 @@ class Order:
     data: bytes
 
 
+class WorkerLost(SigningFailed):
+    """The worker died (or its pipe broke) before answering; the order can run elsewhere."""
+
+
 class _Worker:
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
@@ -85,17 +89,17 @@ class WorkerPool:
             try:
                 answer.set_result(worker.conn.recv())
             except (EOFError, OSError) as e:
-                answer.set_exception(SigningFailed(f"signing worker {worker.process.name} died: {e}"))
+                answer.set_exception(WorkerLost(f"signing worker {worker.process.name} died: {e}"))
 
         try:
             worker.conn.send(order)
             loop.add_reader(worker.conn.fileno(), readable)
         except OSError as e:
             self._retire(worker)
-            raise SigningFailed(f"signing worker {worker.process.name} is gone: {e}") from None
+            raise WorkerLost(f"signing worker {worker.process.name} is gone: {e}") from None
         try:
             kind, value = await asyncio.shield(answer)
-        except SigningFailed:
+        except WorkerLost:
             self._retire(worker)
             raise
         except asyncio.CancelledError:
@@ -124,6 +128,7 @@ class WorkerPool:
         if worker in self._workers:
             self._workers.remove(worker)
         worker.conn.close()
+        worker.process.is_alive()  # reaps it if it is gone
 
     def close(self) -> None:
         """Let the workers exit (they stop when their pipe closes)."""

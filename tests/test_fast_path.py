@@ -1,0 +1,137 @@
+"""The small-file fast path: waited uploads, signing worker processes, one server per data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import ssl
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from sealbox.client import AsyncSigningClient, SigningClient
+from tests.servers import Deployment, ServerProcess, gpg_verify, start_server
+
+
+def _form(server: ServerProcess, data: bytes, name: str = "f.bin") -> dict[str, str]:
+    return {
+        "sha1": hashlib.sha1(data, usedforsecurity=False).hexdigest(),
+        "filename": name,
+        "token": server.token(),
+        "nonce": "",
+    }
+
+
+def _post(server: ServerProcess, data: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    ctx = ssl.create_default_context(cafile=str(server.deployment.ca))
+    with httpx.Client(verify=ctx, timeout=60) as c:
+        return c.post(
+            f"{server.server.url}/sign/gpg",
+            data=_form(server, data),
+            files={"filedata": ("f.bin", data)},
+            headers=headers or {},
+        )
+
+
+def test_classic_upload_is_202_and_waited_upload_returns_the_result(
+    gpg_server: ServerProcess, tmp_path: Path
+) -> None:
+    classic = os.urandom(3000)
+    r = _post(gpg_server, classic)
+    assert r.status_code == 202 and r.headers["X-Nonce"] == "UNUSED"  # what signtool expects
+    waited = os.urandom(3000)
+    r = _post(gpg_server, waited, {"X-Sealbox-Wait": "20"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-SHA1-Digest"] == hashlib.sha1(r.content, usedforsecurity=False).hexdigest()
+    (tmp_path / "w.bin").write_bytes(waited)
+    (tmp_path / "w.bin.asc").write_bytes(r.content)
+    assert _valid(tmp_path / "w.bin.asc", tmp_path / "w.bin", gpg_server.deployment.public / "gpg.asc")
+    # The same file again: known to the server, answered at once without reading the upload.
+    r = _post(gpg_server, waited, {"X-Sealbox-Wait": "20"})
+    assert r.status_code == 200 and r.headers["X-SHA1-Digest"]
+    # A nonsense wait is ignored: the classic answer.
+    assert _post(gpg_server, os.urandom(3000), {"X-Sealbox-Wait": "nan"}).status_code == 202
+
+
+def _valid(sig: Path, data: Path, public: Path) -> bool:
+    res = gpg_verify(sig, data, public)
+    return res.returncode == 0 and b"VALIDSIG" in res.stdout
+
+
+def _workers(server: ServerProcess) -> list[psutil.Process]:
+    return psutil.Process(server.proc.pid).children()  # at rest, only the forked signing workers
+
+
+def test_small_jobs_run_in_worker_processes_and_survive_their_loss(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "wk", "dep", ["gpg"])
+    sp = start_server(d)
+    try:
+        workers = _workers(sp)
+        assert len(workers) == min(4, os.cpu_count() or 1)
+        before = sum(sum(w.cpu_times()[:2]) for w in workers)
+        files = []
+        for i in range(20):
+            f = tmp_path / f"f{i}.bin"
+            f.write_bytes(os.urandom(2000))
+            files.append(f)
+        with sp.client() as c:
+            outs = c.sign_many([(f, ["gpg"], None) for f in files], jobs=4)
+        assert all(o.ok for o in outs) and [o.source for o in outs] == files  # in order
+        assert sum(sum(w.cpu_times()[:2]) for w in workers) > before  # the workers signed
+        for w in workers:  # every worker dies: small jobs fall back to threads
+            w.send_signal(signal.SIGKILL)
+        psutil.wait_procs(workers, timeout=0.5)  # killed (a zombie until the server reaps it)
+        late = tmp_path / "late.bin"
+        late.write_bytes(os.urandom(2000))
+        with sp.client(timeout=60) as c:
+            out = c.sign(late, ["gpg"])
+        assert out.ok, out.error
+        assert _valid(late.with_name("late.bin.asc"), late, d.public / "gpg.asc")
+        assert any(e.get("event") == "worker_gone" for e in sp.log_lines())
+    finally:
+        assert sp.stop() == 0
+
+
+def test_one_server_per_data_folder(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "lk", "dep", ["gpg"])
+    first = start_server(d)
+    try:
+        second = start_server(d, wait=False)
+        assert second.proc.wait(60) == 2
+        assert "is in use by another sealbox server" in second.log.read_text()
+    finally:
+        first.stop()
+
+
+def test_async_client_and_token_from_async_code(gpg_server: ServerProcess, payload: Path) -> None:
+    async def main() -> bool:
+        token = gpg_server.token()  # the blocking helper works inside a running loop too
+        async with AsyncSigningClient([gpg_server.server], gpg_server.deployment.ca, token) as c:
+            out = await c.sign(payload, ["gpg"])
+        return out.ok
+
+    assert asyncio.run(main())
+    assert _valid(payload.with_name(payload.name + ".asc"), payload, gpg_server.deployment.public / "gpg.asc")
+
+
+def test_blocking_client_is_usable_from_many_threads(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for i in range(12):
+        f = tmp_path / f"t{i}.bin"
+        f.write_bytes(os.urandom(1500))
+        files.append(f)
+    started = time.monotonic()
+    with (
+        SigningClient([gpg_server.server], gpg_server.deployment.ca, gpg_server.token()) as c,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        results = list(pool.map(lambda f: c.sign_one(f, "gpg", f.with_name(f.name + ".asc")), files))
+    assert all(url == gpg_server.server.url for url, _ in results)
+    assert time.monotonic() - started < 60
+    assert all(f.with_name(f.name + ".asc").stat().st_size > 100 for f in files)
