@@ -96,6 +96,17 @@ def test_small_jobs_run_in_worker_processes_and_survive_their_loss(tmp_path: Pat
         assert sp.stop() == 0
 
 
+def test_stop_is_prompt_and_leaves_no_worker(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "st", "dep", ["gpg"])
+    sp = start_server(d)
+    workers = _workers(sp)
+    assert workers
+    started = time.monotonic()
+    assert sp.stop() == 0
+    assert time.monotonic() - started < 5  # each worker sees its pipe close at once
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_one_server_per_data_folder(tmp_path: Path) -> None:
     d = Deployment.create(tmp_path / "lk", "dep", ["gpg"])
     first = start_server(d)

@@ -170,6 +170,7 @@ async def _send_result(request: web.Request, found: Result) -> web.StreamRespons
     headers = {"X-SHA1-Digest": found.digest, "Content-Type": "application/octet-stream"}
     if found.body is not None:
         return web.Response(body=found.body, headers=headers)
+    assert found.path is not None  # only results kept in memory have no file
     response = web.StreamResponse(headers=headers)
     response.content_length = found.size
     await response.prepare(request)

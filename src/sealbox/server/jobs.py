@@ -148,16 +148,19 @@ class JobManager:
         return "failed", reason
 
     async def _attempt(self, loop: asyncio.AbstractEventLoop, job: _Job, digests: dict[str, Any]) -> Result:
-        upload = job.upload
-        if upload is not None and self.workers is not None and self.workers.accepts(job.fmt, len(upload[1])):
+        upload, workers = job.upload, self.workers
+        if upload is None and workers is not None and job.fmt in workers.formats:
+            upload = self.storage.small_input(job.sha1)  # held from a job of another format
+        if upload is not None and workers is not None and workers.accepts(job.fmt, len(upload[1])):
+            filename, data = upload[0], bytes(upload[1])
             try:
-                result = await self.workers.run(Order(job.fmt, job.sha1, upload[0], bytes(upload[1])))
+                output = await workers.run(Order(job.fmt, job.sha1, filename, data))
             except WorkerLost:
                 pass  # logged by the pool: this job signs in a thread instead
             else:
-                job.upload = None  # stored by the worker
-                self.storage.remember(job.fmt, job.sha1, result)
-                return result
+                job.upload = None
+                replaces = not self.signers[job.fmt].detached_suffix.get(job.fmt)
+                return self.storage.add_small_job(job.fmt, job.sha1, filename, data, output, replaces)
         job.upload = None  # a second attempt reads the stored input
         return await loop.run_in_executor(
             self._pool, sign_job, self.storage, self.signers, job.fmt, job.sha1, upload, digests
@@ -177,6 +180,8 @@ def sign_job(
     ``upload`` is (filename, bytes) of a verified upload still in memory; without it the
     input is read from the store and, without ``digests`` from its upload, re-hashed."""
     signer = signers[fmt]
+    if upload is None and not storage.input_path(sha1).is_file():
+        upload = storage.small_input(sha1)  # held as a row: this job needs it as a file
     if upload is not None:
         storage.add_input_bytes(sha1, *upload)
         if not digests:
@@ -208,6 +213,7 @@ def sign_job(
     # Keep an output that replaces the file as an input too: chaining another format
     # needs no upload, and signing the output again with this format returns it
     # unchanged. (A detached signature is not something anyone signs next.)
+    assert result.path is not None  # jobs in threads publish files
     if not signer.detached_suffix.get(fmt):
         storage.link_input(result.digest, filename, result.path)
         if result.digest != sha1:
@@ -216,7 +222,7 @@ def sign_job(
 
 
 def _remember_identity(storage: Storage, fmt: str, result: Result) -> None:
-    if storage.result(fmt, result.digest) is not None:
+    if storage.result(fmt, result.digest) is not None or result.path is None:
         return
     copy = storage.temp_path("out")
     try:

@@ -25,7 +25,7 @@ from ..keys import PassphraseSource, UnlockedKey, load_key
 from .app import build_app
 from .jobs import JobManager
 from .storage import Storage
-from .workers import WorkerPool
+from .workers import WorkerPool, scratch_base
 
 log = logging.getLogger("sealbox.server")
 PROBE = b"sealbox start-up test signature"
@@ -126,7 +126,7 @@ def run(cfg: ServerConfig, signers: dict[str, Signer], listen: str | None = None
     storage = Storage(cfg.resolve(cfg.server.data_dir))
     try:
         # Before the event loop and any thread exist: forking is safe only now.
-        workers = WorkerPool(storage, signers, cfg.server.signing_processes)
+        workers = WorkerPool(signers, cfg.server.signing_processes, scratch_base(storage.tmp))
         try:
             asyncio.run(serve(cfg, signers, storage, workers, listen))
         finally:

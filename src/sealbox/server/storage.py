@@ -4,6 +4,8 @@
                                with its original filename as metadata "fn"
     signed/<fmt>/<sha1>        the result of signing input <sha1> with <fmt>, with
                                metadata "sha1": "<sha1 of that result> <size>"
+    small.sqlite3              small jobs signed by the worker processes: their inputs and
+                               results as rows (see :mod:`.smallstore`)
     tmp/                       uploads and job scratch, renamed into place atomically
     lock                       held while a server uses the folder
 
@@ -35,6 +37,7 @@ from typing import BinaryIO
 
 from ..errors import ConfigError
 from ..hashing import hash_file
+from .smallstore import SmallStore
 
 #: Results up to this size are kept in memory, up to CACHE_BYTES in all.
 CACHED_RESULT_MAX = 256 * 1024
@@ -54,9 +57,10 @@ class Failure:
 
 @dataclass
 class Result:
-    """A published result: its file, its SHA-1 and size, and its bytes when small."""
+    """A published result: its SHA-1 and size, its file (None in the small store) and its
+    bytes when small."""
 
-    path: Path
+    path: Path | None
     digest: str
     size: int
     body: bytes | None = None
@@ -81,12 +85,11 @@ class Storage:
         shutil.rmtree(root / "failed", ignore_errors=True)  # kept on disk by earlier versions
         self._serial = itertools.count()
         self.xattrs = self._xattrs_work()
-        #: False in signing worker processes: the server process keeps the index
-        self.indexing = True
         self._mutex = threading.Lock()  # jobs publish from worker threads
         self._index: OrderedDict[tuple[str, str], Result] = OrderedDict()
         self._cached_bytes = 0
         self._failures: OrderedDict[tuple[str, str], Failure] = OrderedDict()
+        self.small = SmallStore(root / "small.sqlite3")
 
     @staticmethod
     def _take_lock(path: Path) -> BinaryIO:
@@ -99,6 +102,7 @@ class Storage:
         return f
 
     def close(self) -> None:
+        self.small.close()
         self._lock_file.close()
 
     def _xattrs_work(self) -> bool:
@@ -162,10 +166,16 @@ class Storage:
         return self.unsigned / sha1
 
     def has_input(self, sha1: str) -> bool:
-        return self.input_filename(sha1) is not None and (self.unsigned / sha1).is_file()
+        if self.small.input_filename(sha1) is not None:
+            return True
+        return self._meta(self.unsigned / sha1, "fn") is not None and (self.unsigned / sha1).is_file()
 
     def input_filename(self, sha1: str) -> str | None:
-        return self._meta(self.unsigned / sha1, "fn")
+        return self._meta(self.unsigned / sha1, "fn") or self.small.input_filename(sha1)
+
+    def small_input(self, sha1: str) -> tuple[str, bytes] | None:
+        """(filename, bytes) of an input held in the small store."""
+        return self.small.input(sha1)
 
     def add_input(self, sha1: str, filename: str, src: Path) -> None:
         """Move a verified upload into place (``src`` must be in ``tmp/``)."""
@@ -194,6 +204,7 @@ class Storage:
         self.add_input(sha1, filename, tmp)
 
     def drop_input(self, sha1: str) -> None:
+        self.small.drop_input(sha1)
         (self.unsigned / sha1).unlink(missing_ok=True)
         (self.unsigned / f"{sha1}.fn").unlink(missing_ok=True)
 
@@ -213,21 +224,29 @@ class Storage:
             if now - found.touched < TOUCH_EVERY:
                 return found
             try:  # keep it alive on disk, without a write per GET
-                self._touch(found.path, now)
+                if found.path is None:
+                    self.small.touch(fmt, sha1, now)
+                else:
+                    self._touch(found.path, now)
                 found.touched = now
                 return found
             except OSError:
                 pass  # gone from disk (removed by hand?): ask the disk what is left
         found = self._load_result(fmt, sha1, now)
-        if self.indexing:
-            with self._mutex:
-                if found is None:
-                    self._forget(key)
-                else:
-                    self._remember(key, found)
+        with self._mutex:
+            if found is None:
+                self._forget(key)
+            else:
+                self._remember(key, found)
         return found
 
     def _load_result(self, fmt: str, sha1: str, now: float) -> Result | None:
+        held = self.small.result(fmt, sha1)
+        if held is not None:
+            digest, body, touched = held
+            if now - touched > TOUCH_EVERY:
+                self.small.touch(fmt, sha1, now)
+            return Result(None, digest, len(body), body, now)
         path = self.signed / fmt / sha1
         meta = self._meta(path, "sha1")
         if meta is None:
@@ -268,11 +287,22 @@ class Storage:
         self.remember(fmt, sha1, found)
         return found
 
+    def add_small_job(
+        self, fmt: str, sha1: str, filename: str, data: bytes, output: bytes, output_is_input: bool
+    ) -> Result:
+        """Publish a small job signed by a worker process: input, result (and, for formats
+        whose output replaces the file, the output as a further input) in one commit."""
+        digest = _sha1(output)
+        now = time.time()
+        self.small.put_job(fmt, sha1, filename, data, digest, output, output_is_input, now)
+        found = Result(None, digest, len(output), output, now)
+        self.remember(fmt, sha1, found)
+        return found
+
     def remember(self, fmt: str, sha1: str, found: Result) -> None:
-        """Index a result published here or by a signing worker process."""
-        if self.indexing:
-            with self._mutex:
-                self._remember((fmt, sha1), found)
+        """Index a published result, so polls for it need no disk access."""
+        with self._mutex:
+            self._remember((fmt, sha1), found)
 
     def _remember(self, key: tuple[str, str], found: Result) -> None:
         self._forget(key)
@@ -326,6 +356,7 @@ class Storage:
                         else:
                             entry.unlink()
                         removed += 1
+        removed += self.small.cleanup(cutoff)
         with self._mutex:
             # The next lookup goes to disk, which knows what is left.
             self._index.clear()

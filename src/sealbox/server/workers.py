@@ -6,27 +6,32 @@ process signs on the other core with no such coupling.
 
 Workers are forked once, after the keys are unlocked and before the event loop or any
 thread starts, so each holds the same signers and no passphrase is passed on. A worker
-takes one order at a time: it stores the upload, signs it and publishes the result in
-the content store, then answers with the result's digest, size and (small) bytes. A
-worker that dies is not replaced (forking from a threaded server is unsafe); its orders
-then run in threads like every other job.
+takes one order at a time: it signs the upload in a private scratch folder (in
+``/dev/shm`` when there is one: nothing touches the disk) and answers with the output's
+bytes; the server stores both in the small store. A worker that dies is not replaced
+(forking from a threaded server is unsafe); its orders then run in threads like every
+other job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..errors import FormatRejected, SigningFailed
-from ..formats.base import Signer
-from .storage import Result, Storage
+from ..formats.base import Signer, SignRequest
 
 log = logging.getLogger("sealbox.jobs")
 
@@ -55,7 +60,7 @@ class _Worker:
 class WorkerPool:
     """``count`` forked workers; :meth:`run` signs an order in one of them."""
 
-    def __init__(self, storage: Storage, signers: Mapping[str, Signer], count: int) -> None:
+    def __init__(self, signers: Mapping[str, Signer], count: int, scratch: Path) -> None:
         self.formats = frozenset(fmt for fmt, s in signers.items() if s.in_process)
         self._workers: list[_Worker] = []
         self._idle: asyncio.Queue[_Worker] | None = None
@@ -64,8 +69,14 @@ class WorkerPool:
         ctx = multiprocessing.get_context("fork")
         for i in range(count):
             parent, child = ctx.Pipe()
+            # A forked child holds copies of every pipe end open so far; it closes the
+            # server's ends, or a worker would never see its pipe close.
+            server_ends = [parent, *(w.conn for w in self._workers)]
             proc = ctx.Process(
-                target=_serve, args=(child, storage, signers), name=f"sealbox-signer-{i}", daemon=True
+                target=_serve,
+                args=(child, server_ends, signers, scratch),
+                name=f"sealbox-signer-{i}",
+                daemon=True,
             )
             proc.start()
             child.close()
@@ -74,8 +85,8 @@ class WorkerPool:
     def accepts(self, fmt: str, size: int) -> bool:
         return fmt in self.formats and size <= MAX_ORDER_BYTES and bool(self._workers)
 
-    async def run(self, order: Order) -> Result:
-        """Sign ``order`` in an idle worker; raises what the signer raised (by kind)."""
+    async def run(self, order: Order) -> bytes:
+        """Sign ``order`` in an idle worker; its output, or what the signer raised (by kind)."""
         if self._idle is None:
             self._idle = asyncio.Queue()
             for w in self._workers:
@@ -109,7 +120,7 @@ class WorkerPool:
             raise
         self._idle.put_nowait(worker)
         if kind == "ok":
-            assert isinstance(value, Result)
+            assert isinstance(value, bytes)
             return value
         if kind == "rejected":
             raise FormatRejected(value)
@@ -141,30 +152,63 @@ class WorkerPool:
         self._workers.clear()
 
 
-def _serve(conn: Connection, storage: Storage, signers: Mapping[str, Signer]) -> None:
+def scratch_base(fallback: Path) -> Path:
+    """Where workers keep their scratch folders: memory-backed ``/dev/shm`` if usable."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else fallback
+
+
+def sign_small(signer: Signer, scratch: Path, serial: int, order: Order) -> bytes:
+    """Sign ``order`` with files in ``scratch`` only; returns the output."""
+    src, out, work = (scratch / f"{kind}-{serial}" for kind in ("in", "out", "work"))
+    src.write_bytes(order.data)
+    try:
+        if signer.uses_work_dir:
+            work.mkdir()
+        digests = {"sha256": hashlib.sha256(order.data)}
+        signer.sign(
+            SignRequest(input=src, output=out, filename=order.filename, work_dir=work, digests=digests)
+        )
+        try:
+            return out.read_bytes()
+        except FileNotFoundError:
+            raise SigningFailed(f"format '{order.fmt}' produced no output") from None
+    finally:
+        src.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve(
+    conn: Connection, server_ends: list[Connection], signers: Mapping[str, Signer], base: Path
+) -> None:
     """A worker's life: sign orders until the pipe closes."""
+    for end in server_ends:
+        end.close()
     # The server handles signals and stops us by closing the pipe; a Ctrl-C on the terminal
     # reaches the whole process group and must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    storage.indexing = False  # the server keeps the index; a worker only writes to disk
-    from .jobs import sign_job
-
-    while True:
-        try:
-            order = conn.recv()
-        except (EOFError, OSError):
-            os._exit(0)
-        try:
-            result = sign_job(storage, signers, order.fmt, order.sha1, (order.filename, order.data), None)
-            answer: tuple[str, Any] = ("ok", result)
-        except FormatRejected as e:
-            answer = ("rejected", str(e))
-        except (SigningFailed, OSError) as e:
-            answer = ("failed", str(e))
-        except Exception as e:  # never let one order take the worker down
-            answer = ("failed", f"internal error: {type(e).__name__}")
-        try:
-            conn.send(answer)
-        except (BrokenPipeError, OSError):
-            os._exit(0)
+    scratch = Path(tempfile.mkdtemp(prefix="sealbox-signer-", dir=base))
+    serial = itertools.count()
+    try:
+        while True:
+            try:
+                order = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                answer: tuple[str, Any] = ("ok", sign_small(signers[order.fmt], scratch, next(serial), order))
+            except FormatRejected as e:
+                answer = ("rejected", str(e))
+            except (SigningFailed, OSError) as e:
+                answer = ("failed", str(e))
+            except Exception as e:  # never let one order take the worker down
+                answer = ("failed", f"internal error: {type(e).__name__}")
+            try:
+                conn.send(answer)
+            except OSError:
+                return
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(0)  # no inherited finalizers (the server's connections, files) run here
