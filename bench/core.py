@@ -14,6 +14,7 @@ from bench._util import local_gpg, median_time, peak_rss_mib, random_file, table
 from sealbox.deploy.local import BIN, Deployment, start_server
 
 ENV = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
+THROUGHPUT_RUNS = 5
 
 
 def run() -> tuple[dict[str, Any], bool]:
@@ -62,17 +63,24 @@ def run() -> tuple[dict[str, Any], bool]:
                 3,
             )
 
-            many = tmp / "many"
-            many.mkdir()
-            for i in range(500):
-                random_file(many / f"f{i:03d}.bin", 1024)
-            t = time.perf_counter()
-            subprocess.run(
-                [str(BIN / "sealbox"), "sign", *base, "-j", "8", "-f", "gpg", str(many)],
-                check=True,
-                capture_output=True,
-            )
-            res["throughput_500x1k_j8_files_per_s"] = 500 / (time.perf_counter() - t)
+            # The VM's speed drifts by a third from minute to minute: several runs, each with
+            # fresh files (a file the server has seen is answered from its store), median kept.
+            rates = []
+            for run in range(THROUGHPUT_RUNS):
+                many = tmp / f"many{run}"
+                many.mkdir()
+                for i in range(500):
+                    random_file(many / f"f{i:03d}.bin", 1024)
+                t = time.perf_counter()
+                subprocess.run(
+                    [str(BIN / "sealbox"), "sign", *base, "-j", "8", "-f", "gpg", str(many)],
+                    check=True,
+                    capture_output=True,
+                )
+                rates.append(500 / (time.perf_counter() - t))
+            rates.sort()
+            res["throughput_500x1k_j8_runs"] = [round(r, 1) for r in rates]
+            res["throughput_500x1k_j8_files_per_s"] = rates[len(rates) // 2]
 
             big = random_file(tmp / "big.bin", 100 * 1024 * 1024)
             t = time.perf_counter()
@@ -111,7 +119,7 @@ def run() -> tuple[dict[str, Any], bool]:
             res["ours_cli_1k_s"] / res["signtool_1k_s"],
             "info",
         ),
-        ("500 x 1 KiB, -j 8 (files/s)", res["throughput_500x1k_j8_files_per_s"], ">= 200"),
+        ("500 x 1 KiB, -j 8 (files/s, median)", res["throughput_500x1k_j8_files_per_s"], ">= 200"),
         ("100 MiB end to end / local gpg", res["ours_100m_s"] / res["gpg_local_100m_s"], "<= 3"),
         ("server peak RSS, 1 GiB upload+sign (MiB)", res["server_peak_rss_1g_mib"], "< 150"),
     ]
@@ -130,8 +138,9 @@ def run() -> tuple[dict[str, Any], bool]:
                 ("sign 1 KiB, signtool 4.0.1", f"{res['signtool_1k_s'] * 1000:.1f} ms"),
                 ("sign 1 KiB, local `gpg --detach-sign`", f"{res['gpg_local_1k_s'] * 1000:.1f} ms"),
                 (
-                    "500 x 1 KiB, `sealbox sign -j 8`",
-                    f"{res['throughput_500x1k_j8_files_per_s']:.0f} files/s",
+                    f"500 x 1 KiB, `sealbox sign -j 8` (median of {THROUGHPUT_RUNS} runs; all runs)",
+                    f"{res['throughput_500x1k_j8_files_per_s']:.0f} files/s "
+                    f"({', '.join(f'{r:.0f}' for r in res['throughput_500x1k_j8_runs'])})",
                 ),
                 ("100 MiB end to end, sealbox", f"{res['ours_100m_s'] * 1000:.0f} ms"),
                 ("100 MiB, local `gpg --detach-sign`", f"{res['gpg_local_100m_s'] * 1000:.0f} ms"),

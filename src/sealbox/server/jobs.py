@@ -38,7 +38,9 @@ class _Job:
     sha1: str
     #: (filename, bytes) of an upload small enough to arrive in memory; the job stores it
     upload: tuple[str, bytes | bytearray] | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: resolved when the job is no longer pending (a future, not an event: waiting on it
+    #: needs no extra task per poll)
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class JobManager:
@@ -89,7 +91,7 @@ class JobManager:
         if job is None:
             return True
         try:
-            await asyncio.wait_for(job.done.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(job.done), timeout)
         except TimeoutError:
             return False
         return True
@@ -112,7 +114,7 @@ class JobManager:
             self.storage.add_failure(job.fmt, job.sha1, False, reason)
         finally:
             self._jobs.pop((job.fmt, job.sha1), None)
-            job.done.set()
+            job.done.set_result(None)
             log.info(
                 "job",
                 extra={
