@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -97,3 +99,39 @@ def test_inputs_keep_their_filename(tmp_path: Path, xattrs: bool) -> None:
     assert names == ([SHA] if xattrs else [SHA, f"{SHA}.fn"])
     st.drop_input(SHA)
     assert not st.has_input(SHA) and list((tmp_path / "unsigned").iterdir()) == []
+
+
+def test_small_jobs_live_in_the_small_store_and_survive_a_restart(tmp_path: Path) -> None:
+    st = Storage(tmp_path)
+    data, output = b"small input", b"signed small input"
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    found = st.add_small_job("mar", sha1, "u.mar", data, output, output_is_input=True)
+    assert found.path is None and found.body == output
+    assert list((tmp_path / "unsigned").iterdir()) == [] and not (tmp_path / "signed" / "mar").exists()
+    st.close()
+    st = Storage(tmp_path)
+    again = st.result("mar", sha1)
+    assert again is not None and again.body == output and again.digest == found.digest
+    assert st.has_input(sha1) and st.input_filename(sha1) == "u.mar"
+    assert st.small_input(sha1) == ("u.mar", data)
+    # The output is an input too, and signing it again with the same format gives it back.
+    assert st.small_input(found.digest) == ("u.mar", output)
+    identity = st.result("mar", found.digest)
+    assert identity is not None and identity.body == output
+    # Old rows go with the cleanup.
+    assert st.cleanup(max_age=-1) >= 4
+    assert st.result("mar", sha1) is None and not st.has_input(sha1)
+    st.close()
+
+
+def test_a_corrupt_small_input_is_never_used(tmp_path: Path) -> None:
+    st = Storage(tmp_path)
+    data = b"small input"
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    st.add_small_job("gpg", sha1, "f.bin", data, b"sig", output_is_input=False)
+    db = sqlite3.connect(tmp_path / "small.sqlite3")
+    db.execute("UPDATE inputs SET data = ? WHERE sha1 = ?", (b"tampered", sha1))
+    db.commit()
+    db.close()
+    assert st.small_input(sha1) is None and not st.has_input(sha1)  # dropped, to be uploaded again
+    st.close()
