@@ -29,6 +29,7 @@ from ..hashing import CHUNK, is_sha1_hex
 from ..keys.credentials import check_password
 from .jobs import TRANSIENT_FAILURE_TTL, JobManager
 from .storage import Result, Storage
+from .workers import MAX_ORDER_BYTES
 
 log = logging.getLogger("sealbox.http")
 
@@ -241,7 +242,7 @@ class _Upload:
     """``filedata`` as it arrives: SHA-1 and SHA-256 in the same pass, kept in memory while
     small and spooled to a temp file beyond ``SPOOL`` bytes, so memory stays bounded."""
 
-    SPOOL = 1024 * 1024
+    SPOOL = MAX_ORDER_BYTES  # what the signing workers take from memory
 
     def __init__(self, storage: Storage, limit: int) -> None:
         self.storage = storage

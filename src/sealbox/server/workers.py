@@ -63,7 +63,8 @@ class WorkerPool:
     def __init__(self, signers: Mapping[str, Signer], count: int, scratch: Path) -> None:
         self.formats = frozenset(fmt for fmt, s in signers.items() if s.in_process)
         self._workers: list[_Worker] = []
-        self._idle: asyncio.Queue[_Worker] | None = None
+        # Idle workers; None is put in once the last one is gone, to release every waiter.
+        self._idle: asyncio.Queue[_Worker | None] | None = None
         if not self.formats:
             return
         ctx = multiprocessing.get_context("fork")
@@ -92,6 +93,9 @@ class WorkerPool:
             for w in self._workers:
                 self._idle.put_nowait(w)
         worker = await self._idle.get()
+        if worker is None:
+            self._idle.put_nowait(None)  # for the next waiter
+            raise WorkerLost("no signing worker is left")
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
 
@@ -140,6 +144,8 @@ class WorkerPool:
             self._workers.remove(worker)
         worker.conn.close()
         worker.process.is_alive()  # reaps it if it is gone
+        if not self._workers and self._idle is not None:
+            self._idle.put_nowait(None)
 
     def close(self) -> None:
         """Let the workers exit (they stop when their pipe closes)."""
