@@ -16,6 +16,7 @@ other job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import logging
@@ -55,16 +56,23 @@ class _Worker:
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        #: answers still owed, in the order the orders were sent
+        self.owed: collections.deque[asyncio.Future[Any]] = collections.deque()
 
 
 class WorkerPool:
-    """``count`` forked workers; :meth:`run` signs an order in one of them."""
+    """``count`` forked workers; :meth:`run` signs an order in one of them.
+
+    Each worker has up to ``DEPTH`` orders in its pipe: when it finishes one, the next is
+    already there, so a busy worker is not put to sleep and woken for every order."""
+
+    DEPTH = 2
 
     def __init__(self, signers: Mapping[str, Signer], count: int, scratch: Path) -> None:
         self.formats = frozenset(fmt for fmt, s in signers.items() if s.in_process)
         self._workers: list[_Worker] = []
-        # Idle workers; None is put in once the last one is gone, to release every waiter.
-        self._idle: asyncio.Queue[_Worker | None] | None = None
+        self._reading = False
+        self._slot_free: asyncio.Event | None = None
         if not self.formats:
             return
         ctx = multiprocessing.get_context("fork")
@@ -87,42 +95,19 @@ class WorkerPool:
         return fmt in self.formats and size <= MAX_ORDER_BYTES and bool(self._workers)
 
     async def run(self, order: Order) -> bytes:
-        """Sign ``order`` in an idle worker; its output, or what the signer raised (by kind)."""
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for w in self._workers:
-                self._idle.put_nowait(w)
-        worker = await self._idle.get()
-        if worker is None:
-            self._idle.put_nowait(None)  # for the next waiter
-            raise WorkerLost("no signing worker is left")
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
-
-        def readable() -> None:
-            loop.remove_reader(worker.conn.fileno())
-            try:
-                answer.set_result(worker.conn.recv())
-            except (EOFError, OSError) as e:
-                answer.set_exception(WorkerLost(f"signing worker {worker.process.name} died: {e}"))
-
+        """Sign ``order`` in the least busy worker; its output, or what the signer raised."""
+        worker = await self._pick()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # A job that timed out no longer awaits its answer; a worker's death must not be
+        # reported as an exception nobody retrieved.
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             worker.conn.send(order)
-            loop.add_reader(worker.conn.fileno(), readable)
         except OSError as e:
-            self._retire(worker)
+            self._retire(worker, f"is gone: {e}")
             raise WorkerLost(f"signing worker {worker.process.name} is gone: {e}") from None
-        try:
-            kind, value = await asyncio.shield(answer)
-        except WorkerLost:
-            self._retire(worker)
-            raise
-        except asyncio.CancelledError:
-            # The job timed out or the server stops: the worker finishes this order, then
-            # comes back to the pool once its answer is read.
-            answer.add_done_callback(lambda f: self._back(worker, f))
-            raise
-        self._idle.put_nowait(worker)
+        worker.owed.append(answer)
+        kind, value = await asyncio.shield(answer)  # a timed-out job leaves the answer to the reader
         if kind == "ok":
             assert isinstance(value, bytes)
             return value
@@ -130,22 +115,51 @@ class WorkerPool:
             raise FormatRejected(value)
         raise SigningFailed(value)
 
-    def _back(self, worker: _Worker, answer: asyncio.Future[Any]) -> None:
-        if answer.exception() is not None:
-            self._retire(worker)
-        elif self._idle is not None:
-            self._idle.put_nowait(worker)
+    async def _pick(self) -> _Worker:
+        if not self._reading:
+            loop = asyncio.get_running_loop()
+            for w in self._workers:
+                loop.add_reader(w.conn.fileno(), self._answers, w)
+            self._slot_free = asyncio.Event()
+            self._reading = True
+        assert self._slot_free is not None
+        while True:
+            if not self._workers:
+                raise WorkerLost("no signing worker is left")
+            worker = min(self._workers, key=lambda w: len(w.owed))
+            if len(worker.owed) < self.DEPTH:
+                return worker
+            self._slot_free.clear()
+            await self._slot_free.wait()
 
-    def _retire(self, worker: _Worker) -> None:
+    def _answers(self, worker: _Worker) -> None:
+        """Reader callback: settle every answer the worker has written."""
+        try:
+            while worker.conn.poll():
+                answer = worker.conn.recv()
+                if worker.owed:
+                    worker.owed.popleft().set_result(answer)
+        except (EOFError, OSError) as e:
+            self._retire(worker, f"died: {e or type(e).__name__}")
+        if self._slot_free is not None:
+            self._slot_free.set()
+
+    def _retire(self, worker: _Worker, how: str) -> None:
+        if worker not in self._workers:
+            return
         log.error(
-            "signing worker gone", extra={"fields": {"event": "worker_gone", "worker": worker.process.name}}
+            "signing worker gone",
+            extra={"fields": {"event": "worker_gone", "worker": worker.process.name, "reason": how}},
         )
-        if worker in self._workers:
-            self._workers.remove(worker)
+        self._workers.remove(worker)
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
         worker.process.is_alive()  # reaps it if it is gone
-        if not self._workers and self._idle is not None:
-            self._idle.put_nowait(None)
+        while worker.owed:
+            worker.owed.popleft().set_exception(WorkerLost(f"signing worker {worker.process.name} {how}"))
+        if self._slot_free is not None:
+            self._slot_free.set()  # waiters look again (and fail over if none is left)
 
     def close(self) -> None:
         """Let the workers exit (they stop when their pipe closes)."""
