@@ -26,13 +26,15 @@ def _form(server: ServerProcess, data: bytes, name: str = "f.bin") -> dict[str, 
     }
 
 
-def _post(server: ServerProcess, data: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+def _post(
+    server: ServerProcess, data: bytes, headers: dict[str, str] | None = None, name: str = "f.bin"
+) -> httpx.Response:
     ctx = ssl.create_default_context(cafile=str(server.deployment.ca))
     with httpx.Client(verify=ctx, timeout=60) as c:
         return c.post(
             f"{server.server.url}/sign/gpg",
-            data=_form(server, data),
-            files={"filedata": ("f.bin", data)},
+            data=_form(server, data, name),
+            files={"filedata": (name, data)},
             headers=headers or {},
         )
 
@@ -146,3 +148,40 @@ def test_blocking_client_is_usable_from_many_threads(gpg_server: ServerProcess, 
     assert all(url == gpg_server.server.url for url, _ in results)
     assert time.monotonic() - started < 60
     assert all(f.with_name(f.name + ".asc").stat().st_size > 100 for f in files)
+
+
+def _get(server: ServerProcess, fmt: str, sha1: str) -> httpx.Response:
+    ctx = ssl.create_default_context(cafile=str(server.deployment.ca))
+    with httpx.Client(verify=ctx, timeout=90) as c:
+        for _ in range(10):  # long-polls; a job still running answers 404 + X-Pending
+            r = c.get(f"{server.server.url}/sign/{fmt}/{sha1}")
+            if "X-Pending" not in r.headers:
+                return r
+    return r
+
+
+def test_content_held_for_one_format_signs_in_others_without_upload(tmp_path: Path) -> None:
+    from sealbox.formats import signer_class
+    from sealbox.samples import pe
+
+    d = Deployment.create(tmp_path / "held", "dep", ["gpg", "sha2signcode", "widevine"])
+    sp = start_server(d)
+    try:
+        small = pe.write_pe(tmp_path)  # ~100 KiB: the worker path, kept as a row
+        big = pe.write_large_pe(tmp_path, size=1024 * 1024)  # the thread path, kept as a file
+        for src in (small, big):
+            data = src.read_bytes()
+            sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+            r = _post(sp, data, {"X-Sealbox-Wait": "30"}, src.name)  # uploaded for gpg only
+            assert r.status_code == 200, r.text
+            for fmt in ("widevine", "sha2signcode"):  # never uploaded for these
+                got = _get(sp, fmt, sha1)
+                assert got.status_code == 200, (fmt, got.status_code, got.headers)
+                suffix = ".sig" if fmt == "widevine" else ""
+                out = tmp_path / f"{src.stem}-{fmt}{suffix or '.exe'}"
+                out.write_bytes(got.content)
+                signer_class(fmt).verify(fmt, out, src if suffix else None, d.public)
+        uploads = [e for e in sp.log_lines() if e.get("method") == "POST" and e["path"].startswith("/sign/")]
+        assert len(uploads) == 2  # one upload per file, for gpg; the other formats needed none
+    finally:
+        sp.stop()
