@@ -145,3 +145,28 @@ def test_library_reports_progress(gpg_server: ServerProcess, tmp_path: Path, pay
     with gpg_server.client() as c:
         out = c.sign(payload, ["gpg"], progress=seen.append)
     assert out.ok and seen == [n]
+
+
+def test_small_form_round_trips_through_the_servers_parser() -> None:
+    import multipart
+
+    from sealbox.client.aio import _small_form
+
+    fields = {"sha1": "a" * 40, "filename": 'se"tup ü.exe', "token": "t!" * 40, "nonce": ""}
+    data = b"\r\n--not-the-boundary\r\n" + bytes(range(256)) * 4
+    content_type, body = _small_form(fields, 'se"tup ü.exe', data)
+    kind, options = multipart.parse_options_header(content_type)
+    assert kind == "multipart/form-data"
+    parts: dict[str, bytes] = {}
+    names: dict[str, str | None] = {}
+    with multipart.PushMultipartParser(options["boundary"], strict=True) as parser:
+        current = ""
+        for event in [*parser.parse(body), *parser.parse(b"")]:
+            if isinstance(event, multipart.MultipartSegment):
+                current = event.name
+                names[current] = event.filename
+                parts[current] = b""
+            elif event is not None:
+                parts[current] += bytes(event)
+    assert {k: v.decode() for k, v in parts.items() if k != "filedata"} == fields
+    assert parts["filedata"] == data and names["filedata"] == 'se"tup ü.exe'

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import random
+import secrets
 import shutil
 import ssl
 import time
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import multipart
 
 from ..errors import SealboxError
 from ..hashing import CHUNK, hash_file
@@ -57,6 +59,24 @@ def _write_atomic(dest: Path, data: bytes) -> None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _small_form(fields: dict[str, str], filename: str, data: bytes) -> tuple[str, bytes]:
+    """A multipart/form-data body in one piece: the fields, then ``filedata``."""
+    boundary = secrets.token_hex(16)
+    head = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    )
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="filedata"; '
+        f"filename={multipart.content_disposition_quote(filename)}\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return (
+        f"multipart/form-data; boundary={boundary}",
+        head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
+    )
 
 
 class ClientError(SealboxError):
@@ -353,12 +373,12 @@ class AsyncSigningClient:
 
     async def _receive(self, r: aiohttp.ClientResponse, dest: Path, expected: str) -> None:
         if r.content_length is not None and r.content_length <= SMALL_FILE:
-            # A small result is checked in memory and written by a thread: creating a file
-            # can take a millisecond, and this loop serves every other transfer meanwhile.
+            # A small result is checked in memory and written in one go. (Handing the write
+            # to a thread measured slower: the thread and this loop trade the GIL.)
             body = await r.read()
             if hashlib.sha1(body, usedforsecurity=False).hexdigest() != expected:
                 raise _Retry("downloaded result does not match its X-SHA1-Digest")
-            await asyncio.to_thread(_write_atomic, dest, body)
+            _write_atomic(dest, body)
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_beside(dest)
@@ -393,21 +413,24 @@ class AsyncSigningClient:
         if self.nonce_file is not None:
             with contextlib.suppress(OSError):
                 nonce = self.nonce_file.read_text()
+        fields = {"sha1": digest, "filename": source.name, "token": self.token, "nonce": nonce}
         with contextlib.ExitStack() as stack:
-            form = aiohttp.FormData(
-                {"sha1": digest, "filename": source.name, "token": self.token, "nonce": nonce}
-            )
-            filedata = data if data is not None else stack.enter_context(source.open("rb"))
-            form.add_field(
-                "filedata", filedata, filename=source.name, content_type="application/octet-stream"
-            )
-            writer = form()
-            body: Any = writer
-            headers = {"Content-Type": writer.content_type}
+            body: Any
             if data is not None:
-                # A small form goes out in one piece: one TLS record, not one per part line.
-                body = await writer.as_bytes()
-                headers[WAIT_HEADER] = str(int(UPLOAD_WAIT))
+                # A small form is built in one piece (one TLS record, not one per part line);
+                # aiohttp's FormData machinery cost ~0.7 ms of CPU per small file.
+                content_type, body = _small_form(fields, source.name, data)
+                headers = {"Content-Type": content_type, WAIT_HEADER: str(int(UPLOAD_WAIT))}
+            else:  # a big file is streamed from disk
+                form = aiohttp.FormData(fields)
+                form.add_field(
+                    "filedata",
+                    stack.enter_context(source.open("rb")),
+                    filename=source.name,
+                    content_type="application/octet-stream",
+                )
+                body = form()
+                headers = {"Content-Type": body.content_type}
             # Sending takes time proportional to the size; allow ~20 MB/s at worst.
             read = max(60.0, size / 20e6) + (UPLOAD_WAIT if data is not None else 0)
             async with self._http().post(
