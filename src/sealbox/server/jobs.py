@@ -91,7 +91,8 @@ class JobManager:
         if job is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(job.done), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(job.done)
         except TimeoutError:
             return False
         return True
@@ -134,7 +135,8 @@ class JobManager:
         reason = ""
         for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
             try:
-                result = await asyncio.wait_for(self._attempt(loop, job, digests), self.timeout)
+                async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
+                    result = await self._attempt(loop, job, digests)
                 self.storage.clear_failure(job.fmt, job.sha1)
                 return "signed", result.digest
             except FormatRejected as e:
