@@ -203,23 +203,16 @@ def _boundary(content_type: str) -> str | None:
 async def _parts(request: web.Request, boundary: str) -> AsyncGenerator[tuple[str, AsyncIterator[bytes]]]:
     """The form's parts as (name, body chunks), streamed; a part must be read before the next."""
     parser = multipart.PushMultipartParser(boundary, max_header_count=8, max_segment_count=16, strict=True)
-    pending: list[Any] = []  # parser events not consumed yet
-    stream = request.content.iter_any()
 
     async def events() -> AsyncIterator[Any]:
-        while True:
-            if pending:
-                yield pending.pop(0)
-                continue
-            chunk = await anext(stream, b"")
-            try:
-                pending.extend(parser.parse(chunk))
-            except multipart.MultipartError as e:
-                raise _Malformed(str(e)) from None
-            if not chunk and not pending:
-                if not parser.closed:
-                    raise _Malformed("the body ended before the final boundary")
-                return
+        try:
+            async for chunk in request.content.iter_any():
+                for event in parser.parse(chunk):
+                    yield event
+            for event in parser.parse(b""):  # the end: raises if the final boundary is missing
+                yield event
+        except multipart.MultipartError as e:
+            raise _Malformed(str(e)) from None
 
     source = events()
 

@@ -75,8 +75,9 @@ class JobManager:
     ) -> None:
         """Queue a job unless one is already pending for (fmt, sha1).
 
-        ``upload`` is a verified upload still in memory: the job writes it to the store
-        in its worker thread, so the event loop does no disk work for it."""
+        ``upload`` is (filename, bytes) of a verified upload still in memory: the job
+        stores it (a signing worker's job as a row, a thread's as a file), so the event loop
+        does no disk work for it."""
         if (fmt, sha1) in self._jobs:
             return
         job = _Job(fmt, sha1, upload)
@@ -179,7 +180,7 @@ def sign_job(
     upload: tuple[str, bytes | bytearray] | None,
     digests: Mapping[str, Any] | None,
 ) -> Result:
-    """Store or verify the input, sign it, publish the result (in a worker thread or process).
+    """Store or verify the input, sign it, publish the result as a file (in a worker thread).
 
     ``upload`` is (filename, bytes) of a verified upload still in memory; without it the
     input is read from the store and, without ``digests`` from its upload, re-hashed."""
@@ -226,8 +227,9 @@ def sign_job(
 
 
 def _remember_identity(storage: Storage, fmt: str, result: Result) -> None:
-    if storage.result(fmt, result.digest) is not None or result.path is None:
+    if storage.result(fmt, result.digest) is not None:
         return
+    assert result.path is not None
     copy = storage.temp_path("out")
     try:
         try:

@@ -31,6 +31,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -152,11 +153,15 @@ class Storage:
         return path
 
     def _write_atomic(self, path: Path, data: bytes | bytearray) -> None:
+        self._place(data, lambda tmp: os.replace(tmp, path))
+
+    def _place(self, data: bytes | bytearray, move: Callable[[Path], None]) -> None:
+        """Write ``data`` to a fresh temp file and ``move`` it into place; no leftover on failure."""
         tmp = self.temp_path()
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
-            os.replace(tmp, path)
+            move(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -183,14 +188,7 @@ class Storage:
 
     def add_input_bytes(self, sha1: str, filename: str, data: bytes | bytearray) -> None:
         """Store a verified upload that was small enough to stay in memory."""
-        tmp = self.temp_path()
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-            self._publish(tmp, self.unsigned / sha1, {"fn": filename})
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._place(data, lambda tmp: self._publish(tmp, self.unsigned / sha1, {"fn": filename}))
 
     def link_input(self, sha1: str, filename: str, src: Path) -> None:
         """Keep a copy of ``src`` as input ``sha1`` (used to remember outputs for chaining)."""
@@ -209,9 +207,6 @@ class Storage:
         (self.unsigned / f"{sha1}.fn").unlink(missing_ok=True)
 
     # -- results ------------------------------------------------------------------------------
-    def result_path(self, fmt: str, sha1: str) -> Path:
-        return self.signed / fmt / sha1
-
     def result(self, fmt: str, sha1: str) -> Result | None:
         """The result of (fmt, sha1) if it is there and whole; refreshes its age on disk."""
         key = (fmt, sha1)

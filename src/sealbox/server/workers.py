@@ -71,7 +71,8 @@ class WorkerPool:
     def __init__(self, signers: Mapping[str, Signer], count: int, scratch: Path) -> None:
         self.formats = frozenset(fmt for fmt, s in signers.items() if s.in_process)
         self._workers: list[_Worker] = []
-        self._reading = False
+        # Set when an answer frees a slot; created (and the readers added) on first use, in
+        # the event loop.
         self._slot_free: asyncio.Event | None = None
         if not self.formats:
             return
@@ -116,13 +117,11 @@ class WorkerPool:
         raise SigningFailed(value)
 
     async def _pick(self) -> _Worker:
-        if not self._reading:
+        if self._slot_free is None:
             loop = asyncio.get_running_loop()
             for w in self._workers:
                 loop.add_reader(w.conn.fileno(), self._answers, w)
             self._slot_free = asyncio.Event()
-            self._reading = True
-        assert self._slot_free is not None
         while True:
             if not self._workers:
                 raise WorkerLost("no signing worker is left")
@@ -152,7 +151,7 @@ class WorkerPool:
             extra={"fields": {"event": "worker_gone", "worker": worker.process.name, "reason": how}},
         )
         self._workers.remove(worker)
-        if self._reading:
+        if self._slot_free is not None:  # its reader was added
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
         worker.process.is_alive()  # reaps it if it is gone
