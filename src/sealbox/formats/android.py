@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -611,17 +611,7 @@ def _run_verifier(argv: list[str], work: Path) -> tuple[int, str]:
     tool = shutil.which(argv[0])
     if tool is None:
         raise VerificationFailed(f"{argv[0]} is not installed")
-    try:
-        res = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env=child_env(work, _CHILD_PATH),
-            timeout=300,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise VerificationFailed(f"{argv[0]} timed out") from None
+    res = run_verifier(argv, argv[0], 300, child_env(work, _CHILD_PATH))
     return res.returncode, (res.stdout + res.stderr).decode(errors="replace")
 
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -392,17 +392,7 @@ class AuthenticodeSigner(Signer):
         if (public_dir / TSA_CA_FILE).is_file():
             argv += ["-TSA-CAfile", str(public_dir / TSA_CA_FILE)]
         argv += ["-in", str(signed)]
-        try:
-            res = subprocess.run(
-                argv,
-                capture_output=True,
-                check=False,
-                timeout=120,
-                stdin=subprocess.DEVNULL,
-                env=child_env(signed.parent),
-            )
-        except subprocess.TimeoutExpired:
-            raise VerificationFailed("osslsigncode verify timed out") from None
+        res = run_verifier(argv, "osslsigncode verify", 120, child_env(signed.parent))
         text = res.stdout.decode(errors="replace") + "\n" + res.stderr.decode(errors="replace")
         ok = (
             res.returncode == 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, VerificationFailed
 from ..hashing import CHUNK
 from ..keys.store import UnlockedKey
 
@@ -83,6 +84,23 @@ class FormatSettings:
 def child_env(home: Path | str = "/nonexistent", path: str | None = None) -> dict[str, str]:
     """The whole environment a signing tool gets: nothing of ours (no secrets) leaks in."""
     return {"PATH": path or os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(home)}
+
+
+def run_verifier(
+    argv: Sequence[str], what: str, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run an independent verifier (output captured); one that hangs fails the verification."""
+    try:
+        return subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            env=dict(env) if env is not None else child_env(),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise VerificationFailed(f"{what} timed out") from None
 
 
 class Signer(ABC):

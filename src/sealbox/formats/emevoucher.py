@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -145,12 +144,7 @@ class EmeVoucherSigner(Signer):
                 "-out",
                 str(content),
             ]
-            try:
-                res = subprocess.run(
-                    cmd, capture_output=True, check=False, env=child_env(), timeout=SUBPROCESS_TIMEOUT
-                )
-            except subprocess.TimeoutExpired:
-                raise VerificationFailed("openssl cms -verify timed out") from None
+            res = run_verifier(cmd, "openssl cms -verify", SUBPROCESS_TIMEOUT)
             err = res.stderr.decode(errors="replace").strip().splitlines()
             if res.returncode != 0 or not any("Verification successful" in line for line in err):
                 raise VerificationFailed(f"openssl cms -verify (rc {res.returncode}): {_openssl_reason(err)}")

@@ -19,7 +19,6 @@ import hashlib
 import os
 import shutil
 import struct
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -437,16 +436,7 @@ class MarSigner(Signer):
         cli = _mar_cli()
         if cli is None:
             raise VerificationFailed("the 'mar' command (PyPI package mar) is not installed")
-        try:
-            res = subprocess.run(
-                [str(cli), "-v", str(signed), "-k", str(pub)],
-                capture_output=True,
-                check=False,
-                env=child_env(),
-                timeout=SUBPROCESS_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            raise VerificationFailed("mar -v timed out") from None
+        res = run_verifier([str(cli), "-v", str(signed), "-k", str(pub)], "mar -v", SUBPROCESS_TIMEOUT)
         out = res.stdout.decode(errors="replace").strip()
         if res.returncode != 0 or "Verification OK" not in out:
             raise VerificationFailed(

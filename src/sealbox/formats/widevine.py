@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -325,12 +324,7 @@ class WidevineSigner(Signer):
                 str(raw_path),
                 *PKEYUTL_OPTS,
             ]
-            try:
-                res = subprocess.run(
-                    cmd, capture_output=True, check=False, env=child_env(), timeout=SUBPROCESS_TIMEOUT
-                )
-            except subprocess.TimeoutExpired:
-                raise VerificationFailed("openssl pkeyutl -verify timed out") from None
+            res = run_verifier(cmd, "openssl pkeyutl -verify", SUBPROCESS_TIMEOUT)
         out = (res.stdout + res.stderr).decode(errors="replace").strip()
         if res.returncode != 0 or "Signature Verified Successfully" not in out:
             raise VerificationFailed(
