@@ -130,8 +130,10 @@ class Storage:
         if self.xattrs:
             try:
                 return os.getxattr(path, XATTR + name).decode("utf-8")
+            except FileNotFoundError:
+                return None  # no file, so no sidecar worth a second lookup (the common miss)
             except OSError:
-                pass  # absent: maybe written where attributes did not work
+                pass  # no attribute: maybe written where attributes did not work
         try:
             return path.with_name(f"{path.name}.{name}").read_text("utf-8")
         except OSError:
