@@ -3,6 +3,10 @@
 .venv/bin/python -m bench            # everything (about 3 minutes)
 .venv/bin/python -m bench core       # server/client/gpg figures only
 .venv/bin/python -m bench formats    # per-format figures only
+.venv/bin/python -m bench metrics    # small-file throughput with metrics on vs off
+.venv/bin/python -m bench haproxy    # small-file throughput through HAProxy vs direct
+.venv/bin/python -m bench hsm        # small-file gpg throughput, key in SoftHSM vs key file
+.venv/bin/python -m bench signlog    # small-file throughput with the signing log on vs off
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import core, formats
+from bench import core, formats, haproxy, hsm, metrics, signlog
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str]) -> int:
-    which = argv[1:] or ["core", "formats"]
+    which = argv[1:] or ["core", "formats", "metrics", "haproxy", "hsm", "signlog"]
     RESULTS.mkdir(exist_ok=True)
     out: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S")}
     ok = True
@@ -27,6 +31,18 @@ def main(argv: list[str]) -> int:
         out["core"], ok = res, ok and passed
     if "formats" in which:
         out["formats"] = formats.run()
+    if "metrics" in which:
+        res, passed = metrics.run()
+        out["metrics"], ok = res, ok and passed
+    if "haproxy" in which:
+        res, passed = haproxy.run()
+        out["haproxy"], ok = res, ok and passed
+    if "hsm" in which:
+        res, passed = hsm.run()
+        out["hsm"], ok = res, ok and passed
+    if "signlog" in which:
+        res, passed = signlog.run()
+        out["signlog"], ok = res, ok and passed
     (RESULTS / "latest.json").write_text(json.dumps(out, indent=2))
     print(f"\nraw figures: {RESULTS / 'latest.json'}")
     return 0 if ok else 1

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from sealbox.samples.android import write_apk, write_jar
-from sealbox.samples.macos import write_app_tarball
+from sealbox.samples.macos import write_app_tarball, write_macho
 from sealbox.samples.mar import write_mar
 from sealbox.samples.pe import launcher_path
 
@@ -79,3 +79,8 @@ def jar(extra_size: int = MIB) -> Maker:
 def app_tarball(directory: Path, i: int) -> Path:
     """The sample ``.app`` bundle as a tar.gz, named (and so hashed) differently per ``i``."""
     return write_app_tarball(directory, f"App{i}.tar.gz", app_name=f"Hello{i}")
+
+
+def macho(directory: Path, i: int) -> Path:
+    """ninja's universal executable, different bytes per ``i`` (in padding no signature covers)."""
+    return write_macho(directory, f"ninja{i}", variant=i + 1)

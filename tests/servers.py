@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from sealbox.deploy.local import BIN, Deployment, ServerProcess, free_port, start_server
@@ -13,10 +16,34 @@ __all__ = [
     "Deployment",
     "ServerProcess",
     "env_without_proxy",
+    "exec_image",
     "free_port",
     "gpg_verify",
+    "refusing_port",
     "start_server",
 ]
+
+
+def exec_image(
+    argv: str | bytes | Sequence[str | bytes], env: Mapping[str, str] | None
+) -> tuple[bytes, bytes]:
+    """A child's argv and environment as ``subprocess.Popen(argv, env=env)`` execs it, NUL-separated
+    like /proc/PID/cmdline and /proc/PID/environ: known for certain, even of a child that exits
+    before anyone could read /proc."""
+    args = [argv] if isinstance(argv, str | bytes) else argv
+    environ = os.environb if env is None else {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+    return b"".join(os.fsencode(a) + b"\0" for a in args), b"".join(
+        k + b"=" + v + b"\0" for k, v in environ.items()
+    )
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs: bound, so no other
+    process can take it meanwhile (as it could a port merely found free), but not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def gpg_verify(signature: Path, data: Path, public_key: Path) -> subprocess.CompletedProcess[bytes]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.servers import BIN, Deployment, ServerProcess, start_server
+
+
+def _until(done: Callable[[], bool], cap: float = 60) -> None:
+    deadline = time.monotonic() + cap
+    while not done():
+        assert time.monotonic() < deadline, f"still not so after {cap:g} s"
+        time.sleep(0.05)
 
 
 def test_wrong_passphrase_refuses_to_start(tmp_path: Path) -> None:
@@ -56,6 +67,8 @@ def test_invalid_config_value_is_named(tmp_path: Path) -> None:
 def test_passphrases_never_logged(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
     with gpg_server.client() as c:
         assert c.sign(payload, ["gpg"]).ok
+    # The request and job lines are written as the answers go out: wait for them, not on luck.
+    gpg_server.wait_log(lambda lines: {"request", "job"} <= {e.get("event") for e in lines})
     log = gpg_server.log.read_text()
     assert '"event":"request"' in log and '"event":"job"' in log
     for secret in gpg_server.deployment.passphrases().values():
@@ -87,20 +100,37 @@ def test_sigterm_finishes_in_flight_jobs(tmp_path: Path) -> None:
 
     import httpx
 
+    from sealbox.formats.android import DEFAULT_JAVA_OPTIONS
     from sealbox.samples.android import write_jar
 
     d = Deployment.create(tmp_path / "drain", "dep", ["jar"])
+    # The job's JVM (jarsigner) creates this file and waits at start-up until it is gone: the job
+    # is in flight for certain when SIGTERM comes, and ends only after the server saw it.
+    paused = tmp_path / "jvm-paused"
+    pause = ["-XX:+UnlockDiagnosticVMOptions", "-XX:+PauseAtStartup", f"-XX:PauseAtStartupFile={paused}"]
+    options = json.dumps([*DEFAULT_JAVA_OPTIONS, *pause])
+    d.config.write_text(
+        d.config.read_text().replace("[formats.jar]\n", f"[formats.jar]\njava_options = {options}\n")
+    )
     sp = start_server(d)
     jar = write_jar(tmp_path, "lib.jar", extra_size=4096)
     digest = hashlib.sha1(jar.read_bytes(), usedforsecurity=False).hexdigest()
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(d.ca))) as c:
-        r = c.post(
-            f"{sp.server.url}/sign/jar",
-            data={"sha1": digest, "filename": jar.name, "token": sp.token(), "nonce": ""},
-            files={"filedata": (jar.name, jar.read_bytes())},
-        )
-    assert r.status_code == 202
-    assert sp.stop() == 0  # SIGTERM right away: jarsigner takes most of a second, so the job is in flight
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(d.ca))) as c:
+            r = c.post(
+                f"{sp.server.url}/sign/jar",
+                data={"sha1": digest, "filename": jar.name, "token": sp.token(), "nonce": ""},
+                files={"filedata": (jar.name, jar.read_bytes())},
+            )
+        assert r.status_code == 202
+        _until(paused.exists)  # the job's JVM is running
+        sp.proc.send_signal(signal.SIGTERM)
+        sp.wait_log(lambda lines: any(e.get("event") == "stopping" for e in lines))
+        paused.unlink()  # the job may finish now
+        assert sp.proc.wait(60) == 0  # one SIGTERM: a second one would mean "do not wait"
+    finally:
+        paused.unlink(missing_ok=True)
+        sp.stop()
     events = [e.get("event") for e in sp.log_lines()]
     assert events.index("stopping") < events.index("job") < events.index("stopped")
     assert (d.root / "data" / "signed" / "jar" / digest).is_file()

@@ -96,7 +96,7 @@ def test_too_large_is_refused_before_reading(tmp_path: Path) -> None:
         # Announce 50 MB but send nothing: the answer must come from the headers alone.
         ctx = _ctx(d)
         with (
-            socket.create_connection(("127.0.0.1", sp.port), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", sp.port), timeout=60) as raw,
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
         ):
             tls.sendall(

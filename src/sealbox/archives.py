@@ -1,10 +1,13 @@
-"""Safe extraction and deterministic re-packing of tar and zip archives.
+"""Safe extraction, deterministic re-packing and in-place rewriting of tar and zip archives.
 
-Every format that opens an archive (and the task runner) goes through here. Extraction
-never trusts the archive:
+Every format that opens an archive (and the task runner) goes through here, under one set of
+rules and limits. Extraction never trusts the archive:
 
 * member names must be relative and clean: absolute paths, ``..`` components, NUL bytes
   and (in zips) backslashes are refused; ``./`` prefixes and ``.`` components are dropped;
+* member paths are bounded: at most :data:`MAX_DEPTH` components, :data:`MAX_PATH_BYTES`
+  bytes in all and 255 per component, so an extracted tree never nests deeper than the
+  tools (and Python's recursion) can walk, and its paths stay far below ``PATH_MAX``;
 * only regular files and directories are extracted. Hard links, device nodes, fifos and
   sockets are always refused. Symbolic links are refused too, unless the caller passes
   ``allow_symlinks=True`` (macOS bundles need them for frameworks); then a link must be
@@ -14,56 +17,89 @@ never trusts the archive:
   with ``O_NOFOLLOW | O_EXCL``) and ``..`` is only ever applied to real directories,
   no chain of such links can reach outside the folder;
 * duplicate members are refused (a later member could otherwise replace a link);
-* the member count and the total uncompressed size are bounded. The size is counted on
+* the member count and the total uncompressed size are bounded (defaults
+  :data:`DEFAULT_MAX_MEMBERS`, :data:`DEFAULT_MAX_TOTAL`; each format may set its own), and
+  past :data:`BOMB_MIN_SIZE` an archive may not unpack to more than :data:`MAX_RATIO` times
+  its own size (a decompression bomb). The size is counted on
   the bytes actually decompressed, never taken from headers, and for tarballs the
   decompressed stream itself is bounded too, so oversized headers cannot exhaust memory;
 * modes are reduced to ``0o755``/``0o644`` style permissions (no set-id, sticky or
   world-writable bits).
 
+Zips signed in place (JARs, APKs) are not extracted: :func:`zip_members` checks one under the
+same rules (names stricter still, as they are copied verbatim; sizes from the headers, which
+:func:`rewrite_zip` then holds every member to while it copies the compressed bytes unchanged).
+
 Every refusal raises :class:`~sealbox.errors.FormatRejected` with a one-line reason that
-names the member. Write errors that may not repeat (disk full) raise
-:class:`~sealbox.errors.SigningFailed`. The caller owns ``dest`` and removes it.
+names the member (ASCII-escaped and shortened: reasons travel in response headers). Bytes
+that do not parse as the archive they claim to be are refused the same way, whatever the
+parser raised for them. Write errors that may not repeat (disk full) raise
+:class:`~sealbox.errors.SigningFailed`. The caller owns ``dest`` and removes it (with
+:func:`sealbox.fsutil.remove_tree`).
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import datetime as dt
 import errno
 import gzip
 import io
+import itertools
 import lzma
 import os
+import re
 import stat
 import struct
 import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Literal
 
 from .errors import FormatRejected, SigningFailed
 
 __all__ = [
+    "BOMB_MIN_SIZE",
     "DEFAULT_MAX_MEMBERS",
     "DEFAULT_MAX_TOTAL",
+    "MAX_DEPTH",
+    "MAX_EDITED",
+    "MAX_PATH_BYTES",
+    "MAX_RATIO",
+    "PARSE_ERRORS",
     "Compression",
+    "Editor",
+    "ZipMember",
     "detect_tar_compression",
     "is_zip",
     "repack_tar",
     "repack_zip",
+    "rewrite_zip",
     "safe_extract_tar",
     "safe_extract_zip",
+    "zip_members",
 ]
 
 #: default bound on the total uncompressed size of one archive (4 GiB)
 DEFAULT_MAX_TOTAL = 4 * 1024**3
+#: past BOMB_MIN_SIZE, an archive unpacking to more than MAX_RATIO times its size is a bomb
+#: (code and resources compress a few times, not hundreds)
 MAX_RATIO = 200
 BOMB_MIN_SIZE = 64 * 1024**2
 #: default bound on the number of members of one archive
 DEFAULT_MAX_MEMBERS = 50_000
+#: bound on the components of a member's path (deep bundles nest a few dozen)
+MAX_DEPTH = 128
+#: bound on a member's path in UTF-8 bytes (macOS's own PATH_MAX; Linux allows 4096)
+MAX_PATH_BYTES = 1024
+MAX_NAME_BYTES = 255
+_SHOWN = 80  # characters of a member name quoted in a reason
+_MAX_MTIME = 1 << 34  # year 2514: later times are not worth keeping
 
 Compression = Literal["gz", "bz2", "xz", ""]
 
@@ -116,37 +152,61 @@ def is_zip(path: Path) -> bool:
 # -- member names and links --------------------------------------------------------------
 
 
+def shown(name: str | PurePosixPath) -> str:
+    """``name`` quoted for a one-line reason: ASCII only (control and non-ASCII characters
+    escaped), at most :data:`_SHOWN` characters of it, with the full length when cut."""
+    text = str(name)
+    if len(text) <= _SHOWN:
+        return ascii(text)
+    return f"{text[:_SHOWN]!a}... ({len(text)} characters)"
+
+
 def _clean_name(raw: str, what: str) -> PurePosixPath | None:
     """The member's relative path, None for the archive root itself (``.`` or ``./``)."""
     if not raw or "\x00" in raw:
         raise FormatRejected(f"{what} has an empty or NUL-containing name")
     if raw.startswith("/"):
-        raise FormatRejected(f"{what} {raw!r}: absolute paths are not allowed")
+        raise FormatRejected(f"{what} {shown(raw)}: absolute paths are not allowed")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise FormatRejected(f"{what} {raw!r}: '..' in member names is not allowed")
+        raise FormatRejected(f"{what} {shown(raw)}: '..' in member names is not allowed")
     if not parts:
         return None
+    _check_path(parts, raw, what)
     return PurePosixPath(*parts)
 
 
+def _check_path(parts: list[str], raw: str, what: str) -> None:
+    """Bound nesting and length before anything is created (depth first: it names the attack)."""
+    if len(parts) > MAX_DEPTH:
+        raise FormatRejected(f"{what} {shown(raw)} is nested {len(parts)} levels deep (at most {MAX_DEPTH})")
+    size = len(os.fsencode("/".join(parts)))
+    if size > MAX_PATH_BYTES:
+        raise FormatRejected(f"{what} {shown(raw)}: path is {size} bytes long (at most {MAX_PATH_BYTES})")
+    if size > MAX_NAME_BYTES and any(len(os.fsencode(p)) > MAX_NAME_BYTES for p in parts):
+        raise FormatRejected(f"{what} {shown(raw)}: a name in its path is over {MAX_NAME_BYTES} bytes")
+
+
 def _check_symlink(rel: PurePosixPath, target: str, what: str) -> None:
+    name = shown(rel)
     if not target or "\x00" in target:
-        raise FormatRejected(f"{what} {str(rel)!r}: empty symbolic link target")
+        raise FormatRejected(f"{what} {name}: empty symbolic link target")
+    if len(os.fsencode(target)) > MAX_PATH_BYTES:
+        raise FormatRejected(f"{what} {name}: symbolic link target over {MAX_PATH_BYTES} bytes")
     if target.startswith("/"):
-        raise FormatRejected(f"{what} {str(rel)!r}: symbolic link to an absolute path {target!r}")
+        raise FormatRejected(f"{what} {name}: symbolic link to an absolute path {shown(target)}")
     parts = [p for p in target.split("/") if p not in ("", ".")]
     ups = 0
     for i, p in enumerate(parts):
         if p != "..":
             if ".." in parts[i:]:
                 raise FormatRejected(
-                    f"{what} {str(rel)!r}: symbolic link target {target!r} has '..' after a name"
+                    f"{what} {name}: symbolic link target {shown(target)} has '..' after a name"
                 )
             break
         ups += 1
     if ups > len(rel.parts) - 1:
-        raise FormatRejected(f"{what} {str(rel)!r}: symbolic link {target!r} points outside the archive")
+        raise FormatRejected(f"{what} {name}: symbolic link {shown(target)} points outside the archive")
 
 
 class _Writer:
@@ -163,13 +223,16 @@ class _Writer:
         self.names: list[str] = []
         self._seen: set[PurePosixPath] = set()
         self._dirs: list[tuple[Path, int, float | None]] = []
+        # Folders known to be real: nothing replaces a member once made (links and files are
+        # created exclusively, folders never removed), so each is checked once, not per member.
+        self._real: set[PurePosixPath] = {PurePosixPath()}
         dest.mkdir(parents=True, exist_ok=True)
 
     def _count_member(self, rel: PurePosixPath, is_dir: bool) -> None:
         if rel in self._seen:
             if is_dir and (self.dest / rel).is_dir() and not (self.dest / rel).is_symlink():
                 return
-            raise FormatRejected(f"{self.kind} member {str(rel)!r} appears twice")
+            raise FormatRejected(f"{self.kind} member {shown(rel)} appears twice")
         self._seen.add(rel)
         self.names.append(str(rel))
         if len(self.names) > self.max_members:
@@ -177,17 +240,22 @@ class _Writer:
 
     def _parent(self, rel: PurePosixPath) -> Path:
         """Make (or check) the real directories leading to ``rel``; never through a link."""
-        current = self.dest
+        if rel.parent in self._real:
+            return self.dest / rel.parent
+        current, sofar = self.dest, PurePosixPath()
         for part in rel.parts[:-1]:
-            current = current / part
+            current, sofar = current / part, sofar / part
+            if sofar in self._real:
+                continue
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 os.mkdir(current, 0o755)
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
-                raise FormatRejected(f"{self.kind} member {str(rel)!r} lies under {kind}")
+            else:
+                if not stat.S_ISDIR(st.st_mode):
+                    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+                    raise FormatRejected(f"{self.kind} member {shown(rel)} lies under {kind}")
+            self._real.add(sofar)
         return current
 
     def directory(self, rel: PurePosixPath, mode: int, mtime: float | None) -> None:
@@ -200,8 +268,9 @@ class _Writer:
             os.mkdir(path, 0o755)
         else:
             if not stat.S_ISDIR(st.st_mode):
-                raise FormatRejected(f"{self.kind} directory {str(rel)!r} clashes with another member")
-        self._dirs.append((path, (mode & _FILE_MODE_MASK) | 0o700, mtime))
+                raise FormatRejected(f"{self.kind} directory {shown(rel)} clashes with another member")
+        self._real.add(rel)
+        self._dirs.append((path, (mode & _FILE_MODE_MASK) | 0o700, _mtime(mtime)))
 
     def file(self, rel: PurePosixPath, src: IO[bytes], mode: int, mtime: float | None) -> None:
         self._count_member(rel, False)
@@ -210,23 +279,24 @@ class _Writer:
         try:
             fd = os.open(path, flags, 0o600)
         except FileExistsError:
-            raise FormatRejected(f"{self.kind} member {str(rel)!r} clashes with another member") from None
+            raise FormatRejected(f"{self.kind} member {shown(rel)} clashes with another member") from None
         with os.fdopen(fd, "wb") as out:
             while chunk := src.read(_CHUNK):
                 self.total += len(chunk)
                 if self.total > self.max_total:
                     raise FormatRejected(
-                        f"{self.kind} unpacks to more than {self.max_total} bytes (at member {str(rel)!r})"
+                        f"{self.kind} unpacks to more than {self.max_total} bytes (at member {shown(rel)})"
                     )
                 if self.total > self.ratio_limit:
                     raise FormatRejected(
-                        f"{self.kind} unpacks to over {MAX_RATIO} times its size (at member {str(rel)!r}): "
+                        f"{self.kind} unpacks to over {MAX_RATIO} times its size (at member {shown(rel)}): "
                         "a decompression bomb"
                     )
                 out.write(chunk)
-        os.chmod(path, (mode & _FILE_MODE_MASK) | 0o600)
-        if mtime is not None:
-            os.utime(path, (mtime, mtime))
+            out.flush()  # before the time is set; by descriptor: no path lookups per member
+            os.fchmod(fd, (mode & _FILE_MODE_MASK) | 0o600)
+            if (when := _mtime(mtime)) is not None:
+                os.utime(fd, (when, when))
 
     def symlink(self, rel: PurePosixPath, target: str) -> None:
         self._count_member(rel, False)
@@ -234,7 +304,7 @@ class _Writer:
         try:
             os.symlink(target, parent / rel.name)
         except FileExistsError:
-            raise FormatRejected(f"{self.kind} member {str(rel)!r} clashes with another member") from None
+            raise FormatRejected(f"{self.kind} member {shown(rel)} clashes with another member") from None
 
     def finish(self) -> list[str]:
         for path, mode, mtime in reversed(self._dirs):
@@ -244,7 +314,39 @@ class _Writer:
         return self.names
 
 
+#: what the parsers (tarfile, zipfile, the decompressors, struct) raise for bytes that are not
+#: the archive they claim to be; OSError is told apart by :func:`_os_error`
+PARSE_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    ValueError,  # also UnicodeDecodeError (names), gzip.BadGzipFile is an OSError
+    NotImplementedError,  # e.g. an unsupported zip compression method
+)
+
+
+def _malformed(kind: str, e: BaseException) -> FormatRejected:
+    text = str(e) or type(e).__name__
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return FormatRejected(f"input is not a valid {kind}: {ascii(text)[1:-1]}")
+
+
+def _mtime(value: float | None) -> float | None:
+    """A member's time if the system can set it (headers may hold anything, even NaN)."""
+    if value is None or not 0 <= value < _MAX_MTIME:  # NaN fails both comparisons
+        return None
+    return float(value)
+
+
 def _os_error(kind: str, e: OSError) -> Exception:
+    """A refusal for what the archive's bytes caused, else a failure that may not repeat."""
+    if isinstance(e, gzip.BadGzipFile) or e.errno is None:  # bad data, not a system error (bz2 has no errno)
+        return _malformed(kind, e)
     if e.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.ELOOP):
         return FormatRejected(f"{kind}: cannot create a member: {e.strerror}")
     return SigningFailed(f"{kind}: cannot extract: {e.strerror or e}")
@@ -311,13 +413,11 @@ def safe_extract_tar(
                 pass
     except _Oversized:
         raise FormatRejected(f"tarball unpacks to more than {stream_limit} bytes") from None
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error) as e:
-        raise FormatRejected(f"input is not a valid tarball: {e or type(e).__name__}") from None
+    except PARSE_ERRORS as e:
+        raise _malformed("tarball", e) from None
     except OSError as e:
         if isinstance(e, FileNotFoundError) and not path.exists():
             raise SigningFailed(f"input {path.name} disappeared") from None
-        if compression == "bz2" and e.errno is None:  # bz2 reports corrupt data as a bare OSError
-            raise FormatRejected(f"input is not a valid tarball: {e}") from None
         raise _os_error("tarball", e) from None
     return writer.finish()
 
@@ -329,9 +429,9 @@ def _extract_tar_members(tf: tarfile.TarFile, writer: _Writer, allow_symlinks: b
         rel = _clean_name(member.name, "tarball member")
         if rel is None:
             if not member.isdir():
-                raise FormatRejected(f"tarball member {member.name!r} is not a directory")
+                raise FormatRejected(f"tarball member {shown(member.name)} is not a directory")
             continue
-        what = f"tarball member {str(rel)!r}"
+        what = f"tarball member {shown(rel)}"
         if member.isdir():
             writer.directory(rel, member.mode, member.mtime)
         elif member.isreg():
@@ -417,7 +517,7 @@ def _add_tar_member(tf: tarfile.TarFile, name: str, p: Path) -> None:
         with p.open("rb") as f:
             tf.addfile(info, f)
     else:
-        raise SigningFailed(f"cannot pack {name!r}: not a file, folder or symbolic link")
+        raise SigningFailed(f"cannot pack {shown(name)}: not a file, folder or symbolic link")
 
 
 # -- zip -------------------------------------------------------------------------------
@@ -445,23 +545,23 @@ def safe_extract_zip(
     declared = _zip_declared_count(path)
     if declared is not None and declared > max_members:
         raise FormatRejected(f"zip has more than {max_members} members ({declared})")
-    writer = _Writer(dest, max_total, max_members, "zip", path.stat().st_size)
+    size = path.stat().st_size
+    writer = _Writer(dest, max_total, max_members, "zip", size)
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             if len(infos) > max_members:
                 raise FormatRejected(f"zip has more than {max_members} members")
             for info in infos:
+                # zipfile trusts the directory's offsets (a negative one fails as EINVAL)
+                if not 0 <= info.header_offset <= size - 30:
+                    raise FormatRejected(
+                        f"input is not a valid zip: member {shown(info.filename)} starts at offset "
+                        f"{info.header_offset}, outside the {size}-byte file"
+                    )
                 _extract_zip_member(zf, info, writer, allow_symlinks)
-    except (
-        zipfile.BadZipFile,
-        zipfile.LargeZipFile,
-        EOFError,
-        zlib.error,
-        lzma.LZMAError,
-        NotImplementedError,
-    ) as e:
-        raise FormatRejected(f"input is not a valid zip: {e or type(e).__name__}") from None
+    except PARSE_ERRORS as e:
+        raise _malformed("zip", e) from None
     except OSError as e:
         raise _os_error("zip", e) from None
     return writer.finish()
@@ -469,7 +569,8 @@ def safe_extract_zip(
 
 def _zip_declared_count(path: Path) -> int | None:
     """The member count the end-of-central-directory record declares, read before
-    :mod:`zipfile` loads the whole central directory into memory (None if not found)."""
+    :mod:`zipfile` loads the whole central directory into memory (None if not found).
+    Refuses a record whose central directory cannot lie before it."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -480,6 +581,12 @@ def _zip_declared_count(path: Path) -> int | None:
             if at < 0 or len(tail) < at + 22:
                 return None
             count: int = struct.unpack_from("<H", tail, at + 10)[0]
+            dir_size, dir_offset = struct.unpack_from("<II", tail, at + 12)
+            if dir_offset != 0xFFFFFFFF and dir_offset + dir_size > start + at:  # not zip64
+                raise FormatRejected(
+                    f"input is not a valid zip: its central directory (offset {dir_offset}, "
+                    f"{dir_size} bytes) would end past its end record at offset {start + at}"
+                )
             if count != 0xFFFF or at < 20 or tail[at - 20 : at - 16] != b"PK\x06\x07":
                 return count
             # zip64: the locator just before the record gives the zip64 end record's offset
@@ -498,13 +605,13 @@ def _extract_zip_member(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, writer: _Writer, allow_symlinks: bool
 ) -> None:
     if "\\" in info.filename:
-        raise FormatRejected(f"zip member {info.filename!r}: backslashes in names are not allowed")
+        raise FormatRejected(f"zip member {shown(info.filename)}: backslashes in names are not allowed")
     rel = _clean_name(info.filename, "zip member")
     if rel is None:
         if not info.is_dir():
-            raise FormatRejected(f"zip member {info.filename!r} is not a directory")
+            raise FormatRejected(f"zip member {shown(info.filename)} is not a directory")
         return
-    what = f"zip member {str(rel)!r}"
+    what = f"zip member {shown(rel)}"
     if info.flag_bits & 0x1:
         raise FormatRejected(f"{what} is encrypted")
     ftype = _zip_type(info)
@@ -565,7 +672,7 @@ def repack_zip(src_dir: Path, out_path: Path, names: list[str] | None = None) ->
                         while chunk := src.read(_CHUNK):
                             dst.write(chunk)
                 else:
-                    raise SigningFailed(f"cannot pack {name!r}: not a file, folder or symbolic link")
+                    raise SigningFailed(f"cannot pack {shown(name)}: not a file, folder or symbolic link")
     except OSError as e:
         raise SigningFailed(f"cannot write {out_path.name}: {e.strerror or e}") from None
 
@@ -573,3 +680,289 @@ def repack_zip(src_dir: Path, out_path: Path, names: list[str] | None = None) ->
 def _zip_date(mtime: float) -> tuple[int, int, int, int, int, int]:
     t = time.localtime(max(mtime, 315532800))  # zip dates start in 1980
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+# -- zip rewrite: members copied, never extracted ---------------------------------------
+
+#: bound on a member read whole to be edited by :func:`rewrite_zip` (a manifest)
+MAX_EDITED = 64 * 1024**2
+#: an edit of a member's plain bytes: the new bytes, or None to copy the member unchanged
+Editor = Callable[[bytes], bytes | None]
+_U32 = 0xFFFFFFFF
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """A member of a zip checked by :func:`zip_members`, as :func:`rewrite_zip` copies it."""
+
+    info: zipfile.ZipInfo
+    #: the name as stored (the rewrite keeps it byte for byte)
+    raw_name: bytes
+
+    @property
+    def name(self) -> str:
+        return self.info.orig_filename
+
+    @property
+    def is_dir(self) -> bool:
+        return self.name.endswith("/")
+
+
+@contextlib.contextmanager
+def _zip_refusals() -> Iterator[None]:
+    """Whatever reading a malformed zip raises becomes a refusal saying so; an I/O error that
+    is not about the bytes stays a failure that may not repeat."""
+    try:
+        yield
+    except PARSE_ERRORS as e:
+        raise _malformed("zip", e) from None
+    except OSError as e:
+        if e.errno is None:
+            raise _malformed("zip", e) from None
+        if e.errno in (errno.EINVAL, errno.EOVERFLOW):  # a seek to an offset read from the archive
+            raise FormatRejected("input is not a valid zip: an offset lies outside the file") from None
+        raise SigningFailed(f"zip: cannot rewrite: {e.strerror or e}") from None
+
+
+def zip_members(
+    path: Path, *, max_members: int = DEFAULT_MAX_MEMBERS, max_total: int = DEFAULT_MAX_TOTAL
+) -> list[ZipMember]:
+    """Check a zip whose members :func:`rewrite_zip` will copy as they are; its members in order.
+
+    The rules of this module, from the headers: names (stricter: no ``.`` or empty components,
+    drive letters, control characters or backslashes, since they are copied verbatim; depth and
+    length bounded), no duplicates, encryption, links or other special files, only stored or
+    deflated members, the member count, the declared total and its ratio to the archive's size
+    bounded, no two members sharing bytes. The rewrite then holds each member to its headers."""
+    with _zip_refusals():
+        declared = _zip_declared_count(path)  # before zipfile loads the whole directory
+        if declared is not None and declared > max_members:
+            raise FormatRejected(f"zip has {declared} members, more than the limit of {max_members}")
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+        members = _check_copied_members(infos, size, max_members, max_total)
+        _check_no_overlap(members)
+        return members
+
+
+def _check_copied_members(
+    infos: list[zipfile.ZipInfo], size: int, max_members: int, max_total: int
+) -> list[ZipMember]:
+    if not infos:
+        raise FormatRejected("empty zip archive: nothing to sign")
+    if len(infos) > max_members:
+        raise FormatRejected(f"zip has {len(infos)} members, more than the limit of {max_members}")
+    bomb_at = max(BOMB_MIN_SIZE, MAX_RATIO * size)
+    seen: set[str] = set()
+    total = 0
+    members: list[ZipMember] = []
+    for info in infos:
+        name = info.orig_filename
+        # zipfile trusts the directory's offsets
+        if not 0 <= info.header_offset <= size - 30:
+            raise FormatRejected(
+                f"input is not a valid zip: member {shown(name)} starts at offset "
+                f"{info.header_offset}, outside the {size}-byte file"
+            )
+        _check_copied_name(name)
+        if name in seen:
+            raise FormatRejected(f"duplicate member {shown(name)}")
+        seen.add(name)
+        _check_copied_entry(info)
+        total += info.file_size
+        if total > max_total:
+            raise FormatRejected(
+                f"member {shown(name)} makes the archive expand beyond {max_total} bytes (zip bomb?)"
+            )
+        if total > bomb_at:
+            raise FormatRejected(
+                f"member {shown(name)} expands the archive to over {MAX_RATIO} times its size: a zip bomb"
+            )
+        members.append(ZipMember(info, name.encode("utf-8" if info.flag_bits & 0x800 else "cp437")))
+    return members
+
+
+def _check_copied_name(name: str) -> None:
+    why = None
+    parts = name.split("/")
+    if parts[-1] == "":
+        parts = parts[:-1]  # a directory entry
+    if not name:
+        why = "empty member name"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        why = "control character in member name"
+    elif "\\" in name:
+        why = "backslash in member name"
+    elif name.startswith("/") or _DRIVE.match(name):
+        why = "absolute member path"
+    elif any(part in ("", ".", "..") for part in parts):
+        why = "'.', '..' or empty path component"
+    if why:
+        raise FormatRejected(f"unsafe member {shown(name)}: {why}")
+    _check_path(parts, name, "zip member")
+
+
+def _check_copied_entry(info: zipfile.ZipInfo) -> None:
+    name = shown(info.orig_filename)
+    if info.flag_bits & 0x41:
+        raise FormatRejected(f"member {name} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise FormatRejected(f"member {name} uses unsupported compression method {info.compress_type}")
+    ftype = _zip_type(info)
+    if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise FormatRejected(
+            f"member {name} is {'a symlink' if ftype == stat.S_IFLNK else 'not a regular file'}"
+        )
+    if info.orig_filename.endswith("/") and info.file_size:
+        raise FormatRejected(f"directory member {name} has content")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        raise FormatRejected(f"stored member {name} has inconsistent sizes")
+
+
+def _check_no_overlap(members: list[ZipMember]) -> None:
+    """Entries must not share bytes (overlapping entries are the classic zip bomb trick)."""
+    spans = sorted(
+        (m.info.header_offset, m.info.header_offset + 30 + len(m.raw_name) + m.info.compress_size, m.name)
+        for m in members
+    )
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            raise FormatRejected(f"members {shown(name)} and {shown(other)} overlap")
+
+
+def rewrite_zip(
+    src: Path,
+    dest: Path,
+    members: Sequence[ZipMember],
+    *,
+    drop: Callable[[str], object] = lambda name: False,
+    edit: Callable[[str], Editor | None] = lambda name: None,
+) -> None:
+    """Write ``members`` of the zip ``src`` (as :func:`zip_members` gave them) to ``dest``.
+
+    Each member's compressed bytes are copied unchanged and checked on the way: its local
+    header agrees with the central directory, it is not truncated, a deflate stream ends where
+    the entry does and never inflates past the declared size, size and CRC are as declared.
+    Extra fields, comments, data descriptors and prepended data are not copied. Members for
+    which ``drop(name)`` is true are checked and left out; ``edit(name)`` may give an
+    :data:`Editor` for a member, called with its plain bytes (at most :data:`MAX_EDITED`),
+    whose result is written with the member's compression method. An output that would need
+    zip64 (over 4 GiB or 65535 members) is refused."""
+    with _zip_refusals():
+        size = src.stat().st_size
+        with src.open("rb") as f, dest.open("wb") as out:
+            writer = _ZipCopier(out)
+            for m in members:
+                info = m.info
+                chunks = _member_chunks(f, m, size)
+                if drop(m.name):
+                    for _ in chunks:
+                        pass
+                    continue
+                editor = edit(m.name)
+                if editor is None:
+                    writer.add(m, info.CRC, info.compress_type, info.compress_size, info.file_size, chunks)
+                    continue
+                if info.file_size > MAX_EDITED:
+                    raise FormatRejected(f"member {shown(m.name)} is larger than {MAX_EDITED} bytes")
+                raw = b"".join(chunks)
+                plain = zlib.decompress(raw, -15) if info.compress_type else raw
+                new = editor(plain)
+                if new is None:
+                    writer.add(m, info.CRC, info.compress_type, len(raw), len(plain), [raw])
+                else:
+                    data = _deflate(new) if info.compress_type else new
+                    writer.add(m, zlib.crc32(new), info.compress_type, len(data), len(new), [data])
+            writer.finish()
+
+
+class _ZipCopier:
+    """Writes members without extra fields, comments or data descriptors (no zip64)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._central: list[bytes] = []
+
+    def add(
+        self, m: ZipMember, crc: int, method: int, csize: int, usize: int, chunks: Iterable[bytes]
+    ) -> None:
+        offset = self._f.tell()
+        if offset + 30 + len(m.raw_name) + csize > _U32 or len(self._central) >= 0xFFFF:
+            raise FormatRejected("archive too large to sign (zip64 output is not supported)")
+        y, mo, d, h, mi, s = m.info.date_time
+        dos_date = ((max(y, 1980) - 1980) << 9) | (mo << 5) | d
+        dos_time = (h << 11) | (mi << 5) | (s // 2)
+        flags = m.info.flag_bits & 0x800
+        common = struct.pack(
+            "<HHHHIIIH", flags, method, dos_time, dos_date, crc, csize, usize, len(m.raw_name)
+        )
+        self._f.write(b"PK\x03\x04" + struct.pack("<H", 20) + common + struct.pack("<H", 0) + m.raw_name)
+        for chunk in chunks:
+            self._f.write(chunk)
+        external = 0x10 if m.is_dir else 0
+        self._central.append(
+            b"PK\x01\x02"
+            + struct.pack("<HH", 20, 20)
+            + common
+            + struct.pack("<HHHHII", 0, 0, 0, 0, external, offset)
+            + m.raw_name
+        )
+
+    def finish(self) -> None:
+        start = self._f.tell()
+        for entry in self._central:
+            self._f.write(entry)
+        size = self._f.tell() - start
+        n = len(self._central)
+        self._f.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, n, n, size, start, 0))
+
+
+def _member_chunks(src: IO[bytes], m: ZipMember, file_size: int) -> Iterator[bytes]:
+    """Yield the compressed bytes of ``m`` while checking its local header, size bound and CRC;
+    the final checks run when the generator is exhausted, so always consume it fully."""
+    info, name = m.info, shown(m.name)
+    src.seek(info.header_offset)
+    head = src.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise FormatRejected(f"member {name}: bad local header")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    if src.read(name_len) != m.raw_name:
+        raise FormatRejected(f"member {name}: local and central names differ")
+    data_start = info.header_offset + 30 + name_len + extra_len
+    if data_start + info.compress_size > file_size:
+        raise FormatRejected(f"member {name} is truncated")
+    crc, produced, left, pos = 0, 0, info.compress_size, data_start
+    inflater = zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
+    while left:
+        src.seek(pos)  # the consumer may share the file position
+        chunk = src.read(min(_CHUNK, left))
+        if not chunk:
+            raise FormatRejected(f"member {name} is truncated")
+        left -= len(chunk)
+        pos += len(chunk)
+        if inflater is None:
+            plain = chunk
+        else:
+            try:
+                # never expand past the declared size (+1 to notice a lie)
+                plain = inflater.decompress(chunk, info.file_size - produced + 1)
+            except zlib.error as e:
+                raise FormatRejected(f"member {name}: corrupt deflate data ({e})") from None
+        produced += len(plain)
+        if produced > info.file_size or (inflater is not None and inflater.unconsumed_tail):
+            raise FormatRejected(f"member {name} expands beyond its declared size")
+        crc = zlib.crc32(plain, crc)
+        yield chunk
+    if inflater is not None and (not inflater.eof or inflater.unused_data):
+        raise FormatRejected(f"member {name}: deflate stream does not end where the entry does")
+    if produced != info.file_size:
+        raise FormatRejected(f"member {name}: size mismatch ({produced} != {info.file_size})")
+    if crc != info.CRC:
+        raise FormatRejected(f"member {name}: CRC mismatch")
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()

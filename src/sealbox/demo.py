@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from .errors import SealboxError
 from .formats import all_formats, signer_class
 
 LEVELS = ("dep", "nightly", "release")
+#: levels whose deployment keeps its keys in an HSM, as production would
+HSM_LEVELS = ("release",)
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
@@ -62,12 +65,16 @@ def _inputs() -> dict[str, Callable[[Path], Path]]:
         "mar_sha384": lambda d: mar.write_mar(
             d, "update384.mar", channel="firefox-mozilla-release", size=256 * 1024
         ),
-        "jar": android.write_apk,
+        # the classic names sign APKs v1 only: Android accepts that for target SDK < 30 only
+        "jar": lambda d: android.write_apk(d, "legacy.apk", target_sdk=29),
         "focus-jar": lambda d: android.write_jar(d, "focus.jar"),
+        "apk": android.write_apk,
+        "focus-apk": lambda d: android.write_apk(d, "focus.apk", package="org.sealbox.focus"),
         "emevoucher": voucher,
         "widevine": lambda d: pe.write_pe(d, "plugin.exe"),
         "widevine_blessed": lambda d: pe.write_pe(d, "plugin-container.exe"),
         "dmg": macos.write_app_tarball,
+        "macho": lambda d: macos.write_macho(d, "ninja"),
     }
 
 
@@ -142,11 +149,13 @@ def run(root: Path) -> int:
     try:
         for level in LEVELS:
             started = time.monotonic()
-            dep = Deployment.create(root / level, level)
+            # release signs as production would: its keys in an HSM (a SoftHSM token here)
+            dep = Deployment.create(root / level, level, hsm=level in HSM_LEVELS)
             servers[level] = start_server(dep)
+            where = ", keys in a SoftHSM token (hsm/)" if level in HSM_LEVELS else ""
             console.print(
                 f"  {level:8} server on https://127.0.0.1:{servers[level].port} "
-                f"(deployment {dep.root}, ready in {time.monotonic() - started:.1f} s)"
+                f"(deployment {dep.root}{where}, ready in {time.monotonic() - started:.1f} s)"
             )
         inputs = _inputs()
         for level in LEVELS:
@@ -155,7 +164,7 @@ def run(root: Path) -> int:
                 work = Path(tempfile.mkdtemp(prefix=f"{fmt}-", dir=root / level))
                 rows.append(_sign_and_verify(servers[level], fmt, inputs[fmt], work))
         rows.append(_cross_level(servers, root))
-        _print(rows)
+        _print(rows, _key_places(root))
         task_ok = _task(root, servers)
     finally:
         for sp in servers.values():
@@ -171,16 +180,32 @@ def run(root: Path) -> int:
     return 0
 
 
-def _print(rows: list[Row]) -> None:
+def _key_places(root: Path) -> dict[tuple[str, str], str]:
+    """(level, format) -> where its key lives: "HSM" (a PKCS#11 token) or "file"."""
+    out = {}
+    for level in LEVELS:
+        cfg = tomllib.loads((root / level / "sealbox.toml").read_text())
+        for fmt, section in cfg["formats"].items():
+            kind = cfg["keys"].get(section.get("key"), {}).get("kind")
+            out[(level, fmt)] = "HSM" if kind == "pkcs11" else "file"
+    return out
+
+
+def _print(rows: list[Row], keys: dict[tuple[str, str], str]) -> None:
     table = Table(title="signed through sealbox, checked by independent verifiers")
-    for col in ("level", "format", "file", "verifier", "result", "time"):
+    for col in ("level", "format", "key", "file", "verifier", "result", "time"):
         table.add_column(col)
     for r in rows:
         result = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
         if r.note:
             result += f" {r.note}"
-        table.add_row(r.level, r.fmt, r.file, r.verifier, result, f"{r.seconds * 1000:.0f} ms")
+        key = keys.get((r.level, r.fmt), "")
+        table.add_row(r.level, r.fmt, key, r.file, r.verifier, result, f"{r.seconds * 1000:.0f} ms")
     console.print(table)
+    console.print(
+        f"key: HSM = generated in and signing inside a SoftHSM token via PKCS#11 ({', '.join(HSM_LEVELS)}); "
+        "file = an encrypted key file (formats whose tools cannot use PKCS#11 yet, and the other levels)"
+    )
 
 
 def _task(root: Path, servers: dict[str, ServerProcess]) -> bool:

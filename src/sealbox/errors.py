@@ -1,5 +1,15 @@
 """Exception hierarchy. Every error says what failed and why, in one line."""
 
+__all__ = [
+    "ConfigError",
+    "FormatRejected",
+    "KeyUnlockError",
+    "SealboxError",
+    "SigningFailed",
+    "TokenError",
+    "VerificationFailed",
+]
+
 
 class SealboxError(Exception):
     """Base class for every error sealbox raises on purpose."""
@@ -14,7 +24,14 @@ class KeyUnlockError(SealboxError):
 
 
 class TokenError(SealboxError):
-    """An upload token is invalid, expired, or bound to another address."""
+    """An upload token is invalid, expired, or bound to another address.
+
+    ``kind`` sorts the refusals for the metrics: malformed, forged, not_yet_valid, expired,
+    wrong_ip."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class FormatRejected(SealboxError):

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+__all__ = ["CHUNK", "hash_file", "hash_stream", "is_sha1_hex"]
+
 CHUNK = 1 << 20
 
 

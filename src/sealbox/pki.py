@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ORG = "sealbox dev"
+CertifiablePublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
 def new_rsa(bits: int = 2048) -> rsa.RSAPrivateKey:
@@ -35,7 +36,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: rsa.RSAPublicKey, years: int
+    subject: x509.Name, issuer: x509.Name, public_key: CertifiablePublicKey, years: int
 ) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
@@ -91,8 +92,26 @@ def issue(
 ) -> Issued:
     """Issue a leaf certificate. ``san`` entries are IP literals or DNS names."""
     key = key or new_rsa(bits)
+    cert = certify(
+        ca, cn, key.public_key(), ekus=ekus, eku_critical=eku_critical, san=san, server=server, years=years
+    )
+    return Issued(key, cert)
+
+
+def certify(
+    ca: Issued,
+    cn: str,
+    public_key: CertifiablePublicKey,
+    *,
+    ekus: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CODE_SIGNING,),
+    eku_critical: bool = False,
+    san: Sequence[str] = (),
+    server: bool = False,
+    years: int = 5,
+) -> x509.Certificate:
+    """A leaf certificate for ``public_key`` (whose private half may be anywhere, e.g. a token)."""
     builder = (
-        _builder(_name(cn), ca.cert.subject, key.public_key(), years)
+        _builder(_name(cn), ca.cert.subject, public_key, years)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -122,7 +141,7 @@ def issue(
             except ValueError:
                 names.append(x509.DNSName(entry))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+    return builder.sign(ca.key, hashes.SHA256())
 
 
 def tls_server(ca: Issued, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Issued:

@@ -11,13 +11,18 @@ import base64
 import hmac
 import ipaddress
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import TokenError
 
+__all__ = ["MAX_TOKEN_LENGTH", "TokenInfo", "mint", "normalize_ip", "verify"]
+
 MAX_TOKEN_LENGTH = 512
+#: the unpadded base64 of a SHA-256 HMAC (32 bytes), as ``_mac`` writes it
+_SIGNATURE = re.compile(r"[A-Za-z0-9+/]{43}")
 
 
 def _b64(data: bytes) -> str:
@@ -49,6 +54,8 @@ def mint(secret: bytes, ip: str, duration: int, now: float | None = None) -> str
 
 @dataclass(frozen=True)
 class TokenInfo:
+    """What a valid token grants: the address it is bound to and its validity (epoch seconds)."""
+
     ip: str
     valid_from: int
     valid_to: int
@@ -61,19 +68,25 @@ def verify(token: str | bytes, secrets: Sequence[bytes], peer_ip: str, now: floa
             token = token.decode("ascii")
         except UnicodeDecodeError:
             raise TokenError("token is not ASCII") from None
+    if not token.isascii():
+        raise TokenError("token is not ASCII")
     token = token.strip()
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("token is empty or too long")
+    if not token.isprintable() or " " in token:
+        raise TokenError("token contains spaces or control characters")
     data, sep, signature = token.partition("!")
     if not sep:
         raise TokenError("token has no signature part")
+    if not _SIGNATURE.fullmatch(signature):
+        raise TokenError("token signature is not the base64 of an HMAC-SHA256")
     # Compare against every secret without stopping early, so timing reveals nothing.
     matched = False
     for secret in secrets:
         matched |= hmac.compare_digest(_mac(secret, data), signature)
     if not matched:
-        raise TokenError("token signature does not match any configured secret")
-    parts = data.split(":")
+        raise TokenError("token signature does not match any configured secret", "forged")
+    parts = data.rsplit(":", 3)  # the address may be IPv6, with colons of its own
     if len(parts) != 4:
         raise TokenError("token data does not have four fields")
     ip, from_s, to_s, _chaff = parts
@@ -83,12 +96,12 @@ def verify(token: str | bytes, secrets: Sequence[bytes], peer_ip: str, now: floa
         raise TokenError("token validity fields are not integers") from None
     t = time.time() if now is None else now
     if t < valid_from:
-        raise TokenError("token is not valid yet")
+        raise TokenError("token is not valid yet", "not_yet_valid")
     if t > valid_to:
-        raise TokenError("token has expired")
+        raise TokenError("token has expired", "expired")
     try:
         if normalize_ip(ip) != normalize_ip(peer_ip):
-            raise TokenError(f"token is bound to {ip}, request came from {normalize_ip(peer_ip)}")
+            raise TokenError(f"token is bound to {ip}, request came from {normalize_ip(peer_ip)}", "wrong_ip")
     except ValueError:
         raise TokenError("token address is not an IP address") from None
     return TokenInfo(ip=ip, valid_from=valid_from, valid_to=valid_to)

@@ -1,4 +1,5 @@
-"""``jar`` / ``focus-jar``: real apksigner, zipalign and jarsigner, signed and verified end to end."""
+"""``jar`` / ``focus-jar`` / ``apk`` / ``focus-apk``: real apksigner, zipalign and jarsigner, signed
+and verified end to end (classic names on APKs, and content-based dispatch: test_android_content)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from sealbox.formats import FormatSettings, SignRequest, android, signer_class
 from sealbox.formats.android import AndroidSigner
 from sealbox.keys import PassphraseSource, UnlockedKey, load_key
 from sealbox.samples.android import binary_manifest, write_apk, write_jar
+from tests.servers import exec_image
 
 pytestmark = pytest.mark.skipif(AndroidSigner.available() is not None, reason=str(AndroidSigner.available()))
 
 FORMATS = ("jar", "focus-jar")
-OTHER = {"jar": "focus-jar", "focus-jar": "jar"}
+APK_NAMES = ("apk", "focus-apk")
+OTHER = {"jar": "focus-jar", "focus-jar": "jar", "apk": "focus-apk", "focus-apk": "apk"}
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -54,18 +57,20 @@ class Deployment:
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     root = tmp_path_factory.mktemp("android") / "dep"
-    config_path = init_dev(root, "dep", formats=list(FORMATS))
+    config_path = init_dev(root, "dep", formats=[*FORMATS, *APK_NAMES])
     cfg = load_config(config_path)
     source = PassphraseSource.from_file(root / "passphrases")
     cache: dict[str, UnlockedKey] = {}
 
     def resolver(name: str) -> UnlockedKey:
         if name not in cache:
-            cache[name] = load_key(cfg.key_spec(name), source.get(name))
+            key = load_key(cfg.key_spec(name), source.get(name))
+            assert isinstance(key, UnlockedKey)  # a dev deployment keeps its keys in files
+            cache[name] = key
         return cache[name]
 
     signers: dict[str, AndroidSigner] = {}
-    for fmt in FORMATS:
+    for fmt in (*FORMATS, *APK_NAMES):
         signer = signer_class(fmt)(cfg.format_settings(fmt), resolver)
         assert isinstance(signer, AndroidSigner)
         signers[fmt] = signer
@@ -108,7 +113,7 @@ def member_data_offset(path: Path, name: str) -> int:
         f.seek(info.header_offset)
         head = f.read(30)
     name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return info.header_offset + 30 + int(name_len) + int(extra_len)
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -120,7 +125,7 @@ def flip_byte(path: Path, offset: int) -> None:
 # -- APK ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", APK_NAMES)  # the classic names sign APKs v1 only (test_android_content)
 def test_apk_signed_v1_v2_v3_aligned_with_the_right_key(dep: Deployment, tmp_path: Path, fmt: str) -> None:
     apk = write_apk(tmp_path)
     assert run("zipalign", "-c", "-p", "4", str(apk)).returncode != 0, "sample must start unaligned"
@@ -146,11 +151,11 @@ def test_apk_signed_v1_v2_v3_aligned_with_the_right_key(dep: Deployment, tmp_pat
 
 
 def test_presigned_apk_is_resigned_cleanly(dep: Deployment, tmp_path: Path) -> None:
-    # sign the sample with a foreign key first (the signer under test signs as 'jar')
+    # sign the sample with a foreign key first (the signer under test signs as 'apk')
     foreign = dep.resolver("focus-jar")
     key = tmp_path / "foreign.pk8"
     key.write_bytes(
-        foreign.private_key.private_bytes(
+        foreign._key.private_bytes(  # the file backend's key
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
@@ -167,8 +172,8 @@ def test_presigned_apk_is_resigned_cleanly(dep: Deployment, tmp_path: Path) -> N
     assert res.returncode == 0, res.stderr
     assert cert_sha256(dep.public, "focus-jar") in apksigner_verify(presigned).stdout
 
-    out = sign(dep.signers["jar"], presigned, tmp_path)
-    AndroidSigner.verify("jar", out, None, dep.public)
+    out = sign(dep.signers["apk"], presigned, tmp_path)
+    AndroidSigner.verify("apk", out, None, dep.public)
     res = apksigner_verify(out)
     assert res.returncode == 0
     assert "Number of signers: 1" in res.stdout
@@ -183,13 +188,13 @@ def test_presigned_apk_is_resigned_cleanly(dep: Deployment, tmp_path: Path) -> N
 def test_unsigned_and_tampered_apk_fail_verification(dep: Deployment, tmp_path: Path) -> None:
     apk = write_apk(tmp_path, blob_size=20000)
     with pytest.raises(VerificationFailed):
-        AndroidSigner.verify("jar", apk, None, dep.public)  # unsigned input
-    out = sign(dep.signers["jar"], apk, tmp_path)
-    AndroidSigner.verify("jar", out, None, dep.public)
+        AndroidSigner.verify("apk", apk, None, dep.public)  # unsigned input
+    out = sign(dep.signers["apk"], apk, tmp_path)
+    AndroidSigner.verify("apk", out, None, dep.public)
     flip_byte(out, member_data_offset(out, "res/raw/blob.bin") + 1000)
     assert apksigner_verify(out).returncode != 0
     with pytest.raises(VerificationFailed, match="apksigner verify"):
-        AndroidSigner.verify("jar", out, None, dep.public)
+        AndroidSigner.verify("apk", out, None, dep.public)
 
 
 def test_apk_with_broken_binary_manifest_is_rejected(dep: Deployment, tmp_path: Path) -> None:
@@ -333,7 +338,7 @@ def no_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     def popen(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"a tool ran on a bad input: {args[0]}")
 
-    monkeypatch.setattr(android.subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "Popen", popen)
 
 
 def _assert_rejected(signer: AndroidSigner, src: Path, tmp: Path, match: str) -> None:
@@ -353,7 +358,9 @@ def test_bad_inputs_are_rejected_before_any_tool(
     make, match = BAD_INPUTS[case]
     src_dir = tmp_path / "src"
     src_dir.mkdir()
-    _assert_rejected(dep.signers["jar"], make(src_dir), tmp_path, match)
+    # APK-ness is content, not a name: a zip without a binary manifest is a JAR to 'jar'
+    fmt = "apk" if case.startswith("apk-") else "jar"
+    _assert_rejected(dep.signers[fmt], make(src_dir), tmp_path, match)
 
 
 def test_zip_bomb_with_highly_compressed_member(dep: Deployment, tmp_path: Path, no_tools: None) -> None:
@@ -426,17 +433,30 @@ def _descendants(root: int) -> set[int]:
 
 
 class ProcWatcher:
-    """Polls /proc for this process's children, recording their argv and environment."""
+    """Records the argv and environment of this process's descendants (NUL-separated, as in
+    /proc): for certain what each direct child was started with, and what /proc shows while
+    they run (polled: how the JVM behind the apksigner launcher script is seen)."""
 
     def __init__(self) -> None:
         self.seen: set[tuple[bytes, bytes]] = set()
+        self._earlier: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
+        seen = self.seen
+        self._popen = real = subprocess.Popen
+
+        class SpyPopen(real):  # type: ignore[valid-type,misc]
+            def __init__(self, argv: Any, *args: Any, **kwargs: Any) -> None:
+                super().__init__(argv, *args, **kwargs)
+                seen.add(exec_image(argv, kwargs.get("env")))
+
+        self._spy: Any = SpyPopen  # stands in for subprocess.Popen (a generic class)
 
     def _poll(self) -> None:
         me = os.getpid()
+        earlier = self._earlier
         while not self._stop.is_set():
-            for pid in _descendants(me):
+            for pid in _descendants(me) - earlier:  # not servers other tests left running
                 try:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                     environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -447,10 +467,13 @@ class ProcWatcher:
             time.sleep(0.002)
 
     def __enter__(self) -> ProcWatcher:
+        self._earlier = _descendants(os.getpid())
+        subprocess.Popen = self._spy  # type: ignore[misc]
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        subprocess.Popen = self._popen  # type: ignore[misc]
         self._stop.set()
         self._thread.join()
 
@@ -470,14 +493,14 @@ def test_no_secret_in_child_cmdline_or_environ(
     monkeypatch.setenv("SEALBOX_TEST_CANARY", "parent-env-must-not-leak")
     src = write_apk(tmp_path) if kind == "apk" else write_jar(tmp_path)
     with ProcWatcher() as watcher:
-        out = sign(dep.signers["jar"], src, tmp_path)
-    AndroidSigner.verify("jar", out, None, dep.public)
+        out = sign(dep.signers[kind], src, tmp_path)
+    AndroidSigner.verify(kind, out, None, dep.public)
 
     assert len(passwords) == 1
     secrets = [p.encode() for p in passwords] + [v.encode() for v in dep.passphrases.values()]
     assert all(len(s) >= 16 for s in secrets)
     programs = {os.path.basename(c.split(b"\0")[0]) for c, _ in watcher.seen}
-    assert programs & {b"java", b"jarsigner"}, f"no JVM child observed: {programs}"
+    assert programs & {b"java", b"jarsigner", b"apksigner"}, f"no JVM child observed: {programs}"
     me = Path("/proc/self/cmdline").read_bytes()
     for cmdline, environ in watcher.seen:
         for secret in secrets:
@@ -491,11 +514,19 @@ def test_no_secret_in_child_cmdline_or_environ(
 
 
 def test_timeout_kills_the_tool(dep: Deployment, tmp_path: Path) -> None:
-    signer = dep.signer("jar", timeout=0.2)
+    # The real jarsigner, made to hang for certain: its JVM waits at start-up until a file it
+    # creates is removed, which nobody does.
+    hang = [
+        "-XX:+UnlockDiagnosticVMOptions",
+        "-XX:+PauseAtStartup",
+        f"-XX:PauseAtStartupFile={tmp_path / 'paused'}",
+    ]
+    signer = dep.signer("jar", timeout=0.2, java_options=[*android.DEFAULT_JAVA_OPTIONS, *hang])
+    earlier = _descendants(os.getpid())  # e.g. servers other tests left running
     with pytest.raises(SigningFailed, match="timed out"):
         sign(signer, write_jar(tmp_path), tmp_path)
     assert not (tmp_path / "signed-lib.jar").exists()
-    assert not _descendants(os.getpid())
+    assert not _descendants(os.getpid()) - earlier
 
 
 def test_dev_setup_public_files(dep: Deployment) -> None:

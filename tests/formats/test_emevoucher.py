@@ -17,7 +17,7 @@ from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.emevoucher import EmeVoucherSigner
-from sealbox.keys import PassphraseSource, load_key
+from sealbox.keys import PassphraseSource, SigningKey, load_key
 from sealbox.keys.store import UnlockedKey
 
 
@@ -33,7 +33,7 @@ def make_deployment(root: Path, level: str) -> Deployment:
     cfg = load_config(config_path)
     passphrases = PassphraseSource.from_file(root / "passphrases")
 
-    def resolve(name: str) -> UnlockedKey:
+    def resolve(name: str) -> SigningKey:
         return load_key(cfg.key_spec(name), passphrases.get(name))
 
     return Deployment(

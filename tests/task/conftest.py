@@ -7,12 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import Deployment, ServerProcess, free_port, start_server
+from tests.servers import Deployment, ServerProcess, refusing_port, start_server
 
 from .helpers import Worker, _worker
 
 DEP_FORMATS = ["gpg", "sha2signcode", "mar"]
-RELEASE_FORMATS = ["gpg", "sha2signcode", "mar", "jar", "widevine", "widevine_blessed", "dmg"]
+# an .apk asked for as jar travels as apk (v1+v2+v3): a level serving jar for APKs serves apk too
+RELEASE_FORMATS = ["gpg", "sha2signcode", "mar", "jar", "apk", "widevine", "widevine_blessed", "dmg"]
 
 
 @pytest.fixture(scope="session")
@@ -39,5 +40,7 @@ def dep_worker(tmp_path_factory: pytest.TempPathFactory, servers: dict[str, Serv
 
 
 @pytest.fixture
-def free_hostspec() -> str:
-    return f"127.0.0.1:{free_port()}"
+def free_hostspec() -> Iterator[str]:
+    """A host:port where nothing answers (connections are refused) for the whole test."""
+    with refusing_port() as port:
+        yield f"127.0.0.1:{port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import zipfile
@@ -248,8 +249,11 @@ def test_cot_cli_keygen_sign_verify(tmp_path: Path) -> None:
 def test_task_init_dev_then_run(tmp_path: Path) -> None:
     """`sealbox task init --dev DIR --servers DEP` then `sealbox task run` of the sample."""
     dep = Deployment.create(tmp_path / "dep", "dep", ["gpg", "sha2signcode"])
-    listen_port = int((dep.root / "sealbox.toml").read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
-    sp = start_server(dep, port=listen_port)
+    sp = start_server(dep)  # on a port it binds itself: no other process can hold it
+    # `task init --dev` reads the server's address from its config: the port it got.
+    dep.config.write_text(
+        re.sub(r'listen = "[^"]*"', f'listen = "{sp.hostspec}"', dep.config.read_text(), count=1)
+    )
     try:
         worker_dir = tmp_path / "worker"
         init = subprocess.run(

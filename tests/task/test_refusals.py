@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,17 @@ FMT = f"{SCOPE_PREFIX}format:"
 
 
 @pytest.fixture(scope="module")
-def down_config(worker: Worker) -> Path:
+def down_config(worker: Worker) -> Iterator[Path]:
     """The production worker with every server pointing at a port nobody listens on."""
-    from tests.servers import free_port
+    from tests.servers import refusing_port
 
-    def dead(data: dict[str, Any]) -> None:
-        for level in data["levels"].values():
-            level["hosts"] = [f"127.0.0.1:{free_port()}"]
+    with ExitStack() as ports:  # held (refusing) until the module's tests are done
 
-    return worker.variant("servers-down", dead)
+        def dead(data: dict[str, Any]) -> None:
+            for level in data["levels"].values():
+                level["hosts"] = [f"127.0.0.1:{ports.enter_context(refusing_port())}"]
+
+        yield worker.variant("servers-down", dead)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ _COMMANDS = {
     "checksums": ("sealbox.cli.checksums", "checksums"),
     "task": ("sealbox.cli.task", "task"),
     "cot": ("sealbox.cli.cot", "cot"),
+    "log": ("sealbox.cli.log", "log"),
 }
 
 

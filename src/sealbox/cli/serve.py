@@ -17,12 +17,19 @@ from ._common import fail
 )
 @click.option("--passphrase-fd", type=int, help="Read key-name:passphrase lines from this inherited fd.")
 @click.option("--listen", default=None, help="HOST:PORT, overrides server.listen.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Overrides server.data_dir: replicas of one deployment each keep their own.",
+)
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None)
 def serve(
     config_path: Path,
     passphrase_file: Path | None,
     passphrase_fd: int | None,
     listen: str | None,
+    data_dir: Path | None,
     log_file: Path | None,
 ) -> None:
     """Run a signing server for one cert level (HTTPS only)."""
@@ -35,6 +42,9 @@ def serve(
         if listen:
             parse_listen(listen)
         cfg = load_config(config_path)
+        if data_dir is not None:  # relative to the working folder, as a command-line path is
+            server = cfg.server.model_copy(update={"data_dir": data_dir.absolute()})
+            cfg = cfg.model_copy(update={"server": server})
         if passphrase_file is not None:
             source = PassphraseSource.from_file(passphrase_file)
         elif passphrase_fd is not None:

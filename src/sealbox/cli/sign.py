@@ -6,11 +6,23 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..wire import KNOWN
 from ._common import fail
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from ..client import SignOutcome
+
+
+def _log_key(path: Path | None) -> Ed25519PublicKey | None:
+    from ..client.logproof import load_log_key
+
+    return load_log_key(path) if path is not None else None
 
 
 def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequence[str]) -> Iterator[Path]:
@@ -60,7 +72,19 @@ def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequenc
     type=click.FloatRange(min=0.1),
     default=600.0,
     show_default=True,
-    help="Seconds allowed per file and format.",
+    help="Seconds allowed per file and format; unreachable servers are retried until then.",
+)
+@click.option(
+    "--log-proof",
+    is_flag=True,
+    help="Check that each signature is in its server's signing log (inclusion proof); fail if not.",
+)
+@click.option(
+    "--log-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The signing log's public key (public/signlog.pub): the checkpoints must be signed by it."
+    " Implies --log-proof.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-v", "--verbose", is_flag=True)
@@ -79,6 +103,8 @@ def sign(
     cachedir: Path | None,
     jobs: int,
     timeout: float,
+    log_proof: bool,
+    log_key: Path | None,
     as_json: bool,
     verbose: bool,
     quiet: bool,
@@ -97,8 +123,9 @@ def sign(
     try:
         token = token_file.read_text().strip()
         servers = [parse_host(h) for h in hosts]
+        pinned = _log_key(log_key)
     except OSError as e:
-        fail(f"cannot read token file {token_file}: {e.strerror}", 2)
+        fail(f"cannot read {e.filename or token_file}: {e.strerror}", 2)
     except SealboxError as e:
         fail(str(e), 2)
     files = list(find_files([Path(p) for p in paths], includes, excludes))
@@ -117,6 +144,9 @@ def sign(
             return output_dir / p.name
         return p
 
+    def retrying(src: Path, fmt: str, error: str) -> None:
+        click.echo(f"sealbox: retrying {src} ({fmt}): {error}", err=True)
+
     show_progress = sys.stderr.isatty() and not quiet and not as_json
     items = [(p, fmts, dest_of(p)) for p in files]
     with SigningClient(
@@ -127,6 +157,9 @@ def sign(
         cache_dir=cachedir,
         nonce_file=nonce_file,
         connections=max(4, jobs * 2),
+        on_retry=retrying if verbose else None,
+        log_proof=log_proof or pinned is not None,
+        log_key=pinned,
     ) as client:
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -143,11 +176,16 @@ def sign(
         else:
             results = client.sign_many(items, jobs)
 
-    failed = [r for r in results if not r.ok]
+    _report(results, as_json=as_json, quiet=quiet, verbose=verbose)
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+def _report(results: Sequence[SignOutcome], *, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Print the outcome of each file: a JSON summary on stdout, or one line per file."""
     if as_json:
         json.dump(
             {
-                "ok": not failed,
+                "ok": all(r.ok for r in results),
                 "files": [
                     {
                         "source": str(r.source),
@@ -157,6 +195,7 @@ def sign(
                         "server": r.server,
                         "seconds": round(r.seconds, 3),
                         "error": r.error,
+                        "log_proofs": [p.to_json() for p in r.log_proofs],
                     }
                     for r in results
                 ],
@@ -169,10 +208,10 @@ def sign(
         for r in results:
             if r.ok and not quiet:
                 how = " (cache)" if r.cached and len(r.cached) == len(r.formats) else ""
+                how += "".join(f" (log #{p.index} of {p.tree_size})" for p in r.log_proofs)
                 click.echo(
                     f"signed {r.source} -> {', '.join(map(str, r.outputs))}{how} in {r.seconds:.2f}s",
                     err=not verbose,
                 )
             elif not r.ok:
                 click.echo(f"sealbox: error: failed to sign {r.source}: {r.error}", err=True)
-    sys.exit(1 if failed else 0)

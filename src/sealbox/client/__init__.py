@@ -6,19 +6,44 @@ Used by ``sealbox sign``, ``sealbox token``, the task runner and the tests alike
         c.sign(Path("setup.exe"), ["sha2signcode", "gpg"])
 
 ``AsyncSigningClient`` is the same client for code that already runs an event loop.
+
+Errors come as one exception type per kind (see :mod:`sealbox.client.errors`), all under
+:class:`ClientError`: :class:`SigningRefused` (a server said no: the input cannot be signed,
+a 4xx), :class:`TokenRefused` (the issuer would not mint a token, or a server rejected it) and
+:class:`ServerUnavailable` (no server answered in time). Catch them by type::
+
+    try:
+        token = request_token(server, ca, user, password, ip="10.0.0.5", duration=1200)
+        with SigningClient([server], ca, token) as c:
+            c.sign_one(Path("setup.exe"), "sha2signcode", Path("setup.exe"))
+    except ServerUnavailable:
+        ...  # try again later
+    except (SigningRefused, TokenRefused) as e:
+        ...  # will not work as asked: report e
+
+``sign`` and ``sign_many`` never raise for a file: its :class:`SignOutcome` carries the
+message (``error``) and the exception (``exception``), e.g.
+``isinstance(outcome.exception, ServerUnavailable)``.
 """
 
-from .aio import AsyncSigningClient, ClientError, SignOutcome
+from .aio import AsyncSigningClient, SignOutcome, describe_error
 from .core import SigningClient, request_token
+from .errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from .hosts import Server, parse_host
+from .logproof import LogProof
 from .plan import detached_suffix, order_formats, wire_name
 
 __all__ = [
     "AsyncSigningClient",
     "ClientError",
+    "LogProof",
     "Server",
+    "ServerUnavailable",
     "SignOutcome",
     "SigningClient",
+    "SigningRefused",
+    "TokenRefused",
+    "describe_error",
     "detached_suffix",
     "order_formats",
     "parse_host",

@@ -3,6 +3,29 @@
 One event loop drives every file, so signing many small files costs a little CPU per
 request and no thread hand-offs; :class:`sealbox.client.SigningClient` is the blocking
 face of the same code.
+
+Time, not an error count, ends the attempts on a file: while its ``timeout`` lasts, a host
+that refuses connections, resets them or stops answering is tried again after a pause
+(exponential backoff with jitter, capped at ``BACKOFF_CAP`` s); with several hosts the next
+one is tried at once. Timeouts, from the inside out:
+
+* connect (``CONNECT_TIMEOUT``): the TCP and TLS handshakes of a new connection.
+* first byte (``FIRST_BYTE``): an exchange that has been quiet this long (no response
+  headers yet: a held poll, an upload the server waits on, or a slow transfer) is only
+  waited on further if the host proves it is alive: ``GET /__heartbeat__`` on a fresh
+  connection must get an HTTP answer (any status) within ``PROBE_TIMEOUT``. A held poll
+  (a server may hold a GET up to 60 s, and our uploads ask for a wait) thus costs nothing,
+  while a host that accepts connections but never answers (stopped, wedged) is found out
+  within ``FIRST_BYTE + PROBE_TIMEOUT`` s. This needs no cooperation from the server, so it
+  works the same against classic servers. ``LONG_POLL_READ`` remains as a backstop for a
+  host that answers heartbeats but not the request.
+* overall: ``timeout`` per (file, format).
+
+A host found down or hung is left out for every file and format of this client for
+``BENCH`` s, then one probe decides whether it is back; while every host is left out, files
+pause and probe (one shared heartbeat per host) until one answers or their time is up.
+``max_errors`` only bounds errors a server *answers* (5xx, a corrupt result): after that
+many from one host, a file stops asking that host.
 """
 
 from __future__ import annotations
@@ -17,25 +40,36 @@ import secrets
 import shutil
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import multipart
 import yarl
 
-from ..errors import SealboxError
 from ..hashing import CHUNK, hash_file
+from ..wire import SMALL_FILE
+from .errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from .hosts import Server
+from .logproof import LOG_INDEX_HEADER, LogProof, ProofFailed
+from .logproof import check as check_proof
 from .plan import detached_suffix, order_formats, wire_name
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 DEFAULT_TIMEOUT = 600.0
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+FIRST_BYTE = 4.0
+PROBE_TIMEOUT = 5.0
+BENCH = 30.0
+BACKOFF_FIRST = 0.25
+BACKOFF_CAP = 3.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
-SMALL_FILE = 256 * 1024
+_WATCH_TICK = 1.0  # how soon an exchange notices that another one found its host down
 #: Small uploads ask the server to answer with the result (sealbox servers honour
 #: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
 WAIT_HEADER = "X-Sealbox-Wait"
@@ -80,13 +114,10 @@ def _small_form(fields: dict[str, str], filename: str, data: bytes) -> tuple[str
     )
 
 
-class ClientError(SealboxError):
-    """A file could not be signed; the message says which server said what."""
-
-
 @dataclass
 class SignOutcome:
-    """What happened to one file."""
+    """What happened to one file; ``exception`` is what ended it, to branch on by type
+    (a :class:`ClientError` kind, or an ``OSError`` reading or writing a local file)."""
 
     source: Path
     outputs: list[Path] = field(default_factory=list)
@@ -95,9 +126,13 @@ class SignOutcome:
     server: str = ""
     seconds: float = 0.0
     error: str | None = None
+    exception: ClientError | OSError | None = None
+    #: with ``log_proof``: each signature's checked inclusion in its server's signing log
+    log_proofs: list[LogProof] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """True when every format of the file was signed."""
         return self.error is None
 
 
@@ -111,11 +146,89 @@ class _Deadline:
 
     def timeout(self, read: float) -> aiohttp.ClientTimeout:
         left = max(0.1, self.left())
-        # ``connect`` covers the TCP and TLS handshakes: a peer that accepts and never speaks TLS
-        # fails after CONNECT_TIMEOUT, not after the whole budget.
+        # ``sock_connect`` covers the TCP and TLS handshakes (a peer that accepts and never
+        # speaks TLS fails after CONNECT_TIMEOUT), and not the wait for a free pooled connection.
         return aiohttp.ClientTimeout(
-            total=left, connect=min(CONNECT_TIMEOUT, left), sock_read=min(read, left)
+            total=left, sock_connect=min(CONNECT_TIMEOUT, left), sock_read=min(read, left)
         )
+
+
+def _backoff(n: int) -> float:
+    """The ``n``-th pause (from 1) before trying again: exponential, capped, with jitter so
+    that files waiting on the same host do not come back in step."""
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2.0 ** min(n - 1, 16)) * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class _Health:
+    """What the client knows about one host; shared by every file and format."""
+
+    bad_until: float = 0.0  # 0: usable; else down or hung, left out until then, then probed
+    reason: str = ""
+    alive_at: float = 0.0  # when the host last answered anything
+    probe: asyncio.Task[bool] | None = None
+
+
+@dataclass
+class _File:
+    """One file to sign in one format, read and hashed once."""
+
+    source: Path
+    fmt: str
+    wire: str
+    dest: Path
+    data: bytes | None  # the bytes of a small file (hashed and uploaded from memory), else None
+    size: int
+    digest: str
+
+    @classmethod
+    async def read(cls, source: Path, fmt: str, dest: Path) -> _File:
+        with source.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read() if size <= SMALL_FILE else None  # read once: hashed, uploaded from memory
+        if data is not None:
+            size = len(data)
+            digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        else:  # hashing a big file here would hold up every other transfer on this loop
+            digest = await asyncio.to_thread(hash_file, source)
+        return cls(source, fmt, wire_name(fmt), dest, data, size, digest)
+
+
+@dataclass
+class _Attempts:
+    """What the servers said so far about one (file, format)."""
+
+    deadline: _Deadline
+    errors: list[str] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)
+    refusal_kinds: set[type[ClientError]] = field(default_factory=set)
+    answered: dict[str, int] = field(default_factory=dict)  # errors each server answered (5xx, corrupt)
+    tried: set[str] = field(default_factory=set)  # hosts that failed since the last pause
+    pauses: int = 0
+    uploaded: set[str] = field(default_factory=set)
+
+    def candidates(self, servers: list[Server], max_errors: int) -> list[Server]:
+        """The servers that neither refused nor answered ``max_errors`` errors."""
+        return [s for s in servers if s.url not in self.refusals and self.answered.get(s.url, 0) < max_errors]
+
+    def refuse(self, server: Server, reason: str, kind: type[ClientError]) -> None:
+        self.refusals[server.url] = reason
+        self.refusal_kinds.add(kind)
+
+    def failure(self, job: _File, candidates: list[Server]) -> ClientError | None:
+        """The error that ends the attempts, or None while a server is left to ask in time:
+        every server refused (one kind: that kind), or time or servers ran out."""
+        refused = "refused: " + "; ".join(f"{u}: {r}" for u, r in self.refusals.items())
+        if not candidates and not self.errors:
+            kind = TokenRefused if self.refusal_kinds == {TokenRefused} else SigningRefused
+            return kind(f"{job.source.name} ({job.fmt}): {refused}")
+        if not candidates or self.deadline.left() <= 0:
+            last = self.errors[-1] if self.errors else "no answer"
+            spent = self.deadline.seconds - max(0.0, self.deadline.left())
+            also = f"; {refused}" if self.refusals else ""
+            what = f"{job.source.name} ({job.fmt})"
+            return ServerUnavailable(f"{what}: gave up after {spent:.1f} s: {last}{also}")
+        return None
 
 
 def ssl_context(ca: Path) -> ssl.SSLContext:
@@ -128,7 +241,7 @@ def ssl_context(ca: Path) -> ssl.SSLContext:
         raise ClientError(f"CA bundle {ca} cannot be loaded: {e}") from None
 
 
-def describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     """One line saying what went wrong with a request."""
     if isinstance(e, TimeoutError):
         return f"timed out ({type(e).__name__})"
@@ -154,19 +267,22 @@ async def request_token_async(
             body = await r.text()
             if r.status != 200:
                 reason = r.headers.get("X-Sealbox-Error") or r.reason
-                raise ClientError(f"{server.url}: token request refused: {r.status} {reason}")
+                raise TokenRefused(f"{server.url}: token request refused: {r.status} {reason}")
             return body.strip()
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
-        raise ClientError(f"{server.url}: cannot mint a token: {describe(e)}") from None
+        raise ServerUnavailable(f"{server.url}: cannot mint a token: {describe_error(e)}") from None
 
 
 class AsyncSigningClient:
     """Signs files with the classic protocol against a list of servers.
 
     Servers are tried in a random order per format; a server that fails to answer is moved
-    to the back. Each (file, format) gets ``timeout`` seconds overall; deterministic
-    refusals (the server says the input can't be signed) fail at once. Use it as an async
-    context manager, inside one event loop.
+    to the back, and one found down or hung is left out for a while by every file (see the
+    module docstring). Each (file, format) gets ``timeout`` seconds overall; deterministic
+    refusals (the server says the input can't be signed) fail at once. ``max_errors`` bounds
+    the errors one server may answer for one file (5xx, corrupt results); unreachable hosts
+    are retried until the timeout. ``on_retry(source, fmt, error)`` hears of every failed
+    attempt that will be retried. Use it as an async context manager, inside one event loop.
     """
 
     def __init__(
@@ -182,7 +298,13 @@ class AsyncSigningClient:
         shuffle: bool = True,
         connections: int = 16,
         source_address: str | None = None,
+        on_retry: Callable[[Path, str, str], None] | None = None,
+        log_proof: bool = False,
+        log_key: Ed25519PublicKey | None = None,
     ) -> None:
+        """``log_proof``: check that each result is in its server's signing log (and, given
+        ``log_key``, that the log's checkpoint is signed by it); the proofs land in
+        :attr:`SignOutcome.log_proofs` and :attr:`log_proofs`."""
         if not servers:
             raise ClientError("at least one server is required")
         self.servers = list(servers)
@@ -197,7 +319,15 @@ class AsyncSigningClient:
         self._connections = connections
         self._source_address = source_address
         self._session: aiohttp.ClientSession | None = None
+        self._probe_session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], yarl.URL] = {}
+        self._health: dict[str, _Health] = {}
+        self.on_retry = on_retry
+        self.log_proof = log_proof
+        self.log_key = log_key
+        #: every signing log proof checked so far (``log_proof``), in the order checked
+        self.log_proofs: list[LogProof] = []
+        self._log_index: dict[Path, int] = {}  # a result's entry, from the answer that delivered it
 
     async def __aenter__(self) -> AsyncSigningClient:
         return self
@@ -208,9 +338,16 @@ class AsyncSigningClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Stop the health probes and close the HTTP sessions (what leaving ``async with`` does)."""
+        probes = [h.probe for h in self._health.values() if h.probe is not None and not h.probe.done()]
+        for probe in probes:
+            probe.cancel()
+        if probes:
+            await asyncio.wait(probes)
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     def _http(self) -> aiohttp.ClientSession:
         # Created on first use, inside the loop that will drive it.
@@ -224,6 +361,20 @@ class AsyncSigningClient:
                 connector=connector, headers={"User-Agent": USER_AGENT}, auto_decompress=False
             )
         return self._session
+
+    def _probe_http(self) -> aiohttp.ClientSession:
+        # Heartbeats need fresh connections of their own: a pooled one may be what is stuck,
+        # and a pool full of held polls must not delay them.
+        if self._probe_session is None:
+            connector = aiohttp.TCPConnector(
+                ssl=self._ssl,
+                force_close=True,
+                local_addr=(self._source_address, 0) if self._source_address else None,
+            )
+            self._probe_session = aiohttp.ClientSession(
+                connector=connector, headers={"User-Agent": USER_AGENT}
+            )
+        return self._probe_session
 
     # -- public API -------------------------------------------------------------------------
     async def sign_many(
@@ -265,7 +416,8 @@ class AsyncSigningClient:
                     target = dest  # signtool style: `-o file.asc -f gpg file`
                 else:
                     target = dest.with_name(dest.name + suffix)
-                server, cached = await self.sign_one(current, fmt, target)
+                server, cached, proofs = await self._sign_one(current, fmt, target)
+                out.log_proofs += proofs
                 out.formats.append(fmt)
                 out.outputs.append(target)
                 if cached:
@@ -278,75 +430,126 @@ class AsyncSigningClient:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, dest)
         except ClientError as e:
-            out.error = str(e)
+            out.error, out.exception = str(e), e
         except OSError as e:
-            out.error = f"{source.name}: {e.strerror or e}: {e.filename or source}"
+            out.error, out.exception = f"{source.name}: {e.strerror or e}: {e.filename or source}", e
         out.seconds = time.monotonic() - started
         if progress:
             progress(1)
         return out
 
     async def sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool]:
-        """Sign one file with one format; returns (server url, came from cache)."""
-        wire = wire_name(fmt)
-        with source.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read() if size <= SMALL_FILE else None  # read once: hashed, uploaded from memory
-        if data is not None:
-            size = len(data)
-            digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-        else:  # hashing a big file here would hold up every other transfer on this loop
-            digest = await asyncio.to_thread(hash_file, source)
-        if self._from_cache(wire, digest, dest):
-            return "", True
-        deadline = _Deadline(self.timeout)
-        servers = self._servers_for(wire)
+        """Sign one file with one format; returns (server url, came from cache).
+
+        Raises a :class:`ClientError` of the kind that ended the attempts."""
+        server, cached, _ = await self._sign_one(source, fmt, dest)
+        return server, cached
+
+    async def _sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool, list[LogProof]]:
+        """:meth:`sign_one`, and the signing log proof of the result (with ``log_proof``)."""
+        job = await _File.read(source, fmt, dest)
+        if self._from_cache(job.wire, job.digest, dest):
+            return "", True, []
+        servers = self._servers_for(job.wire)
         if not servers:
             raise ClientError(f"no server serves format '{fmt}'")
-        errors: list[str] = []
-        refusals: dict[str, str] = {}
-        error_count = 0
-        uploaded: set[str] = set()
+        att = _Attempts(_Deadline(self.timeout))
+        while True:
+            candidates = att.candidates(servers, self.max_errors)
+            failure = att.failure(job, candidates)
+            if failure is not None:
+                raise failure
+            server = await self._next_server(job, att, candidates)
+            if server is not None and await self._attempt(job, att, server):
+                proofs = [await self._prove(server, job, att.deadline)] if self.log_proof else []
+                return server.url, False, proofs
+
+    async def _prove(self, server: Server, job: _File, deadline: _Deadline) -> LogProof:
+        """Fetch and check the signing log's inclusion proof of the result just received."""
+        index = self._log_index.pop(job.dest, None)
+        what = f"{job.source.name} ({job.fmt}): {server.url}"
+        if index is None:
+            raise SigningRefused(f"{what} named no signing log entry for the result (is its log on?)")
+        try:
+            async with self._http().get(
+                f"{server.url}/log/proof/{index}", timeout=deadline.timeout(LONG_POLL_READ)
+            ) as r:
+                if r.status != 200:
+                    reason = r.headers.get("X-Sealbox-Error") or r.reason
+                    raise ProofFailed(f"GET /log/proof/{index} answered {r.status} {reason}")
+                answer = await r.json()
+            checked = (answer, index, job.wire, job.digest, job.dest, job.source, server.url, self.log_key)
+            proof = await asyncio.to_thread(check_proof, *checked)  # hashes the result
+        except ProofFailed as e:
+            raise SigningRefused(f"{what}: signing log proof failed: {e}") from None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            why = describe_error(e)
+            raise ServerUnavailable(f"{what}: cannot fetch the signing log proof: {why}") from None
+        self.log_proofs.append(proof)
+        return proof
+
+    async def _next_server(self, job: _File, att: _Attempts, candidates: list[Server]) -> Server | None:
+        """The host to try next: one not tried since the last pause and not left out as down."""
+        server = next((s for s in candidates if s.url not in att.tried and self._usable(s)), None)
+        if server is not None:
+            return server
+        # Every host failed since the last pause or is left out as down: pause, then
+        # take a usable one, or ask the others (one shared heartbeat each) if they are back.
+        att.pauses += 1
+        await asyncio.sleep(min(_backoff(att.pauses), max(0.0, att.deadline.left())))
+        att.tried.clear()
+        server = next((s for s in candidates if self._usable(s)), None)
+        if server is None and att.deadline.left() > 0:
+            server = await self._first_alive(candidates, att.deadline)
+            if server is None:
+                att.errors.append(f"{candidates[0].url}: {self._health_of(candidates[0]).reason}")
+                self._retrying(job.source, job.fmt, att.errors[-1])
+        return server
+
+    async def _attempt(self, job: _File, att: _Attempts, server: Server) -> bool:
+        """One exchange with ``server``; True once ``job.dest`` holds the result."""
+        try:
+            state = await self._exchange(job, att, server)
+            if state == "done":
+                self._to_cache(job.wire, job.digest, job.dest)
+                return True
+            if state.startswith("failed:") and server.url in att.uploaded:
+                att.refuse(server, state.removeprefix("failed:"), SigningRefused)
+        except _Refused as e:
+            att.refuse(server, str(e), e.kind)
+        except aiohttp.ClientConnectorCertificateError as e:
+            att.refuse(server, describe_error(e), SigningRefused)  # trying again will not make it trusted
+        except (aiohttp.ClientError, TimeoutError, OSError, _Retry, _Hung) as e:
+            what = f"{server.url}: {describe_error(e)}"
+            att.errors.append(what)
+            if isinstance(e, _Hung | aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                # down or hung: every file goes elsewhere for a while
+                self._mark_bad(server, describe_error(e))
+            elif isinstance(e, _Retry | aiohttp.SocketTimeoutError):
+                att.answered[server.url] = att.answered.get(server.url, 0) + 1  # it answers, wrongly
+            att.tried.add(server.url)
+            self._rotate(job.wire, server)
+            if att.deadline.left() > 0:
+                self._retrying(job.source, job.fmt, what)
+        return False
+
+    async def _exchange(self, job: _File, att: _Attempts, server: Server) -> str:
+        """Poll or upload (then poll) once: "done", "pending", "unknown" or "failed:<reason>"."""
         # Small files go up at once (POST, then one long-poll GET): a round trip less than
         # asking first. Large files are asked about first, so a server that has them saves the upload.
-        upload_first = self.token is not None and data is not None
-        i = 0
-        while True:
-            candidates = [s for s in servers if s.url not in refusals]
-            if not candidates:
-                raise ClientError(
-                    f"{source.name} ({fmt}): refused: " + "; ".join(f"{u}: {r}" for u, r in refusals.items())
-                )
-            if error_count >= self.max_errors * len(servers) or deadline.left() <= 0:
-                last = errors[-1] if errors else "no answer"
-                spent = deadline.seconds - max(0.0, deadline.left())
-                raise ClientError(f"{source.name} ({fmt}): gave up after {spent:.1f} s: {last}")
-            server = candidates[i % len(candidates)]
-            try:
-                if upload_first and server.url not in uploaded:
-                    uploaded.add(server.url)
-                    state = await self._upload(server, wire, source, data, size, digest, dest, deadline)
-                else:
-                    state = await self._poll(server, wire, digest, dest, deadline)
-                if state == "unknown" or (state.startswith("failed:") and server.url not in uploaded):
-                    # Unknown to the server, or a failure we did not cause (it may have been
-                    # transient, and uploading again clears it): upload.
-                    uploaded.add(server.url)
-                    state = await self._upload(server, wire, source, data, size, digest, dest, deadline)
-                if state == "done":
-                    self._to_cache(wire, digest, dest)
-                    return server.url, False
-                if state.startswith("failed:") and server.url in uploaded:
-                    refusals[server.url] = state.removeprefix("failed:")
-            except _Refused as e:
-                refusals[server.url] = str(e)
-            except (aiohttp.ClientError, TimeoutError, OSError, _Retry) as e:
-                error_count += 1
-                errors.append(f"{server.url}: {describe(e)}")
-                i += 1  # move on to the next server
-                self._rotate(wire, server)
-                if i % len(candidates) == 0:
-                    await asyncio.sleep(min(2.0, 0.2 * 2 ** min(error_count, 4), max(0.0, deadline.left())))
+        if self.token is not None and job.data is not None and server.url not in att.uploaded:
+            att.uploaded.add(server.url)
+            state = await self._watch(server, self._upload(server, job, att.deadline))
+        else:
+            state = await self._watch(
+                server, self._poll(server, job.wire, job.digest, job.dest, att.deadline)
+            )
+        if state == "unknown" or (state.startswith("failed:") and server.url not in att.uploaded):
+            # Unknown to the server, or a failure we did not cause (it may have been
+            # transient, and uploading again clears it): upload.
+            att.uploaded.add(server.url)
+            state = await self._watch(server, self._upload(server, job, att.deadline))
+        return state
 
     # -- protocol steps ---------------------------------------------------------------------
     async def _poll(self, server: Server, wire: str, digest: str, dest: Path, deadline: _Deadline) -> str:
@@ -370,10 +573,13 @@ class AsyncSigningClient:
             if r.status >= 500:
                 raise _Retry(f"server error {r.status}")
             if r.status != 404:
-                raise _Refused(f"{r.status} {reason or r.reason}")
+                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
             return "unknown"
 
     async def _receive(self, r: aiohttp.ClientResponse, dest: Path, expected: str) -> None:
+        index = r.headers.get(LOG_INDEX_HEADER, "")
+        if index.isdigit():
+            self._log_index[dest] = int(index)
         if r.content_length is not None and r.content_length <= SMALL_FILE:
             # A small result is checked in memory and written in one go. (Handing the write
             # to a thread measured slower: the thread and this loop trade the GIL.)
@@ -396,26 +602,17 @@ class AsyncSigningClient:
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def _upload(
-        self,
-        server: Server,
-        wire: str,
-        source: Path,
-        data: bytes | None,
-        size: int,
-        digest: str,
-        dest: Path,
-        deadline: _Deadline,
-    ) -> str:
+    async def _upload(self, server: Server, job: _File, deadline: _Deadline) -> str:
         """Upload; "done" if the server answered with the result (small files ask it to
         wait for the job: a round trip less), "failed:<reason>" or "pending"."""
         if self.token is None:
-            raise _Refused("no token: pass -t/--token-file")
+            raise _Refused("no token: pass -t/--token-file", TokenRefused)
+        source, data, size, dest = job.source, job.data, job.size, job.dest
         nonce = ""
         if self.nonce_file is not None:
             with contextlib.suppress(OSError):
                 nonce = self.nonce_file.read_text()
-        fields = {"sha1": digest, "filename": source.name, "token": self.token, "nonce": nonce}
+        fields = {"sha1": job.digest, "filename": source.name, "token": self.token, "nonce": nonce}
         with contextlib.ExitStack() as stack:
             body: Any
             if data is not None:
@@ -436,7 +633,7 @@ class AsyncSigningClient:
             # Sending takes time proportional to the size; allow ~20 MB/s at worst.
             read = max(60.0, size / 20e6) + (UPLOAD_WAIT if data is not None else 0)
             async with self._http().post(
-                self._upload_url(server, wire), data=body, headers=headers, timeout=deadline.timeout(read)
+                self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
             ) as r:
                 if self.nonce_file is not None and "X-Nonce" in r.headers:
                     with contextlib.suppress(OSError):
@@ -451,7 +648,7 @@ class AsyncSigningClient:
                 if r.status >= 500:
                     raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
                 if r.status >= 400:
-                    raise _Refused(f"{r.status} {reason or r.reason}")
+                    raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
                 return "pending"
 
     def _upload_url(self, server: Server, wire: str) -> yarl.URL:
@@ -460,6 +657,94 @@ class AsyncSigningClient:
         if key not in self._urls:
             self._urls[key] = yarl.URL(f"{server.url}/sign/{wire}")
         return self._urls[key]
+
+    # -- host health ------------------------------------------------------------------------
+    def _health_of(self, server: Server) -> _Health:
+        h = self._health.get(server.url)
+        if h is None:
+            h = self._health[server.url] = _Health()
+        return h
+
+    def _usable(self, server: Server) -> bool:
+        h = self._health_of(server)
+        if not h.bad_until:
+            return True
+        if time.monotonic() >= h.bad_until:
+            self._probe(server)  # left out long enough: one probe decides, files go elsewhere meanwhile
+        return False
+
+    def _mark_bad(self, server: Server, reason: str) -> None:
+        h = self._health_of(server)
+        if not h.bad_until:  # the first to find it down says why; others found the same
+            h.bad_until = time.monotonic() + BENCH
+            h.reason = reason
+
+    def _probe(self, server: Server) -> asyncio.Task[bool]:
+        """The heartbeat of ``server`` running now, or a new one: one at a time per host."""
+        h = self._health_of(server)
+        if h.probe is None or h.probe.done():
+            h.probe = asyncio.ensure_future(self._heartbeat(server, h))
+        return h.probe
+
+    async def _heartbeat(self, server: Server, h: _Health) -> bool:
+        """True if the host answers ``GET /__heartbeat__`` at all (any status: even a classic
+        server's 404 shows it is alive); else it is left out for ``BENCH`` s."""
+        try:
+            async with self._probe_http().get(
+                f"{server.url}/__heartbeat__",
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+            ) as r:
+                await r.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            h.bad_until = time.monotonic() + BENCH
+            what = "not responding" if isinstance(e, TimeoutError) else describe_error(e)
+            h.reason = f"{what} (no heartbeat in {PROBE_TIMEOUT:g} s)"
+            return False
+        h.bad_until, h.alive_at = 0.0, time.monotonic()
+        return True
+
+    async def _first_alive(self, servers: Sequence[Server], deadline: _Deadline) -> Server | None:
+        """The first of ``servers`` whose heartbeat answers (each host probed once, shared)."""
+        probes = {self._probe(s): s for s in servers}
+        pending = set(probes)
+        while pending and deadline.left() > 0:
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED
+            )
+            alive = [probes[p] for p in done if p.result()]
+            if alive:
+                return alive[0]
+        return None
+
+    async def _watch(self, server: Server, work: Coroutine[Any, Any, str]) -> str:
+        """Run one exchange with ``server``, abandoning it (``_Hung``) if the host stops
+        answering: quiet for ``FIRST_BYTE`` s, it must answer a heartbeat to be waited on."""
+        h = self._health_of(server)
+        task = asyncio.ensure_future(work)
+        started = time.monotonic()
+        try:
+            while not task.done():
+                if h.bad_until:  # another exchange found the host down or hung
+                    raise _Hung(h.reason or "not responding")
+                quiet = time.monotonic() - max(started, h.alive_at)
+                if quiet < FIRST_BYTE:
+                    await asyncio.wait({task}, timeout=min(_WATCH_TICK, FIRST_BYTE - quiet))
+                    continue
+                probe = self._probe(server)
+                await asyncio.wait({task, probe}, return_when=asyncio.FIRST_COMPLETED)
+                if not task.done() and probe.done() and not probe.result():
+                    raise _Hung(f"no answer in {time.monotonic() - started:.0f} s, and {h.reason}")
+            state = task.result()
+            h.alive_at = time.monotonic()
+            return state
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+
+    def _retrying(self, source: Path, fmt: str, error: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(source, fmt, error)
 
     # -- servers and cache ------------------------------------------------------------------
     def _servers_for(self, wire: str) -> list[Server]:
@@ -504,3 +789,19 @@ class _Retry(Exception):
 
 class _Refused(Exception):
     """This server will not sign this input; trying it again is pointless."""
+
+    def __init__(self, reason: str, kind: type[ClientError] = SigningRefused) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def _refusal_kind(reason: str | None) -> type[ClientError]:
+    """The kind of a 4xx answer: the classic protocol refuses a bad token with a 400 like a
+    bad input, so only the reason (sealbox's ``X-Sealbox-Error``) tells the two apart."""
+    if reason is not None and reason.startswith(("Invalid token", "Missing token")):
+        return TokenRefused
+    return SigningRefused
+
+
+class _Hung(Exception):
+    """The host stopped answering (no heartbeat either): try elsewhere, or later."""

@@ -12,10 +12,14 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .aio import DEFAULT_TIMEOUT, AsyncSigningClient, SignItem, SignOutcome, request_token_async
 from .hosts import Server
+from .logproof import LogProof
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 T = TypeVar("T")
 
@@ -23,7 +27,10 @@ T = TypeVar("T")
 def request_token(
     server: Server, ca: Path, user: str, password: str, ip: str, duration: int, timeout: float = 30.0
 ) -> str:
-    """Mint an upload token for ``ip`` through ``POST /token`` (what a token issuer does)."""
+    """Mint an upload token for ``ip`` through ``POST /token`` (what a token issuer does).
+
+    Raises :class:`TokenRefused` if the server answers no, :class:`ServerUnavailable` if it
+    does not answer in time."""
     coro = request_token_async(server, ca, user, password, ip, duration, timeout)
     try:
         asyncio.get_running_loop()
@@ -50,7 +57,11 @@ class SigningClient:
         shuffle: bool = True,
         connections: int = 16,
         source_address: str | None = None,
+        on_retry: Callable[[Path, str, str], None] | None = None,
+        log_proof: bool = False,
+        log_key: Ed25519PublicKey | None = None,
     ) -> None:
+        """``on_retry`` is called on the client's own thread."""
         self._client = AsyncSigningClient(
             servers,
             ca,
@@ -62,12 +73,20 @@ class SigningClient:
             shuffle=shuffle,
             connections=connections,
             source_address=source_address,
+            on_retry=on_retry,
+            log_proof=log_proof,
+            log_key=log_key,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sealbox-client", daemon=True)
         self._thread.start()
         self._running: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
+
+    @property
+    def log_proofs(self) -> list[LogProof]:
+        """Every signing log proof checked so far (``log_proof``): a copy."""
+        return list(self._client.log_proofs)
 
     def __enter__(self) -> SigningClient:
         return self
@@ -116,5 +135,5 @@ class SigningClient:
         return self._run(self._client.sign_many(items, jobs, progress))
 
     def sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool]:
-        """Sign one file with one format; raises ClientError on failure."""
+        """Sign one file with one format; raises a :class:`ClientError` of the failure's kind."""
         return self._run(self._client.sign_one(source, fmt, dest))

@@ -17,9 +17,11 @@ class Server:
 
     @property
     def url(self) -> str:
+        """The server's base URL (HTTPS)."""
         return f"https://{self.host}:{self.port}"
 
     def serves(self, fmt: str) -> bool:
+        """Whether this server may be asked for ``fmt``."""
         return not self.formats or fmt in self.formats
 
 

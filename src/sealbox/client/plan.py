@@ -1,17 +1,19 @@
-"""Which formats run in which order, and where each result goes."""
+"""Which formats run in which order, and where each result goes (from :data:`sealbox.wire.TABLE`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..wire import ALIASES
+from ..wire import ALIASES, TABLE
 
-# Detached signatures of the final bytes go last, in this order (as signtool does).
-LAST = ("widevine", "widevine_blessed", "macapp", "dmg", "gpg")
-DETACHED = {"gpg": ".asc", "widevine": ".sig", "widevine_blessed": ".sig"}
+#: detached signatures of the final bytes go last, in this order (as signtool does)
+LAST = tuple(f.name for f in sorted((f for f in TABLE if f.last), key=lambda f: f.last))
+#: name -> suffix of the detached signature a client writes next to the file
+DETACHED = {f.name: f.detached_suffix for f in TABLE if f.detached_suffix}
 
 
 def wire_name(fmt: str) -> str:
+    """The name a server knows ``fmt`` by (an alias becomes its wire name)."""
     return ALIASES.get(fmt, fmt)
 
 

@@ -1,7 +1,7 @@
 """Local deployments and servers on loopback: what `make demo`, the benchmarks and the tests run.
 
 ``Deployment.create`` runs ``sealbox init --dev``; ``start_server`` runs ``sealbox serve`` in a
-child process on a free port and waits until it listens.
+child process on a port the system picks when it binds, and waits until it listens.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is used (servers bind port 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -35,8 +36,32 @@ class Deployment:
     level: str
 
     @classmethod
-    def create(cls, root: Path, level: str = "dep", formats: Sequence[str] | None = None) -> Deployment:
-        init_dev(root, level, f"127.0.0.1:{free_port()}", list(formats) if formats else None)
+    def create(
+        cls, root: Path, level: str = "dep", formats: Sequence[str] | None = None, hsm: bool = False
+    ) -> Deployment:
+        """``sealbox init --dev``; with ``hsm`` the in-process formats' keys are made in a
+        SoftHSM token, by the command in a child process (SoftHSM takes one config per
+        process, and this process may make several deployments)."""
+        listen = f"127.0.0.1:{free_port()}"
+        if not hsm:
+            init_dev(root, level, listen, list(formats) if formats else None)
+            return cls(root, level)
+        argv = [
+            str(BIN / "sealbox"),
+            "init",
+            "--dev",
+            str(root),
+            "--level",
+            level,
+            "--listen",
+            listen,
+            "--hsm",
+        ]
+        for fmt in formats or ():
+            argv += ["--format", fmt]
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"sealbox init --hsm failed: {res.stderr.strip() or res.stdout.strip()}")
         return cls(root, level)
 
     @property
@@ -96,6 +121,19 @@ class ServerProcess:
                 out.append({"raw": line})
         return out
 
+    def wait_log(
+        self, done: Callable[[list[dict[str, object]]], object], timeout: float = 60
+    ) -> list[dict[str, object]]:
+        """Poll the log until ``done(lines)`` is true; the lines. A wait on a fact, not a sleep."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.log_lines()
+            if done(lines):
+                return lines
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not in the server log after {timeout:g} s: {self.log.read_text()}")
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -114,8 +152,10 @@ def start_server(
     wait: bool = True,
     passphrase_file: Path | None = None,
 ) -> ServerProcess:
-    port = port or free_port()
-    log = deployment.root / f"server-{port}-{time.monotonic_ns()}.log"
+    """Run ``sealbox serve``; with ``wait``, return once it listens. Without a ``port`` it binds
+    port 0 and reports the port it got in its "listening" log line."""
+    port = port or 0
+    log = deployment.root / f"server-{port or 'any'}-{time.monotonic_ns()}.log"
     args = [
         str(BIN / "sealbox"),
         "serve",
@@ -135,8 +175,12 @@ def start_server(
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()}")
-            if '"event":"listening"' in log.read_text(errors="replace"):
-                return sp
+            for line in log.read_text(errors="replace").splitlines(keepends=True):
+                if '"listening"' in line and line.endswith("\n"):  # a whole line
+                    entry = json.loads(line)
+                    if entry.get("event") == "listening":
+                        sp.port = int(entry["port"])
+                        return sp
             time.sleep(0.05)
         sp.stop()
         raise RuntimeError(f"server did not start: {log.read_text()}")

@@ -1,8 +1,9 @@
 """Minimal OpenPGP (RFC 4880, v4) packets: RSA public keys, user IDs, signatures, armour.
 
-Written over ``cryptography`` so a detached signature costs one RSA operation over a hash
-state that the server already computed while the upload streamed in, and so the key can
-sit wherever ``cryptography`` can reach it. Only what sealbox emits is supported.
+Written by hand so a detached signature costs one RSA operation over a hash state that the
+server already computed while the upload streamed in, made by a
+:class:`~sealbox.keys.SigningKey` wherever it lives (a file, a PKCS#11 token). Only what
+sealbox emits is supported.
 """
 
 from __future__ import annotations
@@ -13,18 +14,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError
+from ..keys.signing import HashName, SigningKey
+from ..keys.signing import PublicKey as AnyPublicKey
 
 PUBKEY_RSA = 1
 HASH_IDS = {"sha256": 8, "sha384": 9, "sha512": 10}
-_CRYPTO_HASH: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
 SIG_BINARY = 0x00
 SIG_POSITIVE_CERT = 0x13
 TAG_SIGNATURE, TAG_PUBLIC_KEY, TAG_USER_ID = 2, 6, 13
@@ -147,16 +144,16 @@ class PublicKey:
     def key_id(self) -> bytes:
         return self.fingerprint[-8:]
 
-    def matches(self, key: rsa.RSAPublicKey) -> bool:
-        return PublicKey.from_rsa(key, self.created).body == self.body
+    def matches(self, key: AnyPublicKey) -> bool:
+        return isinstance(key, rsa.RSAPublicKey) and PublicKey.from_rsa(key, self.created).body == self.body
 
 
 def _signature(
-    key: rsa.RSAPrivateKey,
+    key: SigningKey,
     pub: PublicKey,
     sig_type: int,
     hash_state: Any,
-    hash_name: str,
+    hash_name: HashName,
     created: int,
     extra_hashed: bytes = b"",
 ) -> bytes:
@@ -174,22 +171,24 @@ def _signature(
     hash_state.update(head)
     hash_state.update(b"\x04\xff" + struct.pack(">I", len(head)))
     digest = hash_state.digest()
-    sig = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(_CRYPTO_HASH[hash_name]()))
+    sig = key.sign_digest(digest, hash_name, "pkcs1v15")
     unhashed = _subpacket(16, pub.key_id)
     body = head + struct.pack(">H", len(unhashed)) + unhashed + digest[:2] + _mpi(int.from_bytes(sig, "big"))
     return _packet(TAG_SIGNATURE, body)
 
 
 def detached_signature(
-    key: rsa.RSAPrivateKey, pub: PublicKey, hash_state: Any, hash_name: str, created: int
+    key: SigningKey, pub: PublicKey, hash_state: Any, hash_name: HashName, created: int
 ) -> bytes:
     """An armoured detached binary-document signature; ``hash_state`` covers the file."""
     return armor("SIGNATURE", _signature(key, pub, SIG_BINARY, hash_state, hash_name, created))
 
 
-def public_key_block(key: rsa.RSAPrivateKey, user_id: str, created: int) -> bytes:
+def public_key_block(key: SigningKey, user_id: str, created: int) -> bytes:
     """An armoured transferable public key: key packet, user ID and its self-signature."""
-    pub = PublicKey.from_rsa(key.public_key(), created)
+    if not isinstance(key.public_key, rsa.RSAPublicKey):
+        raise ConfigError(f"key '{key.name}': OpenPGP keys made here are RSA keys")
+    pub = PublicKey.from_rsa(key.public_key, created)
     uid = user_id.encode("utf-8")
     h = hashlib.sha256(b"\x99" + struct.pack(">H", len(pub.body)) + pub.body)
     h.update(b"\xb4" + struct.pack(">I", len(uid)) + uid)

@@ -1,42 +1,45 @@
-"""``jar`` and ``focus-jar``: Android APKs (v1+v2+v3, zipaligned) and Java JARs (jarsigner).
+"""``jar``, ``focus-jar``, ``apk``, ``focus-apk``: Android APKs and Java JARs.
 
-Both wire names work the same way with different keys. Every input is checked and
-rewritten in Python before any tool sees it: it must be a well-formed zip with safe
-member names, bounded member count and expanded size, no duplicates, no symlinks and
-valid CRCs. The rewrite drops the old signature files (``META-INF/*.SF|RSA|DSA|EC``,
-``SIG-*``), the digest lines of ``META-INF/MANIFEST.MF``, any APK Signing Block,
-extra fields and comments, and copies the compressed bytes of every member unchanged.
+``apk`` shares the key of ``jar``, ``focus-apk`` that of ``focus-jar``. How an input is
+signed depends on the wire name and the bytes only, never on the upload's name: a result is
+named by (format, sha1) alone, so the same bytes must give the same output under any name.
+Every input is checked and rewritten in Python before any tool sees it, under the archive
+rules of :mod:`sealbox.archives` (:func:`~sealbox.archives.zip_members`,
+:func:`~sealbox.archives.rewrite_zip`): it must be a well-formed zip with safe member names,
+bounded member count and expanded size, no duplicates, no symlinks and valid CRCs. The
+rewrite drops the old signature files
+(``META-INF/*.SF|RSA|DSA|EC``, ``SIG-*``), the digest lines of ``META-INF/MANIFEST.MF``, any
+APK Signing Block, extra fields and comments, and copies the compressed bytes of every member
+unchanged. An APK is a zip with a compiled (binary XML) ``AndroidManifest.xml`` at its root.
 
-* ``*.apk`` holding ``AndroidManifest.xml``: ``zipalign -p -f 4`` first, then
-  ``apksigner sign`` with v1, v2 and v3 (never the other way round: zipalign drops the
-  v2/v3 signing block).
-* anything else (``*.jar``, ``*.aar``, ``*.zip``...): ``jarsigner`` SHA-256 / SHA256withRSA.
+* ``apk``/``focus-apk``: APKs only. ``zipalign -p -f 4`` first, then ``apksigner sign`` with
+  v1, v2 and v3 (never the other way round: zipalign drops the v2/v3 signing block).
+* ``jar``/``focus-jar`` on an APK: ``zipalign -p -f 4``, then ``apksigner sign`` v1 only,
+  without the v1 claim of v2/v3. Classic signing-task clients run ``zipalign 4`` on what these
+  names return; that is safe after v1 only. An APK that Android accepts only with v2+ (target
+  SDK >= 30) is refused with a pointer to the ``apk`` names.
+* ``jar``/``focus-jar`` on anything else (JAR, AAR, zip): ``jarsigner`` SHA-256 / SHA256withRSA.
 
 The key reaches the JVM as a one-time PKCS#12 keystore, encrypted with a random password,
-through a pipe (``/dev/fd/N``); the password goes through a second pipe. Children get a
-minimal environment and are killed on timeout.
+through a pipe (``/dev/fd/N``); the password goes through a second pipe. The tools run
+through :func:`~sealbox.formats.base.run_tool`: a minimal environment, their process group
+killed on timeout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-import itertools
 import os
 import re
 import secrets
 import shutil
-import signal
-import stat
 import struct
-import subprocess
+import tempfile
 import zipfile
-import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,9 +47,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL, PARSE_ERRORS, Editor, rewrite_zip, zip_members
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
+from ..keys.signing import file_handoff
+from ..procs import ToolResult, tool_reason
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
@@ -55,26 +61,23 @@ if TYPE_CHECKING:
 TRUSTSTORE_PASSWORD = "changeit"  # noqa: S105
 ALIAS = "signer"
 TOOLS = ("java", "jarsigner", "apksigner", "zipalign")
+#: the classic names: v1 only (callers may zipalign the result), JARs and APKs
+CLASSIC_FORMATS = ("jar", "focus-jar")
+#: the APK-only names (v1+v2+v3, zipaligned) and the classic name whose key each shares
+APK_FORMATS = {"apk": "jar", "focus-apk": "focus-jar"}
 
-DEFAULT_MAX_MEMBERS = 20_000
-DEFAULT_MAX_UNCOMPRESSED = 2 * 1024**3
-# A large member compressed better than this is a decompression bomb, not code or resources.
-MAX_RATIO = 200
-BOMB_MIN_SIZE = 16 * 1024**2
 DEFAULT_TIMEOUT = 300.0
 #: JVM options: no hsperfdata file in /tmp, a private tmpdir is added per job
 DEFAULT_JAVA_OPTIONS = ("-XX:-UsePerfData", "-XX:+UseSerialGC", "-Xmx1024m")
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
-_CHUNK = 1 << 20
-_MAX_MANIFEST = 64 << 20
-_U32 = 0xFFFFFFFF
 
 _SIGNATURE_FILE = re.compile(r"^META-INF/(?:[^/]+\.(?:SF|RSA|DSA|EC)|SIG-[^/]*)$", re.IGNORECASE)
 _MANIFEST = "META-INF/MANIFEST.MF"
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _AXML_MAGIC = b"\x03\x00\x08\x00"
 #: apksigner errors that mean "this APK can never be signed" rather than a tool failure
 _APK_FORMAT_ERRORS = ("ApkFormatException", "MinSdkVersionException", "ZipFormatException")
+#: apksigner verify: the APK's target SDK needs a signature scheme newer than v1
+_V2_REQUIRED = re.compile(r"Target SDK version (\d+) requires a minimum of signature scheme (v\d+)")
 
 
 def _one_time_password() -> str:
@@ -82,91 +85,7 @@ def _one_time_password() -> str:
     return secrets.token_urlsafe(32)
 
 
-# -- zip validation and rewrite -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Member:
-    info: zipfile.ZipInfo
-    raw_name: bytes
-    is_dir: bool
-
-
-def _check_name(name: str) -> str | None:
-    """Why ``name`` is unsafe as a member name, or None."""
-    if not name:
-        return "empty member name"
-    if "\x00" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "control character in member name"
-    if "\\" in name:
-        return "backslash in member name"
-    if name.startswith("/") or _DRIVE.match(name):
-        return "absolute member path"
-    parts = name.split("/")
-    if parts[-1] == "":
-        parts = parts[:-1]  # a directory entry
-    for part in parts:
-        if part in ("", ".", ".."):
-            return "'.', '..' or empty path component"
-    return None
-
-
-def _inspect(zf: zipfile.ZipFile, max_members: int, max_uncompressed: int) -> list[_Member]:
-    infos = zf.infolist()
-    if not infos:
-        raise FormatRejected("empty zip archive: nothing to sign")
-    if len(infos) > max_members:
-        raise FormatRejected(f"zip has {len(infos)} members, more than the limit of {max_members}")
-    seen: set[str] = set()
-    total = 0
-    members: list[_Member] = []
-    for info in infos:
-        name = info.orig_filename
-        shown = name[:120].encode("unicode_escape").decode("ascii")
-        why = _check_name(name)
-        if why:
-            raise FormatRejected(f"unsafe member '{shown}': {why}")
-        if name in seen:
-            raise FormatRejected(f"duplicate member '{shown}'")
-        seen.add(name)
-        if info.flag_bits & 0x41:
-            raise FormatRejected(f"member '{shown}' is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise FormatRejected(f"member '{shown}' uses unsupported compression method {info.compress_type}")
-        mode = info.external_attr >> 16
-        if info.create_system == 3 and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
-            raise FormatRejected(f"member '{shown}' is {kind}")
-        is_dir = name.endswith("/")
-        if is_dir and info.file_size:
-            raise FormatRejected(f"directory member '{shown}' has content")
-        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-            raise FormatRejected(f"stored member '{shown}' has inconsistent sizes")
-        if info.file_size > BOMB_MIN_SIZE and info.file_size > MAX_RATIO * max(1, info.compress_size):
-            raise FormatRejected(
-                f"member '{shown}' expands {info.file_size // max(1, info.compress_size)}:1 to "
-                f"{info.file_size} bytes (zip bomb?)"
-            )
-        total += info.file_size
-        if total > max_uncompressed:
-            raise FormatRejected(
-                f"member '{shown}' makes the archive expand beyond {max_uncompressed} bytes (zip bomb?)"
-            )
-        raw = name.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        members.append(_Member(info, raw, is_dir))
-    # entries must not share bytes (overlapping entries are the classic zip bomb trick)
-    spans = sorted(
-        (
-            m.info.header_offset,
-            m.info.header_offset + 30 + len(m.raw_name) + m.info.compress_size,
-            m.info.orig_filename,
-        )
-        for m in members
-    )
-    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
-        if start < end:
-            raise FormatRejected(f"members '{name[:120]}' and '{other[:120]}' overlap")
-    return members
+# -- the input: checked and rewritten under the archive rules (sealbox.archives) ---------------
 
 
 def _clean_manifest(data: bytes) -> bytes:
@@ -206,142 +125,60 @@ def _wrap(line: bytes) -> bytes:
     return b"\r\n ".join(chunks) + b"\r\n"
 
 
-class _ZipWriter:
-    """Writes members without extra fields, comments or data descriptors (no zip64)."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self._central: list[bytes] = []
-
-    def add(self, m: _Member, crc: int, method: int, csize: int, usize: int, chunks: Iterable[bytes]) -> None:
-        offset = self._f.tell()
-        if offset + 30 + len(m.raw_name) + csize > _U32 or len(self._central) >= 0xFFFF:
-            raise FormatRejected("archive too large to sign (zip64 output is not supported)")
-        y, mo, d, h, mi, s = m.info.date_time
-        dos_date = ((max(y, 1980) - 1980) << 9) | (mo << 5) | d
-        dos_time = (h << 11) | (mi << 5) | (s // 2)
-        flags = m.info.flag_bits & 0x800
-        common = struct.pack(
-            "<HHHHIIIH", flags, method, dos_time, dos_date, crc, csize, usize, len(m.raw_name)
-        )
-        self._f.write(b"PK\x03\x04" + struct.pack("<H", 20) + common + struct.pack("<H", 0) + m.raw_name)
-        for chunk in chunks:
-            self._f.write(chunk)
-        external = 0x10 if m.is_dir else 0
-        self._central.append(
-            b"PK\x01\x02"
-            + struct.pack("<HH", 20, 20)
-            + common
-            + struct.pack("<HHHHII", 0, 0, 0, 0, external, offset)
-            + m.raw_name
-        )
-
-    def finish(self) -> None:
-        start = self._f.tell()
-        for entry in self._central:
-            self._f.write(entry)
-        size = self._f.tell() - start
-        n = len(self._central)
-        self._f.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, n, n, size, start, 0))
-
-
-def _member_chunks(src: IO[bytes], m: _Member, file_size: int) -> Iterator[bytes]:
-    """Yield the compressed bytes of ``m`` while checking its local header, size bound and CRC;
-    the final checks run when the generator is exhausted, so always consume it fully."""
-    info, shown = m.info, m.info.orig_filename[:120]
-    src.seek(info.header_offset)
-    head = src.read(30)
-    if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        raise FormatRejected(f"member '{shown}': bad local header")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    if src.read(name_len) != m.raw_name:
-        raise FormatRejected(f"member '{shown}': local and central names differ")
-    data_start = info.header_offset + 30 + name_len + extra_len
-    if data_start + info.compress_size > file_size:
-        raise FormatRejected(f"member '{shown}' is truncated")
-    crc, produced, left, pos = 0, 0, info.compress_size, data_start
-    inflater = zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
-    while left:
-        src.seek(pos)  # the consumer may share the file position
-        chunk = src.read(min(_CHUNK, left))
-        if not chunk:
-            raise FormatRejected(f"member '{shown}' is truncated")
-        left -= len(chunk)
-        pos += len(chunk)
-        if inflater is None:
-            plain = chunk
-        else:
-            try:
-                # never expand past the declared size (+1 to notice a lie)
-                plain = inflater.decompress(chunk, info.file_size - produced + 1)
-            except zlib.error as e:
-                raise FormatRejected(f"member '{shown}': corrupt deflate data ({e})") from None
-        produced += len(plain)
-        if produced > info.file_size or (inflater is not None and inflater.unconsumed_tail):
-            raise FormatRejected(f"member '{shown}' expands beyond its declared size")
-        crc = zlib.crc32(plain, crc)
-        yield chunk
-    if inflater is not None and (not inflater.eof or inflater.unused_data):
-        raise FormatRejected(f"member '{shown}': deflate stream does not end where the entry does")
-    if produced != info.file_size:
-        raise FormatRejected(f"member '{shown}': size mismatch ({produced} != {info.file_size})")
-    if crc != info.CRC:
-        raise FormatRejected(f"member '{shown}': CRC mismatch")
-
-
-def _deflate(data: bytes) -> bytes:
-    c = zlib.compressobj(6, zlib.DEFLATED, -15)
-    return c.compress(data) + c.flush()
-
-
 @dataclass(frozen=True)
 class _Prepared:
     path: Path
-    is_apk: bool
+    #: None for an APK, else why the input is not one (content only, never its name)
+    not_apk: str | None
+
+    @property
+    def is_apk(self) -> bool:
+        return self.not_apk is None
 
 
-def _prepare(src_path: Path, filename: str, dest: Path, max_members: int, max_uncompressed: int) -> _Prepared:
-    """Validate the input and write its unsigned, cleaned copy to ``dest``."""
-    try:
-        zf = zipfile.ZipFile(src_path)
-    except zipfile.BadZipFile as e:
-        raise FormatRejected(f"not a zip archive ({e})") from None
-    except (ValueError, EOFError, struct.error, OverflowError, NotImplementedError, UnicodeDecodeError) as e:
-        raise FormatRejected(f"malformed zip archive ({type(e).__name__})") from None
-    with zf:
-        members = _inspect(zf, max_members, max_uncompressed)
-    names = {m.info.orig_filename for m in members}
-    is_apk = filename.lower().endswith(".apk")
-    if is_apk and "AndroidManifest.xml" not in names:
-        raise FormatRejected("an .apk must contain AndroidManifest.xml")
-    file_size = src_path.stat().st_size
+def _safe(text: str, limit: int = 120) -> str:
+    """``text`` as one short line of printable ASCII (it may hold bytes of the archive)."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+def _prepare(
+    src_path: Path, dest: Path, max_members: int, max_uncompressed: int, require_apk: bool = False
+) -> _Prepared:
+    """Check the input under the archive rules and write its unsigned, cleaned copy to ``dest``:
+    the old signature files dropped, the manifest's digest lines removed, everything else copied
+    as it is. Every way a malformed archive can fail is a :class:`FormatRejected` saying what."""
+    members = zip_members(src_path, max_members=max_members, max_total=max_uncompressed)
+    not_apk: str | None = None
+    if not any(m.name == "AndroidManifest.xml" for m in members):
+        not_apk = "the archive has no AndroidManifest.xml at its root"
+        if require_apk:  # refuse before the rewrite
+            raise FormatRejected(f"not an APK: {not_apk}")
     axml_head = b""
-    with src_path.open("rb") as src, dest.open("wb") as out:
-        writer = _ZipWriter(out)
-        for m in members:
-            name, info = m.info.orig_filename, m.info
-            chunks = _member_chunks(src, m, file_size)
-            if _SIGNATURE_FILE.match(name):
-                for _ in chunks:
-                    pass
-            elif name.upper() == _MANIFEST or (is_apk and name == "AndroidManifest.xml"):
-                if info.file_size > _MAX_MANIFEST:
-                    raise FormatRejected(f"member '{name}' is larger than {_MAX_MANIFEST} bytes")
-                raw = b"".join(chunks)
-                plain = zlib.decompress(raw, -15) if info.compress_type else raw
-                if name == "AndroidManifest.xml":
-                    axml_head = plain[:4]
-                    writer.add(m, info.CRC, info.compress_type, len(raw), len(plain), [raw])
-                else:
-                    plain = _clean_manifest(plain)
-                    data = _deflate(plain) if info.compress_type else plain
-                    writer.add(m, zlib.crc32(plain), info.compress_type, len(data), len(plain), [data])
-            else:
-                writer.add(m, info.CRC, info.compress_type, info.compress_size, info.file_size, chunks)
-        writer.finish()
-    if is_apk and axml_head != _AXML_MAGIC:
-        raise FormatRejected("AndroidManifest.xml is not compiled binary XML")
-    return _Prepared(dest, is_apk)
+
+    def look(plain: bytes) -> None:  # the Android manifest is copied unchanged, only looked at
+        nonlocal axml_head
+        axml_head = plain[:4]
+
+    def editor(name: str) -> Editor | None:
+        if name == "AndroidManifest.xml":
+            return look
+        return _clean_manifest if name.upper() == _MANIFEST else None
+
+    rewrite_zip(src_path, dest, members, drop=_SIGNATURE_FILE.match, edit=editor)
+    if not_apk is None and axml_head != _AXML_MAGIC:
+        not_apk = "AndroidManifest.xml is not compiled binary XML"
+    if require_apk and not_apk is not None:
+        raise FormatRejected(f"not an APK: {not_apk}")
+    return _Prepared(dest, not_apk)
+
+
+def is_apk_file(path: Path) -> bool:
+    """Whether ``path`` holds an APK: a zip with a binary-XML ``AndroidManifest.xml`` at its root."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("AndroidManifest.xml") as f:
+            return f.read(4) == _AXML_MAGIC
+    except (KeyError, OSError, RuntimeError, *PARSE_ERRORS):  # RuntimeError: encrypted member
+        return False
 
 
 # -- the signer ---------------------------------------------------------------------------------
@@ -355,26 +192,25 @@ def _int_option(settings: FormatSettings, name: str, default: int, low: int, hig
 
 
 class AndroidSigner(Signer):
-    formats = ("jar", "focus-jar")
+    family = "android"
     verifier = (
         "APK: apksigner verify --verbose --print-certs --min-sdk-version 18 (cert public/<fmt>.pem) + "
-        "zipalign -c -p 4; JAR: jarsigner -verify -strict -keystore public/<fmt>-truststore.p12"
+        "zipalign -c -p 4 (apk names; classic names: apksigner verify again after zipalign -f 4); "
+        "JAR: jarsigner -verify -strict -keystore public/<fmt>-truststore.p12"
     )
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        unlocked = keys(settings.require_key())
-        self._key = unlocked.rsa
-        self._cert = unlocked.certificate
-        if self._cert.public_key() != self._key.public_key():
+        key = keys(settings.require_key())
+        key.require(settings.name, "rsa")
+        if key.certificate.public_key() != key.public_key:
             raise ConfigError(
                 f"format '{settings.name}': the certificate of key '{settings.key}' is not its own"
             )
-        self._extra = list(unlocked.chain[1:])
+        self._key = file_handoff(key, settings.name)  # the tools get a PKCS#12 keystore, over a pipe
+        # the archive rules' limits; the rewrite writes no zip64, hence at most 0xFFFF members
         self._max_members = _int_option(settings, "max_members", DEFAULT_MAX_MEMBERS, 1, 0xFFFF)
-        self._max_uncompressed = _int_option(
-            settings, "max_uncompressed_size", DEFAULT_MAX_UNCOMPRESSED, 1, 1 << 40
-        )
+        self._max_uncompressed = _int_option(settings, "max_uncompressed_size", DEFAULT_MAX_TOTAL, 1, 1 << 40)
         timeout = settings.get("timeout", DEFAULT_TIMEOUT)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
             raise ConfigError(f"format '{settings.name}': 'timeout' must be a positive number of seconds")
@@ -396,8 +232,10 @@ class AndroidSigner(Signer):
     # -- signing --------------------------------------------------------------------------------
     def sign(self, request: SignRequest) -> None:
         work = request.work_dir
+        # the upload's name plays no part: a result is named by (format, sha1) alone
+        apk_only = self.format in APK_FORMATS
         prepared = _prepare(
-            request.input, request.filename, work / "unsigned.zip", self._max_members, self._max_uncompressed
+            request.input, work / "unsigned.zip", self._max_members, self._max_uncompressed, apk_only
         )
         signed = work / ("signed.apk" if prepared.is_apk else "signed.jar")
         tmp = work / "jvm-tmp"
@@ -426,10 +264,12 @@ class AndroidSigner(Signer):
                         f"file:{sec.paths[1]}",
                         "--v1-signing-enabled",
                         "true",
+                        # classic callers zipalign what they get, which drops a v2/v3 block
+                        # (and a v1 claiming v2/v3 would then fail): v1 only for them
                         "--v2-signing-enabled",
-                        "true",
+                        "true" if apk_only else "false",
                         "--v3-signing-enabled",
-                        "true",
+                        "true" if apk_only else "false",
                         "--v4-signing-enabled",
                         "false",
                         "--out",
@@ -440,6 +280,8 @@ class AndroidSigner(Signer):
                     "apksigner",
                     work,
                 )
+            if not apk_only and signed.is_file():
+                self._check_v1_only(signed, jvm, work)
         else:
             with ToolSecrets(keystore, password.encode() + b"\n") as sec:
                 self._run(
@@ -472,59 +314,53 @@ class AndroidSigner(Signer):
     def _keystore(self, password: bytes) -> bytes:
         """This job's PKCS#12 keystore under a one-time password (the password has ~190 bits of
         entropy, so a light KDF is enough)."""
-        return pkcs12.serialize_key_and_certificates(
-            ALIAS.encode(), self._key, self._cert, self._extra or None, _pkcs12_encryption(password)
-        )
+        return self._key.pkcs12(ALIAS.encode(), _pkcs12_encryption(password))
 
-    def _run(self, argv: list[str], sec: ToolSecrets | None, what: str, work: Path) -> str:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=child_env(work, _CHILD_PATH),
-                cwd=work,
-                pass_fds=sec.fds if sec else (),
-                start_new_session=True,
+    def _check_v1_only(self, signed: Path, jvm: list[str], work: Path) -> None:
+        """Refuse an APK that a v1 signature alone cannot make valid: Android wants v2+ for a
+        target SDK >= 30, which the classic names cannot give (their callers zipalign)."""
+        argv = ["apksigner", *(f"-J{o[1:]}" for o in jvm), "verify", str(signed)]
+        res = self._run(argv, None, "apksigner verify", work, check=False)
+        code, text = res.returncode, res.output
+        if code == 0:
+            return
+        need = _V2_REQUIRED.search(text)
+        if need is not None:
+            apk_name = next(n for n, classic in APK_FORMATS.items() if classic == self.format)
+            raise FormatRejected(
+                f"this APK targets SDK {need.group(1)}, which Android accepts only with APK Signature "
+                f"Scheme {need.group(2)} or later; '{self.format}' signs v1 only (its classic callers "
+                f"zipalign the result, which strips v2/v3): sign it as '{apk_name}'"
             )
-        except OSError as e:
-            raise SigningFailed(f"cannot run {what}: {e.strerror}") from None
-        if sec is not None:
-            sec.close_parent_ends()
-        try:
-            out, _ = proc.communicate(timeout=self._timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise SigningFailed(f"{what} timed out after {self._timeout:g} s") from None
-        except BaseException:
-            _kill_group(proc)
-            raise
-        text = out.decode(errors="replace")
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            reason = next(
-                (ln for ln in lines if "Exception" in ln or "rror" in ln), lines[-1] if lines else ""
-            )
-            message = f"{what} failed (exit {proc.returncode}): {reason[:300]}"
-            if what == "apksigner" and any(marker in text for marker in _APK_FORMAT_ERRORS):
-                raise FormatRejected(message)
-            raise SigningFailed(message)
-        return text
+        if "DOES NOT VERIFY" in text:  # apksigner's verdict on these bytes: it will not change
+            raise FormatRejected(f"the v1-signed APK does not verify: {_safe(res.reason, 300)}")
+        raise SigningFailed(f"apksigner verify failed (exit {code}): {res.reason}")
+
+    def _run(
+        self, argv: list[str], sec: ToolSecrets | None, what: str, work: Path, check: bool = True
+    ) -> ToolResult:
+        """Run a tool in ``work`` (killed on timeout); with ``check``, a non-zero exit raises, as
+        FormatRejected when apksigner says the APK is malformed."""
+        malformed = _APK_FORMAT_ERRORS if what == "apksigner" else ()
+        return run_tool(argv, what=what, timeout=self._timeout, cwd=work, secrets=sec,
+                        env=child_env(work, _CHILD_PATH), malformed=malformed, check=check)  # fmt: skip
 
     # -- dev keys and verification ----------------------------------------------------------------
     @classmethod
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
         sections: dict[str, dict[str, Any]] = {}
-        for fmt in cls.formats:
+        certs: dict[str, bytes] = {}
+        for fmt in CLASSIC_FORMATS:
             key = ctx.rsa(2048)
             cert = _self_signed(key, f"sealbox {ctx.level} {fmt} signer")
             name = ctx.add_pkcs12_key(fmt, key, cert)
+            certs[fmt] = cert.public_bytes(serialization.Encoding.PEM)
             ctx.write_public(
                 f"{fmt}.pem",
-                cert.public_bytes(serialization.Encoding.PEM),
-                f"APK signed as '{fmt}': apksigner verify --verbose --print-certs --min-sdk-version 18 FILE "
-                f"(signer cert SHA-256 digest = that of public/{fmt}.pem) && zipalign -c -p 4 FILE",
+                certs[fmt],
+                f"APK signed as '{fmt}' (v1 only): apksigner verify --verbose --print-certs "
+                f"--min-sdk-version 18 FILE (signer cert SHA-256 digest = that of public/{fmt}.pem), "
+                "and again after zipalign -f 4 FILE ALIGNED",
             )
             trust = pkcs12.serialize_java_truststore(
                 [pkcs12.PKCS12Certificate(cert, fmt.encode())],
@@ -537,14 +373,25 @@ class AndroidSigner(Signer):
                 f"-storetype PKCS12 -storepass {TRUSTSTORE_PASSWORD} FILE (public store password)",
             )
             sections[fmt] = {"key": name}
+        for fmt, classic in APK_FORMATS.items():
+            ctx.write_public(
+                f"{fmt}.pem",
+                certs[classic],
+                f"APK signed as '{fmt}' (v1+v2+v3): apksigner verify --verbose --print-certs "
+                f"--min-sdk-version 18 FILE (signer cert SHA-256 digest = that of public/{fmt}.pem, "
+                f"the certificate of '{classic}') && zipalign -c -p 4 FILE",
+            )
+            sections[fmt] = {"key": sections[classic]["key"]}
         return sections
 
     @classmethod
     def verify(cls, fmt: str, signed: Path, original: Path | None, public_dir: Path) -> str:
         if fmt not in cls.formats:
             raise VerificationFailed(f"format '{fmt}' is not served by {cls.__name__}")
-        if signed.suffix.lower() == ".apk" or _has_apk_signing_block(signed):
+        if fmt in APK_FORMATS:
             return _verify_apk(fmt, signed, public_dir)
+        if is_apk_file(signed):  # by content, as the signer decides
+            return _verify_classic_apk(fmt, signed, public_dir)
         return _verify_jar(fmt, signed, public_dir)
 
 
@@ -558,12 +405,6 @@ def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncrypt
         .hmac_hash(hashes.SHA256())
         .build(password)
     )
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
 
 
 def _self_signed(key: rsa.RSAPrivateKey, cn: str, years: int = 25) -> x509.Certificate:
@@ -615,7 +456,9 @@ def _run_verifier(argv: list[str], work: Path) -> tuple[int, str]:
     return res.returncode, (res.stdout + res.stderr).decode(errors="replace")
 
 
-def _verify_apk(fmt: str, signed: Path, public_dir: Path) -> str:
+def _apksigner_verify(fmt: str, signed: Path, public_dir: Path, schemes: tuple[str, ...]) -> str:
+    """apksigner verify: one signer, this format's certificate, each of ``schemes`` verified.
+    Returns the command line (without the file)."""
     cert_path = public_dir / f"{fmt}.pem"
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -626,8 +469,9 @@ def _verify_apk(fmt: str, signed: Path, public_dir: Path) -> str:
     rc, out = _run_verifier(cmd, public_dir)
     if rc != 0:
         lines = [ln for ln in out.splitlines() if ln.strip()]
-        raise VerificationFailed(f"apksigner verify: {lines[0] if lines else 'failed'} (exit {rc})")
-    for scheme in ("v1", "v2", "v3"):
+        why = next((ln for ln in lines if ln.startswith("ERROR")), lines[0] if lines else "failed")
+        raise VerificationFailed(f"apksigner verify: {why[:300]} (exit {rc})")
+    for scheme in schemes:
         if not re.search(rf"^Verified using {scheme} scheme [^:]*: true$", out, re.MULTILINE):
             raise VerificationFailed(f"apksigner verify: not verified with the {scheme} scheme")
     if not re.search(r"^Number of signers: 1$", out, re.MULTILINE):
@@ -637,11 +481,35 @@ def _verify_apk(fmt: str, signed: Path, public_dir: Path) -> str:
         raise VerificationFailed(
             f"apksigner verify: the APK is not signed with the certificate {cert_path.name}"
         )
+    return " ".join(cmd[:-1])
+
+
+def _verify_apk(fmt: str, signed: Path, public_dir: Path) -> str:
+    """``apk``/``focus-apk``: v1, v2 and v3, zipaligned."""
+    how = _apksigner_verify(fmt, signed, public_dir, ("v1", "v2", "v3"))
     align = ["zipalign", "-c", "-p", "4", str(signed)]
-    rc, out = _run_verifier(align, public_dir)
+    rc, _ = _run_verifier(align, public_dir)
     if rc != 0:
         raise VerificationFailed(f"zipalign -c -p 4: not aligned (exit {rc})")
-    return f"{' '.join(cmd[:-1])} FILE && {' '.join(align[:-1])} FILE"
+    return f"{how} FILE && {' '.join(align[:-1])} FILE"
+
+
+def _verify_classic_apk(fmt: str, signed: Path, public_dir: Path) -> str:
+    """An APK signed as ``jar``/``focus-jar``: v1 only, and still valid after the ``zipalign 4``
+    that classic signing-task clients run on it."""
+    if _has_apk_signing_block(signed):
+        raise VerificationFailed(f"an APK signed as '{fmt}' must be v1 only: it has an APK Signing Block")
+    how = _apksigner_verify(fmt, signed, public_dir, ("v1",))
+    with tempfile.TemporaryDirectory(prefix="sealbox-verify-") as tmp:
+        aligned = Path(tmp) / "aligned.apk"
+        rc, out = _run_verifier(["zipalign", "-f", "4", str(signed), str(aligned)], public_dir)
+        if rc != 0:
+            raise VerificationFailed(f"zipalign -f 4 failed (exit {rc}): {tool_reason(out)}")
+        try:
+            _apksigner_verify(fmt, aligned, public_dir, ("v1",))
+        except VerificationFailed as e:
+            raise VerificationFailed(f"after zipalign -f 4: {e}") from None
+    return f"{how} FILE && zipalign -f 4 FILE ALIGNED && {how} ALIGNED"
 
 
 def _verify_jar(fmt: str, signed: Path, public_dir: Path) -> str:

@@ -10,19 +10,19 @@ PKCS#12 blob under a random one-time password and handed over as ``-pkcs12 /dev/
 password as ``-readpass /dev/fd/M`` (both pipes, see :class:`~sealbox.keys.handoff.ToolSecrets`).
 osslsigncode cannot read ``-key`` from a pipe (it probes the file several times), PKCS#12 it can.
 
-The module also exposes the Windows file rules the task runner reuses for zips:
-:func:`is_signable_name`, :func:`is_pe_bytes` and :func:`is_signed`.
+Name rules (extension, blocklist) are :meth:`AuthenticodeSigner.refuse_name`, applied at
+upload and never remembered; signing decides MSI or PE from the bytes alone.
+
+The Windows file rules (names, PE/MSI recognition, :func:`is_signed`) live in
+:mod:`sealbox.winfiles`, shared with the task runner, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import secrets
 import shutil
 import struct
-import subprocess
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -31,23 +31,46 @@ from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
+from ..keys.signing import file_handoff
+from ..winfiles import (  # the Windows file rules live apart; re-exported (__all__)
+    ALLOWED_EXTENSIONS,
+    BLOCKLIST,
+    OLE_MAGIC,
+    check_pe,
+    is_msi_bytes,
+    is_pe_bytes,
+    is_signable_name,
+    is_signed,
+    name_problem,
+    name_rejection,
+    pe_cert_table,
+    read_head,
+)
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
 
-#: extensions (of the uploaded filename) this family signs
-ALLOWED_EXTENSIONS = (".exe", ".dll", ".sys", ".msi")
-#: names already signed by Microsoft that must never be re-signed (fnmatch, case-insensitive)
-BLOCKLIST = ("msvc*.dll", "d3dcompiler_42.dll", "d3dcompiler_43.dll", "d3dx9_42.dll", "d3dx9_43.dll")
+__all__ = [
+    "ALLOWED_EXTENSIONS",
+    "BLOCKLIST",
+    "CA_FILE",
+    "OLE_MAGIC",
+    "TSA_CA_FILE",
+    "AuthenticodeSigner",
+    "check_pe",
+    "is_msi_bytes",
+    "is_pe_bytes",
+    "is_signable_name",
+    "is_signed",
+    "name_rejection",
+    "signature_pkcs7",
+]
+
 #: public file the verifier trusts; optional TSA root for deployments whose TSA is not in the system store
 CA_FILE = "sha2signcode-ca.pem"
 TSA_CA_FILE = "sha2signcode-tsa-ca.pem"
 
-OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")
-_MSI_SIGNATURE_STREAM = "\x05DigitalSignature".encode("utf-16-le")
-_CERT_TABLE = 4  # index of IMAGE_DIRECTORY_ENTRY_SECURITY
-_HEAD = 64 * 1024  # every header we parse must lie in the first 64 KiB
 _STUB = ("sha2signcodestub", "sha2signcodestub-v2")
 _V2 = ("sha2signcode-v2", "sha2signcodestub-v2")
 # osslsigncode messages that mean "this input is malformed" (deterministic), not a tool hiccup
@@ -64,124 +87,10 @@ _INPUT_ERRORS = (
 _PKCS12_ROUNDS = 2048  # the password is 192 random bits: key stretching buys nothing
 
 
-# -- Windows file rules (also used by the task runner for zip members) -------------------------
-def _basename(filename: str) -> str:
-    return PurePosixPath(filename.replace("\\", "/")).name
-
-
-def name_rejection(filename: str) -> str | None:
-    """Why ``filename`` may not be Authenticode-signed, or None if it may."""
-    base = _basename(filename)
-    lower = base.lower()
-    if not lower.endswith(ALLOWED_EXTENSIONS):
-        return f"'{base}' does not end in {', '.join(ALLOWED_EXTENSIONS)}"
-    for pattern in BLOCKLIST:
-        if fnmatch.fnmatchcase(lower, pattern):
-            return f"'{base}' is on the blocklist of Microsoft-signed files ({pattern})"
-    return None
-
-
-def is_signable_name(filename: str) -> bool:
-    """True if the name has a signable extension and is not blocklisted (``msvc*.dll`` ...)."""
-    return name_rejection(filename) is None
-
-
-def is_pe_bytes(head: bytes) -> bool:
-    """True if ``head`` (the first bytes of a file, at least up to ``e_lfanew + 4``) is a PE image."""
-    if len(head) < 0x40 or head[:2] != b"MZ":
-        return False
-    (lfanew,) = struct.unpack_from("<I", head, 0x3C)
-    return lfanew + 4 <= len(head) and head[lfanew : lfanew + 4] == b"PE\0\0"
-
-
-def is_msi_bytes(head: bytes) -> bool:
-    """True if ``head`` starts with an OLE compound-file header of a sane version (MSI container)."""
-    if len(head) < 512 or head[:8] != OLE_MAGIC:
-        return False
-    major, order, shift = struct.unpack_from("<HHH", head, 26)
-    return order == 0xFFFE and (major, shift) in ((3, 9), (4, 12))
-
-
-def _pe_cert_table(head: bytes, size: int) -> tuple[int, int]:
-    """Validate a PE's headers against the file size; return the certificate table (offset, size).
-
-    Raises :class:`FormatRejected` naming the first inconsistency.
-    """
-    if not is_pe_bytes(head):
-        raise FormatRejected("not a PE file (no MZ header with a PE signature at e_lfanew)")
-    (lfanew,) = struct.unpack_from("<I", head, 0x3C)
-    coff = lfanew + 4
-    opt = coff + 20
-    if opt + 2 > len(head):
-        raise FormatRejected("truncated PE: COFF header cut off")
-    (nsections,) = struct.unpack_from("<H", head, coff + 2)
-    (opt_size,) = struct.unpack_from("<H", head, coff + 16)
-    if not 1 <= nsections <= 96:
-        raise FormatRejected(f"malformed PE: {nsections} sections")
-    (magic,) = struct.unpack_from("<H", head, opt)
-    if magic == 0x10B:
-        count_at, dirs_at = opt + 92, opt + 96
-    elif magic == 0x20B:
-        count_at, dirs_at = opt + 108, opt + 112
-    else:
-        raise FormatRejected(f"malformed PE: unknown optional header magic 0x{magic:x}")
-    if dirs_at > opt + opt_size or opt + opt_size > len(head):
-        raise FormatRejected("truncated PE: optional header cut off")
-    (ndirs,) = struct.unpack_from("<I", head, count_at)
-    cert_off = cert_size = 0
-    if ndirs > _CERT_TABLE and dirs_at + 8 * (_CERT_TABLE + 1) <= opt + opt_size:
-        cert_off, cert_size = struct.unpack_from("<II", head, dirs_at + 8 * _CERT_TABLE)
-    table = opt + opt_size
-    if table + 40 * nsections > len(head):
-        raise FormatRejected("truncated PE: section table cut off")
-    for i in range(nsections):
-        raw_size, raw_ptr = struct.unpack_from("<II", head, table + 40 * i + 16)
-        if raw_size and raw_ptr + raw_size > size:
-            name = head[table + 40 * i : table + 40 * i + 8].rstrip(b"\0").decode("ascii", "replace")
-            raise FormatRejected(
-                f"truncated PE: section {name!r} ends at byte {raw_ptr + raw_size}, the file has {size}"
-            )
-    if cert_size and (cert_off < table + 40 * nsections or cert_off + cert_size > size):
-        raise FormatRejected("malformed PE: the certificate table lies outside the file")
-    return cert_off, cert_size
-
-
-def check_pe(path: Path) -> None:
-    """Raise :class:`FormatRejected` unless ``path`` is a whole, well-formed PE file."""
-    _pe_cert_table(*_read_head(path))
-
-
-def _read_head(path: Path) -> tuple[bytes, int]:
-    with path.open("rb") as f:
-        return f.read(_HEAD), os.fstat(f.fileno()).st_size
-
-
-def is_signed(path: Path) -> bool:
-    """True if ``path`` already carries an Authenticode signature.
-
-    PE: the certificate-table directory entry is non-empty. MSI: the compound file has a
-    ``\\x05DigitalSignature`` stream (found by its UTF-16 directory name). Anything else: False.
-    """
-    head, size = _read_head(path)
-    if is_pe_bytes(head):
-        try:
-            return _pe_cert_table(head, size)[1] != 0
-        except FormatRejected:
-            return False
-    if is_msi_bytes(head):
-        with path.open("rb") as f:
-            tail = b""
-            while chunk := f.read(1 << 20):
-                if _MSI_SIGNATURE_STREAM in tail + chunk:
-                    return True
-                tail = chunk[-len(_MSI_SIGNATURE_STREAM) :]
-    return False
-
-
 def signature_pkcs7(path: Path) -> bytes:
     """The DER PKCS#7 SignedData embedded in a signed PE (first WIN_CERTIFICATE), trimmed."""
-    head, size = _read_head(path)
-    off, length = _pe_cert_table(head, size)
+    head, size = read_head(path)
+    off, length = pe_cert_table(head, size)
     if not length:
         raise VerificationFailed(f"{path.name} carries no Authenticode signature")
     with path.open("rb") as f:
@@ -221,27 +130,18 @@ def _tail(text: str, markers: tuple[str, ...] = ()) -> str:
 
 
 class AuthenticodeSigner(Signer):
-    formats = (
-        "sha2signcode",
-        "sha2signcodestub",
-        "sha2signcode-v2",
-        "sha2signcodestub-v2",
-        "signcode",
-        "osslsigncode",
-    )
+    family = "authenticode"
     verifier = f"osslsigncode verify -CAfile public/{CA_FILE} -in FILE"
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
         fmt = settings.name
-        unlocked = keys(settings.require_key())
-        self._key = unlocked.private_key
-        if not unlocked.chain:
+        key = keys(settings.require_key())
+        if not key.chain:
             raise ConfigError(
                 f"format '{fmt}': key '{settings.key}' needs its certificate chain (leaf first)"
             )
-        self._cert = unlocked.chain[0]
-        self._extra_chain = list(unlocked.chain[1:])
+        self._key = file_handoff(key, fmt)  # osslsigncode gets the key as PKCS#12, over a pipe
         tool = settings.get("osslsigncode") or shutil.which("osslsigncode")
         if not tool:
             raise ConfigError(f"format '{fmt}': osslsigncode is not installed")
@@ -272,24 +172,29 @@ class AuthenticodeSigner(Signer):
         return None
 
     # -- signing --------------------------------------------------------------------------
+    def refuse_name(self, filename: str) -> str | None:
+        # The name is not echoed: the reason goes into a response header.
+        problem = name_problem(filename)
+        return None if problem is None else f"{self.format}: the file name {problem}"
+
     def check_input(self, request: SignRequest) -> str:
-        """Apply the name and content rules; return the extension to sign under."""
-        reason = name_rejection(request.filename)
-        if reason is not None:
-            raise FormatRejected(f"{self.format}: {reason}")
-        ext = "." + _basename(request.filename).lower().rsplit(".", 1)[1]
-        head, size = _read_head(request.input)
-        if ext == ".msi":
-            if not is_msi_bytes(head):
-                raise FormatRejected(
-                    f"{self.format}: '{_basename(request.filename)}' is not an MSI (OLE) file"
-                )
-        else:
-            try:
-                _pe_cert_table(head, size)
-            except FormatRejected as e:
-                raise FormatRejected(f"{self.format}: '{_basename(request.filename)}': {e}") from None
-        return ext
+        """Apply the content rules; return the extension to sign under (``.msi`` or ``.exe``).
+
+        MSI or PE is decided by the bytes, never by the name: a result belongs to
+        (format, sha1), and the reason of a refusal is replayed to uploads under any name."""
+        head, size = read_head(request.input)
+        if is_msi_bytes(head):
+            return ".msi"
+        if not is_pe_bytes(head):
+            raise FormatRejected(
+                f"{self.format}: not a PE or MSI file (no MZ header with a PE signature at "
+                "e_lfanew, no OLE compound-file header of version 3 or 4)"
+            )
+        try:
+            pe_cert_table(head, size)
+        except FormatRejected as e:
+            raise FormatRejected(f"{self.format}: {e}") from None
+        return ".exe"
 
     def _pkcs12(self, password: bytes) -> bytes:
         encryption = (
@@ -299,12 +204,10 @@ class AuthenticodeSigner(Signer):
             .hmac_hash(hashes.SHA256())
             .build(password)
         )
-        return pkcs12.serialize_key_and_certificates(
-            b"authenticode", self._key, self._cert, self._extra_chain or None, encryption
-        )
+        return self._key.pkcs12(b"authenticode", encryption)
 
     def sign(self, request: SignRequest) -> None:
-        ext = self.check_input(request)
+        ext = self.check_input(request)  # -out is named by the content's type, never the upload's name
         # Already signed? osslsigncode without -nest replaces the signature: the output carries ours only.
         work_dir = request.work_dir.absolute()  # the child runs in work_dir: no relative paths
         tmp_out = work_dir / f"authenticode-signed{ext}"
@@ -322,31 +225,15 @@ class AuthenticodeSigner(Signer):
                 argv += ["-ts", self._timestamp_url]
             argv += ["-in", str(request.input.absolute()), "-out", str(tmp_out)]
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    pass_fds=fds.fds,
-                    env=child_env(work_dir),
-                    cwd=work_dir,
-                )
-            except OSError as e:
-                raise SigningFailed(f"{self.format}: cannot run osslsigncode: {e.strerror}") from None
-            fds.close_parent_ends()
-            try:
-                out, err = proc.communicate(timeout=self._timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+                # not check=True: success also needs "Succeeded", and _raise_failure words the reason
+                res = run_tool(argv, what=f"{self.format}: osslsigncode", timeout=self._timeout,
+                               cwd=work_dir, secrets=fds, check=False)  # fmt: skip
+            except SigningFailed:
                 tmp_out.unlink(missing_ok=True)
-                raise SigningFailed(
-                    f"{self.format}: osslsigncode timed out after {self._timeout:g}s"
-                ) from None
-        text = out.decode(errors="replace") + "\n" + err.decode(errors="replace")
-        if proc.returncode != 0 or "Succeeded" not in text or not tmp_out.is_file():
+                raise
+        if res.returncode != 0 or "Succeeded" not in res.output or not tmp_out.is_file():
             tmp_out.unlink(missing_ok=True)
-            self._raise_failure(text)
+            self._raise_failure(res.output)
         shutil.move(str(tmp_out), str(request.output))
 
     def _raise_failure(self, text: str) -> None:

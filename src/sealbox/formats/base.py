@@ -5,12 +5,15 @@ where its key lives. It signs one input file into one output file. It raises
 :class:`~sealbox.errors.FormatRejected` when the input can never be signed (the server
 remembers that and clients stop retrying) and :class:`~sealbox.errors.SigningFailed`
 for anything that might succeed on another attempt.
+
+A result is named by (format, sha1 of the input) alone, so signing depends on the content
+only: rules about the uploaded file's *name* belong in :meth:`Signer.refuse_name`, which the
+upload handler applies and the server never remembers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -18,14 +21,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError, VerificationFailed
+from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from ..keys.store import UnlockedKey
+from ..keys.handoff import ToolSecrets
+from ..keys.signing import SigningKey
+from ..procs import ToolResult, run_process
+from ..procs import child_env as child_env  # the formats' tools get this environment
+from ..wire import Family, of_family
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
 
-KeyResolver = Callable[[str], UnlockedKey]
+__all__ = [
+    "FormatSettings",
+    "KeyResolver",
+    "SignRequest",
+    "Signer",
+    "child_env",
+    "run_tool",
+    "run_verifier",
+]
+
+#: a key by name: formats sign through its interface only, blind to where it lives
+KeyResolver = Callable[[str], SigningKey]
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,9 @@ class SignRequest:
 
     input: Path
     output: Path
+    #: the name of *some* upload of these bytes (maybe under another format, or an earlier
+    #: output's): never base a decision or a reason on it (that is :meth:`Signer.refuse_name`'s
+    #: job); it may only name a scratch file a tool needs
     filename: str
     #: a private scratch folder (exists only if the signer's ``uses_work_dir`` is true)
     work_dir: Path
@@ -63,6 +84,7 @@ class FormatSettings:
     base_dir: Path
 
     def path(self, option: str, required: bool = True) -> Path | None:
+        """The path option ``option``, relative to the config's folder; None if absent and not required."""
         value = self.options.get(option)
         if value is None:
             if required:
@@ -72,6 +94,7 @@ class FormatSettings:
         return p if p.is_absolute() else self.base_dir / p
 
     def get(self, option: str, default: Any = None) -> Any:
+        """The raw value of the format option ``option``."""
         return self.options.get(option, default)
 
     def require_key(self) -> str:
@@ -79,11 +102,6 @@ class FormatSettings:
         if self.key is None:
             raise ConfigError(f"format '{self.name}': 'key' is required")
         return self.key
-
-
-def child_env(home: Path | str = "/nonexistent", path: str | None = None) -> dict[str, str]:
-    """The whole environment a signing tool gets: nothing of ours (no secrets) leaks in."""
-    return {"PATH": path or os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(home)}
 
 
 def run_verifier(
@@ -103,27 +121,95 @@ def run_verifier(
         raise VerificationFailed(f"{what} timed out") from None
 
 
-class Signer(ABC):
-    """Base class of every format. Subclasses set ``formats`` to the wire names they serve."""
+def run_tool(
+    argv: Sequence[str],
+    *,
+    what: str,
+    timeout: float,
+    cwd: Path | None = None,
+    secrets: ToolSecrets | None = None,
+    env: Mapping[str, str] | None = None,
+    malformed: Callable[[str], bool] | Sequence[str] = (),
+    check: bool = True,
+) -> ToolResult:
+    """Run a signing tool (see :func:`sealbox.procs.run_process`) and return how it ended.
 
+    ``secrets`` are handed over as their ``/dev/fd/N`` paths (in ``argv``): the child inherits
+    those descriptors only, and the parent's ends close as soon as it has started. ``env``
+    defaults to :func:`child_env` with ``cwd`` as home. Not starting or a timeout (the tool's
+    whole process group is then killed) raise :class:`~sealbox.errors.SigningFailed`. With
+    ``check``, a non-zero exit raises too: :class:`~sealbox.errors.FormatRejected` when the
+    output shows the input is malformed (``malformed``: a predicate on the output, or markers
+    any of which it contains), else :class:`~sealbox.errors.SigningFailed`.
+    """
+    result = run_process(
+        argv,
+        what=what,
+        timeout=timeout,
+        failure=SigningFailed,
+        env=env if env is not None else child_env(cwd or "/nonexistent"),
+        cwd=cwd,
+        pass_fds=secrets.fds if secrets is not None else (),
+        started=secrets.close_parent_ends if secrets is not None else None,
+    )
+    if check and result.returncode != 0:
+        message = f"{what} failed (exit {result.returncode}): {result.reason}"
+        if callable(malformed):
+            rejected = malformed(result.output)
+        else:
+            rejected = any(marker in result.output for marker in malformed)
+        raise (FormatRejected if rejected else SigningFailed)(message)
+    return result
+
+
+class Signer(ABC):
+    """Base class of every format. Subclasses set ``family``; what they serve comes from the
+    family's rows in :data:`sealbox.wire.TABLE`."""
+
+    #: the family's rows in sealbox.wire.TABLE give the three attributes below
+    family: ClassVar[Family]
+    #: the wire names served
     formats: ClassVar[tuple[str, ...]] = ()
     #: wire names whose output is a detached signature, with the file suffix clients add
     detached_suffix: ClassVar[Mapping[str, str]] = {}
+    #: True for signers that only compute (no child process): small jobs then run in the
+    #: server's signing worker processes
+    in_process: ClassVar[bool] = False
     #: one-line description of the independent verifier, for docs and the demo table
     verifier: ClassVar[str] = ""
     #: False for signers that never touch ``request.work_dir`` (it is then not created)
     uses_work_dir: ClassVar[bool] = True
-    #: True for signers that only compute (no child process): small jobs then run in the
-    #: server's signing worker processes
-    in_process: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        rows = of_family(cls.family)
+        if not rows:
+            raise TypeError(f"{cls.__name__}: family {cls.family!r} has no row in sealbox.wire.TABLE")
+        cls.formats = tuple(f.name for f in rows)
+        cls.detached_suffix = {f.name: f.detached_suffix for f in rows if f.detached_suffix}
+        cls.in_process = all(f.in_process for f in rows)
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         self.settings = settings
         self.format = settings.name
 
+    def refuse_name(self, filename: str) -> str | None:
+        """Why this format will not accept an upload of this *name* (None: it will).
+
+        Checked by the upload handler before any of the file is read, answered as a 4xx and
+        never remembered: the same bytes under another name may be signed. Not applied when a
+        job runs for content the server already holds (a GET of a (format, sha1) whose input is
+        stored, e.g. uploaded for another format or an earlier output): that request carries no
+        name, and the output is the same as after an upload.
+        """
+        return None
+
     @abstractmethod
     def sign(self, request: SignRequest) -> None:
-        """Sign ``request.input`` into ``request.output``."""
+        """Sign ``request.input`` into ``request.output``, deciding by its content alone.
+
+        :class:`~sealbox.errors.FormatRejected` reasons must not mention ``request.filename``:
+        they are replayed to every later upload of the same bytes, whatever its name."""
 
     @classmethod
     def available(cls) -> str | None:

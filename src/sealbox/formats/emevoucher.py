@@ -1,8 +1,10 @@
 """``emevoucher``: a CMS/PKCS#7 SignedData wrapping the voucher (content attached, DER, SHA-256).
 
 Equivalent to the classic server's ``openssl smime -sign -md sha256 -binary -nodetach
--outform DER -signer CERT -certfile CHAIN``, made in-process with ``cryptography``. The output
-replaces the voucher: it carries the voucher bytes, the signature and the signer's chain.
+-outform DER -signer CERT -certfile CHAIN``, made in-process: :mod:`._cms` writes the DER
+SignedData around one signature of the signed attributes by the key interface (so the key may
+live in a token). The output replaces the voucher: it carries the voucher bytes, the signature
+and the signer's chain.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
+from . import _cms
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
@@ -63,20 +65,17 @@ def _openssl_reason(lines: list[str]) -> str:
 
 
 class EmeVoucherSigner(Signer):
-    formats = ("emevoucher",)
+    family = "emevoucher"
     verifier = (
         "openssl cms -verify -binary -inform DER -in FILE -CAfile public/emevoucher-ca.pem -out VOUCHER"
     )
     uses_work_dir = False
-    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        unlocked = keys(settings.require_key())
-        self._key = unlocked.rsa
-        self._cert = unlocked.certificate
-        self._extra = unlocked.chain[1:]
-        _check_certificate(settings.name, settings.require_key(), self._cert, self._key.public_key())
+        self._key = keys(settings.require_key())
+        self._key.require(settings.name, "rsa")
+        _check_certificate(settings.name, self._key.name, self._key.certificate, self._key.public_key)
         max_size = settings.get("max_size", DEFAULT_MAX_SIZE)
         if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
             raise ConfigError(f"format '{settings.name}': max_size must be a positive integer")
@@ -94,25 +93,17 @@ class EmeVoucherSigner(Signer):
             data = request.input.read_bytes()
         except OSError as e:
             raise SigningFailed(f"cannot read input: {e.strerror}") from None
-        builder = (
-            pkcs7.PKCS7SignatureBuilder().set_data(data).add_signer(self._cert, self._key, hashes.SHA256())
-        )
-        for cert in self._extra:
-            builder = builder.add_certificate(cert)
-        try:
-            blob = builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-        except ValueError as e:
-            raise SigningFailed(f"CMS signing failed: {e}") from None
+        blob = _cms.signed_data(data, self._key.chain, lambda b: self._key.sign(b, "sha256", "pkcs1v15"))
         request.output.write_bytes(blob)
 
     @classmethod
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
-        leaf = ctx.issue(
-            "sealbox EME voucher signer",
+        key = ctx.signing_key(
+            "emevoucher",
+            certificate="sealbox EME voucher signer",
             ekus=(ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.CODE_SIGNING),
         )
-        ca = ctx.code_signing_ca()
-        name = ctx.add_key("emevoucher", leaf.key, chain=[leaf.cert, ca.cert])
+        name, ca = key.name, ctx.code_signing_ca()
         ctx.write_public(
             "emevoucher-ca.pem",
             ca.cert_pem(),

@@ -10,32 +10,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, VerificationFailed
+from ..fsutil import remove_tree
+from ..keys.signing import HashName
 from . import _openpgp
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 if TYPE_CHECKING:
     from ..deploy.dev import DevContext
 
-HASH = "sha256"
+HASH: HashName = "sha256"
 
 
 class GpgSigner(Signer):
-    formats = ("gpg",)
-    detached_suffix = {"gpg": ".asc"}
+    family = "gpg"
     verifier = "gpg --verify FILE.asc FILE (key: public/gpg.asc)"
     uses_work_dir = False
-    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        self._key = keys(settings.require_key()).rsa
+        self._key = keys(settings.require_key())
+        self._key.require(settings.name, "rsa")  # sealbox's OpenPGP packets are RSA ones
         cert_path = settings.path("public_key")
         assert cert_path is not None
         try:
             self._pub = _openpgp.PublicKey.from_armored(cert_path.read_bytes())
         except OSError as e:
             raise ConfigError(f"format 'gpg': cannot read {cert_path}: {e.strerror}") from None
-        if not self._pub.matches(self._key.public_key()):
+        if not self._pub.matches(self._key.public_key):
             raise ConfigError(f"format 'gpg': {cert_path} is not the public half of key '{settings.key}'")
 
     def sign(self, request: SignRequest) -> None:
@@ -46,8 +47,8 @@ class GpgSigner(Signer):
 
     @classmethod
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
-        key = ctx.rsa(3072)
-        name = ctx.add_key("gpg", key)
+        key = ctx.signing_key("gpg", 3072)
+        name = key.name
         block = _openpgp.public_key_block(
             key, f"sealbox {ctx.level} signing key <sealbox-{ctx.level}@example.invalid>", int(time.time())
         )
@@ -83,5 +84,5 @@ class GpgSigner(Signer):
                 raise VerificationFailed(f"gpg --verify: {reason[-1] if reason else 'failed'}")
         finally:
             subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False)
-            shutil.rmtree(home, ignore_errors=True)
+            remove_tree(home)
         return "gpg --verify"

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
+from ..keys.signing import HashName
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
@@ -43,8 +42,7 @@ ALGORITHMS: dict[str, tuple[str, int, int]] = {
     "mar": ("sha1", 1, 2048),
     "mar_sha384": ("sha384", 2, 4096),
 }
-_HASHES: dict[int, type[hashes.SHA1] | type[hashes.SHA384]] = {1: hashes.SHA1, 2: hashes.SHA384}
-_HASHLIB = {1: "sha1", 2: "sha384"}
+_HASHLIB: dict[int, HashName] = {1: "sha1", 2: "sha384"}
 #: the signature bytes of a single-signature MAR start here: header (8) + file size (8) +
 #: signature count (4) + algorithm id (4) + signature size (4)
 SIGNATURE_OFFSET = 28
@@ -143,8 +141,27 @@ def _parse(f: BinaryIO, size: int, max_entries: int) -> MarInfo:
     (index_offset,) = struct.unpack(">I", head[4:])
     if index_offset < 8 or index_offset + 4 > size:
         raise _reject(f"truncated (index offset {index_offset} lies outside the {size}-byte file)")
+    entries = _parse_index(f, size, index_offset, max_entries)
+    data_offset = entries[0].offset
+    if data_offset - 8 > MAX_HEADER_BLOCKS:
+        raise _reject(f"the header blocks take {data_offset - 8} bytes (at most {MAX_HEADER_BLOCKS})")
+    block = _read_at(f, 8, data_offset - 8, "header blocks")
+    sigs, additional_start = _parse_signatures(block, size)
+    channel, version = _parse_product_info(block, additional_start)
+    return MarInfo(
+        size,
+        channel,
+        version,
+        tuple(sigs),
+        tuple(entries),
+        data_offset,
+        index_offset,
+        block[additional_start:],
+    )
 
-    # -- index (at the end of the file) ---------------------------------------------------
+
+def _parse_index(f: BinaryIO, size: int, index_offset: int, max_entries: int) -> list[MarEntry]:
+    """The index (at the end of the file): entries in file order, checked against the layout."""
     (index_size,) = struct.unpack(">I", _read_at(f, index_offset, 4, "index size"))
     index_end = index_offset + 4 + index_size
     if index_end > size:
@@ -181,11 +198,11 @@ def _parse(f: BinaryIO, size: int, max_entries: int) -> MarInfo:
             raise _reject(f"truncated (entry '{e.name}' runs past the data block)")
     if len({e.name for e in entries}) != len(entries):
         raise _reject("duplicate entry names in the index")
+    return entries
 
-    # -- signature block -----------------------------------------------------------------
-    if data_offset - 8 > MAX_HEADER_BLOCKS:
-        raise _reject(f"the header blocks take {data_offset - 8} bytes (at most {MAX_HEADER_BLOCKS})")
-    block = _read_at(f, 8, data_offset - 8, "header blocks")
+
+def _parse_signatures(block: bytes, size: int) -> tuple[list[tuple[int, bytes]], int]:
+    """The signature block at the start of the header blocks: its signatures and where it ends."""
     if len(block) < 12:
         raise _reject("truncated signature block")
     recorded_size, count = struct.unpack_from(">QI", block, 0)
@@ -199,17 +216,20 @@ def _parse(f: BinaryIO, size: int, max_entries: int) -> MarInfo:
         if pos + 8 > len(block):
             raise _reject("truncated signature block")
         algo, slen = struct.unpack_from(">II", block, pos)
-        if algo not in _HASHES:
+        if algo not in _HASHLIB:
             raise _reject(f"unknown signature algorithm id {algo}")
         if slen > MAX_SIGNATURE_LENGTH or pos + 8 + slen > len(block):
             raise _reject("truncated or oversized signature entry")
         sigs.append((algo, block[pos + 8 : pos + 8 + slen]))
         pos += 8 + slen
+    return sigs, pos
 
-    # -- additional sections (product information) ----------------------------------------
+
+def _parse_product_info(block: bytes, pos: int) -> tuple[str, str]:
+    """The additional sections from ``pos`` to the end of the header blocks: exactly one
+    product-information block, whose (channel ID, product version) is returned."""
     if pos + 4 > len(block):
         raise _reject("no product-information block (create the MAR with a channel and version)")
-    additional_start = pos
     (nsections,) = struct.unpack_from(">I", block, pos)
     pos += 4
     if nsections > MAX_EXTRA_SECTIONS:
@@ -234,16 +254,7 @@ def _parse(f: BinaryIO, size: int, max_entries: int) -> MarInfo:
         raise _reject("no product-information block (create the MAR with a channel and version)")
     if pos != len(block):
         raise _reject(f"{len(block) - pos} unexpected bytes between the header blocks and the file data")
-    return MarInfo(
-        size,
-        product[0],
-        product[1],
-        tuple(sigs),
-        tuple(entries),
-        data_offset,
-        index_offset,
-        block[additional_start:],
-    )
+    return product
 
 
 def signed_data_digest(path: Path, algorithm_id: int) -> bytes:
@@ -285,22 +296,21 @@ def _mar_cli() -> Path | None:
 
 
 class MarSigner(Signer):
-    formats = ("mar", "mar_sha384")
+    family = "mar"
     verifier = "mar -v FILE -k public/mar.pem (mar_sha384: public/mar_sha384.pem)"
-    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
         if settings.name not in ALGORITHMS:
             raise ConfigError(f"format '{settings.name}' is not a MAR format")
         self._algo, self._algo_id, bits = ALGORITHMS[settings.name]
-        self._key = keys(settings.require_key()).rsa
+        self._key = keys(settings.require_key())
+        self._key.require(settings.name, "rsa")
         if self._key.key_size != bits:
             raise ConfigError(
                 f"format '{settings.name}': key '{settings.key}' is RSA-{self._key.key_size}; "
                 f"MAR {self._algo} signatures need RSA-{bits}"
             )
-        self._public = self._key.public_key()
         self._channels = _patterns(settings)
         max_entries = settings.get("max_entries", DEFAULT_MAX_ENTRIES)
         if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
@@ -320,12 +330,11 @@ class MarSigner(Signer):
         tmp = request.work_dir / "mar-signing.tmp"
         try:
             digest = self._rewrite(request.input, tmp, info)
-            algorithm = _HASHES[self._algo_id]()
-            signature = self._key.sign(digest, padding.PKCS1v15(), Prehashed(algorithm))
-            try:  # guard against faulty signatures (hardware or library faults)
-                self._public.verify(signature, digest, padding.PKCS1v15(), Prehashed(algorithm))
-            except InvalidSignature:
-                raise SigningFailed("the fresh MAR signature did not verify") from None
+            hash_name = _HASHLIB[self._algo_id]
+            signature = self._key.sign_digest(digest, hash_name, "pkcs1v15")
+            # guard against faulty signatures (hardware or library faults)
+            if not self._key.verifies(signature, digest, hash_name, "pkcs1v15"):
+                raise SigningFailed("the fresh MAR signature did not verify")
             with tmp.open("r+b") as f:
                 f.seek(SIGNATURE_OFFSET)
                 f.write(signature)
@@ -403,9 +412,9 @@ class MarSigner(Signer):
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
         sections: dict[str, dict[str, Any]] = {}
         for fmt, (_, _, bits) in ALGORITHMS.items():
-            key = ctx.rsa(bits)
-            name = ctx.add_key(fmt, key)
-            pem = key.public_key().public_bytes(
+            key = ctx.signing_key(fmt, bits)
+            name = key.name
+            pem = key.public_key.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
             ctx.write_public(f"{fmt}.pem", pem, f"mar -v FILE -k public/{fmt}.pem")

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
+from ..keys.signing import PublicKey
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ PKEYUTL_OPTS = (
 )
 
 
-def key_id(public_key: rsa.RSAPublicKey) -> bytes:
+def key_id(public_key: PublicKey) -> bytes:
     """SHA-256 of the DER SubjectPublicKeyInfo (``openssl pkey -pubin -outform DER | sha256sum``)."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).digest()
@@ -214,31 +215,24 @@ def _check_whole(path: Path, head: bytes) -> None:
 
 
 class WidevineSigner(Signer):
-    formats = ("widevine", "widevine_blessed")
-    detached_suffix = {"widevine": ".sig", "widevine_blessed": ".sig"}
+    family = "widevine"
     verifier = (
         "openssl pkeyutl -verify -pubin -inkey public/widevine.pem (PSS, salt 32) over the digest in docs"
     )
     uses_work_dir = False
-    in_process = True
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
         if settings.name not in BLESSED:
             raise ConfigError(f"format '{settings.name}' is not a widevine format")
-        unlocked = keys(settings.require_key())
-        self._key = unlocked.rsa
-        if self._key.key_size < MIN_KEY_BITS:
-            raise ConfigError(
-                f"format '{settings.name}': key '{settings.key}' is shorter than {MIN_KEY_BITS} bits"
-            )
-        self._public = self._key.public_key()
-        if unlocked.chain and unlocked.chain[0].public_key() != self._public:
+        self._key = keys(settings.require_key())
+        self._key.require(settings.name, "rsa", min_bits=MIN_KEY_BITS)
+        if self._key.chain and self._key.chain[0].public_key() != self._key.public_key:
             raise ConfigError(
                 f"format '{settings.name}': the certificate of key '{settings.key}' does not match it"
             )
         self._flags = flags_for(BLESSED[settings.name])
-        self._key_id = key_id(self._public)
+        self._key_id = key_id(self._key.public_key)
         self._require_executable = _bool_option(settings, "require_executable", True)
 
     def _check_input(self, path: Path) -> None:
@@ -259,20 +253,20 @@ class WidevineSigner(Signer):
     def sign(self, request: SignRequest) -> None:
         self._check_input(request.input)
         file_hash = request.hash_state("sha256").digest()
-        msg = message(VERSION, self._flags, HASH_SHA256, file_hash)
-        signature = self._key.sign(msg, PSS, hashes.SHA256())
-        try:  # guard against faulty signatures before they leave the server
-            self._public.verify(signature, msg, PSS, hashes.SHA256())
-        except InvalidSignature:
-            raise SigningFailed("the fresh RSA-PSS signature did not verify") from None
+        digest = signed_digest(VERSION, self._flags, HASH_SHA256, file_hash)
+        # PSS with MGF1-SHA256 and a 32-byte salt: the key interface's "pss" for SHA-256
+        signature = self._key.sign_digest(digest, "sha256", "pss")
+        # guard against faulty signatures before they leave the server
+        if not self._key.verifies(signature, digest, "sha256", "pss"):
+            raise SigningFailed("the fresh RSA-PSS signature did not verify")
         sig = SigFile(VERSION, self._flags, HASH_SHA256, self._key_id, signature)
         request.output.write_bytes(sig.to_bytes())
 
     @classmethod
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
-        issued = ctx.issue("sealbox widevine signer", bits=3072)
-        name = ctx.add_key("widevine", issued.key, chain=[issued.cert, ctx.code_signing_ca().cert])
-        pem = issued.key.public_key().public_bytes(
+        key = ctx.signing_key("widevine", 3072, certificate="sealbox widevine signer")
+        name = key.name
+        pem = key.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         steps = (
@@ -285,7 +279,7 @@ class WidevineSigner(Signer):
             "(layout: docs/formats/widevine.md)",
         )
         ctx.write_public("widevine.pem", pem, "\n    ".join(steps))
-        ctx.write_public("widevine-cert.pem", issued.cert_pem())
+        ctx.write_public("widevine-cert.pem", key.certificate.public_bytes(serialization.Encoding.PEM))
         section = {"key": name, "require_executable": True}
         return {"widevine": dict(section), "widevine_blessed": dict(section)}
 

@@ -11,12 +11,14 @@ _N, _R, _P = 2**14, 8, 1
 
 
 def hash_password(password: str) -> str:
+    """A salted scrypt hash of ``password``, as ``token_issuers`` entries hold it."""
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_N, r=_R, p=_P, dklen=32)
     return f"scrypt${_N}${_R}${_P}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def check_password(password: str, encoded: str) -> bool:
+    """Whether ``password`` matches the hash ``encoded`` (constant-time; False if malformed)."""
     try:
         scheme, n, r, p, salt_b64, digest_b64 = encoded.split("$")
         if scheme != "scrypt":

@@ -40,6 +40,7 @@ class PassphraseSource:
 
     @classmethod
     def from_file(cls, path: Path) -> PassphraseSource:
+        """Passphrases from a file of ``key-name:passphrase`` lines."""
         try:
             text = path.read_text("utf-8")
         except OSError as e:
@@ -48,11 +49,13 @@ class PassphraseSource:
 
     @classmethod
     def from_fd(cls, fd: int) -> PassphraseSource:
+        """Passphrases from ``key-name:passphrase`` lines read from ``fd`` (then closed)."""
         with os.fdopen(fd, "r", encoding="utf-8", closefd=True) as f:
             return cls(_parse(f.read(), f"fd {fd}"))
 
     @classmethod
     def interactive(cls) -> PassphraseSource:
+        """Ask for each key's passphrase on the terminal, without echo."""
         if not sys.stdin.isatty():
             raise ConfigError(
                 "no terminal to ask for key passphrases: pass --passphrase-file or --passphrase-fd"
@@ -60,6 +63,7 @@ class PassphraseSource:
         return cls(None, prompt=lambda name: getpass.getpass(f"Passphrase for key '{name}': "))
 
     def get(self, key_name: str) -> bytes:
+        """The passphrase (or PIN) of ``key_name``; ConfigError if none was given."""
         if self._known is not None:
             if key_name not in self._known:
                 raise ConfigError(f"no passphrase given for key '{key_name}'")

@@ -1,19 +1,20 @@
-"""Loading encrypted private keys (PKCS#8 PEM or PKCS#12) and their certificate chains."""
+"""The file backend: encrypted private keys (PKCS#8 PEM or PKCS#12) and their certificate chains,
+decrypted into memory at start-up."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..errors import ConfigError, KeyUnlockError
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+from .signing import HASHES, FileHandoff, HashName, Padding, PrivateKey, SigningKey, pss
 
 
 @dataclass(frozen=True)
@@ -26,35 +27,45 @@ class KeySpec:
     chain: Path | None = None  # PEM certificates, leaf first (for kind ``pem``)
 
 
-@dataclass(frozen=True)
-class UnlockedKey:
-    """A private key in memory with its certificate chain (leaf first, may be empty)."""
+class FileKey(SigningKey):
+    """A key decrypted from its file into memory, with its certificate chain (leaf first)."""
 
-    name: str
-    private_key: PrivateKey
-    chain: tuple[x509.Certificate, ...] = field(default=())
+    backend = "file"
 
-    @property
-    def rsa(self) -> rsa.RSAPrivateKey:
-        if not isinstance(self.private_key, rsa.RSAPrivateKey):
-            raise ConfigError(f"key '{self.name}' must be an RSA key")
-        return self.private_key
+    def __init__(self, name: str, private_key: PrivateKey, chain: Sequence[x509.Certificate] = ()) -> None:
+        super().__init__(name, private_key.public_key(), tuple(chain))
+        self._key = private_key
 
-    @property
-    def certificate(self) -> x509.Certificate:
-        if not self.chain:
-            raise ConfigError(f"key '{self.name}' has no certificate configured")
-        return self.chain[0]
+    def _sign_digest(self, digest: bytes, hash_name: HashName, pad: Padding) -> bytes:
+        prehashed = utils.Prehashed(HASHES[hash_name]())
+        key = self._key
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(digest, pss(hash_name) if pad == "pss" else padding.PKCS1v15(), prehashed)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key.sign(digest, ec.ECDSA(prehashed))
+
+    def _sign_message(self, data: bytes) -> bytes:
+        assert isinstance(self._key, ed25519.Ed25519PrivateKey)
+        return self._key.sign(data)
+
+    def tool_handoff(self) -> FileHandoff:
+        """The in-memory key and its chain, for tools that are given key material."""
+        return FileHandoff(self.name, self.chain, self._key)
+
+
+#: the name this backend had before there were others
+UnlockedKey = FileKey
 
 
 def load_certificates(path: Path) -> tuple[x509.Certificate, ...]:
+    """The PEM certificates in ``path``, in file order; ConfigError if unreadable."""
     try:
         return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read certificates from {path}: {e}") from None
 
 
-def load_key(spec: KeySpec, passphrase: bytes) -> UnlockedKey:
+def load_key(spec: KeySpec, passphrase: bytes) -> FileKey:
     """Decrypt a key; a wrong passphrase raises :class:`KeyUnlockError` naming the key."""
     try:
         data = spec.path.read_bytes()
@@ -75,7 +86,7 @@ def load_key(spec: KeySpec, passphrase: bytes) -> UnlockedKey:
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise KeyUnlockError(f"key '{spec.name}': unsupported key type {type(key).__name__}")
-    return UnlockedKey(name=spec.name, private_key=key, chain=chain)
+    return FileKey(spec.name, key, chain)
 
 
 def encrypt_pem(key: PrivateKey, passphrase: bytes) -> bytes:

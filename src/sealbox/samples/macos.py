@@ -1,23 +1,19 @@
-"""macOS app inputs for the ``dmg`` format, and the STAND-IN code signer used off macOS.
+"""macOS inputs for ``dmg``/``macapp`` and ``macho``, built around real Mach-O files.
 
-:func:`write_app_tarball` writes what a client sends for ``dmg``/``macapp``: a tar.gz whose
-top level holds an ``.app`` bundle (``Info.plist`` made with :mod:`plistlib`, an executable
-under ``Contents/MacOS``, a resource, and a framework with the usual version symlinks).
+The Mach-O files come from macOS wheels on PyPI, pinned by version and SHA-256 (see
+:data:`BINARIES`): ninja's universal (x86_64 + arm64) executable, pyzmq's universal
+``libsodium`` dylib and markupsafe's arm64 extension (a bundle ``.so``). :func:`fetch_binaries`
+downloads the wheels with pip into a cache folder and extracts the binaries;
+``scripts/bootstrap.sh`` runs it (``python -m sealbox.samples.macos fetch``), so tests, the
+demo and the bench work offline afterwards. :func:`binary` fetches on first use if needed.
+The cache is ``$SEALBOX_SAMPLES_DIR``, else ``.cache/samples`` in a source checkout (ignored by
+git), else ``~/.cache/sealbox/samples``.
 
-The **stand-in** is *not* Apple code signing. Real signing needs Apple's ``codesign`` on a
-macOS host. The stand-in lets the ``dmg`` plumbing (unpack, one signer call per bundle,
-key handed over a pipe, re-pack, verify) run and be tested anywhere:
-
-``python -m sealbox.samples.macos stand-in-codesign --key KEYFILE APP``
-    writes ``APP/Contents/_CodeSignature/CodeResources``: a plist holding a manifest of
-    every file and symlink of the bundle (SHA-256) and an RSA PKCS#1 v1.5 SHA-256
-    signature over the manifest bytes, made with the PEM private key read from KEYFILE
-    (sealbox passes ``/dev/fd/N``). Exit status 65 means the bundle is unusable.
-
-``python -m sealbox.samples.macos verify-stand-in --public-key PEM APP...``
-    checks the signature and that the bundle's files match the manifest exactly.
-
-The signature and manifest can also be checked with openssl alone (see docs/formats/macos.md).
+:func:`write_app_tarball` writes what a client sends for ``macapp``: a tar.gz whose top level
+holds ``<Name>.app`` (``Info.plist``, ``PkgInfo``, ninja as ``MacOS/<Name>``, a resource, a
+versioned framework around libsodium with the usual links, and a plug-in bundle around the
+``.so``), packed like the classic client does (``tar czf NAME .``: members start with ``./``).
+:func:`write_macho` writes one Mach-O for ``macho``.
 """
 
 from __future__ import annotations
@@ -26,43 +22,62 @@ import argparse
 import hashlib
 import os
 import plistlib
-import re
-import stat
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
 __all__ = [
-    "STAND_IN_FORMAT",
-    "StandInError",
+    "BINARIES",
+    "binary",
+    "cache_dir",
+    "fetch_binaries",
     "main",
-    "stand_in_sign",
-    "stand_in_verify",
+    "write_app",
     "write_app_tarball",
+    "write_macho",
 ]
 
-#: the ``format`` value of every stand-in manifest
-STAND_IN_FORMAT = "sealbox-stand-in-codesign/1"
-STAND_IN_NOTICE = (
-    "STAND-IN signature made by sealbox.samples.macos to test the dmg plumbing off macOS. "
-    "This is NOT Apple code signing; macOS will not accept it."
-)
-SIGNATURE_PATH = "Contents/_CodeSignature/CodeResources"
-EX_DATAERR = 65
+
+@dataclass(frozen=True)
+class Wheel:
+    """Where a sample binary comes from: a pinned macOS wheel on PyPI and a member of it."""
+
+    requirement: str
+    platform: str
+    python: str | None
+    sha256: str
+    member: str
+
+
+BINARIES: dict[str, Wheel] = {
+    # universal x86_64 + arm64 executable (deployment target 10.9: gets a SHA-1 CodeDirectory too)
+    "ninja": Wheel(
+        "ninja==1.13.2", "macosx_10_9_universal2", None,
+        "fd82e26c0706ad4ab88e5fdd26f3fab0a987a90f810160f6c322e752c6af298b", "ninja-1.13.2.data/scripts/ninja",
+    ),
+    # universal x86_64 + arm64 dylib
+    "libsodium.dylib": Wheel(
+        "pyzmq==27.3.0", "macosx_10_15_universal2", "3.11",
+        "86fb4408797aabb54a31e147176ae0f2474d99f1715a36a4564089eca9ef9ce8", "zmq/.dylibs/libsodium.26.dylib",
+    ),
+    # arm64 bundle (a Python extension module)
+    "speedups.so": Wheel(
+        "markupsafe==3.0.4", "macosx_11_0_arm64", "3.11",
+        "7d3391b2188d18737cb2fa147028b1096236eaa7e156446c650a489fa2cadc91",
+        "markupsafe/_speedups.cpython-311-darwin.so",
+    ),
+}  # fmt: skip
 
 _INFO_PLIST: dict[str, Any] = {
     "CFBundleDevelopmentRegion": "en",
-    "CFBundleExecutable": "",
-    "CFBundleIdentifier": "",
     "CFBundleInfoDictionaryVersion": "6.0",
-    "CFBundleName": "",
     "CFBundlePackageType": "APPL",
     "CFBundleShortVersionString": "1.0",
     "CFBundleVersion": "1",
@@ -71,213 +86,161 @@ _INFO_PLIST: dict[str, Any] = {
 }
 
 
-class StandInError(Exception):
-    """The bundle cannot be stand-in signed, or its stand-in signature does not verify."""
+class SamplesUnavailable(RuntimeError):
+    """The sample binaries are not cached and could not be downloaded."""
 
 
-# -- sample input ----------------------------------------------------------------------
+# -- the binaries -------------------------------------------------------------------------------
 
 
-def _app_tree(root: Path, app_name: str) -> Path:
+def cache_dir() -> Path:
+    """Where the sample binaries live (see the module docstring)."""
+    env = os.environ.get("SEALBOX_SAMPLES_DIR")
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[3]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "sealbox").is_dir():
+        return checkout / ".cache" / "samples"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sealbox" / "samples"
+
+
+def fetch_binaries(dest: Path | None = None) -> Path:
+    """Download and check every wheel of :data:`BINARIES` missing from ``dest``; returns ``dest``."""
+    dest = dest or cache_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, wheel in BINARIES.items():
+        if (dest / name).is_file():
+            continue
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+            argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--platform", wheel.platform, "--dest", tmp, wheel.requirement]  # fmt: skip
+            if wheel.python:
+                argv[-1:-1] = ["--python-version", wheel.python]
+            res = subprocess.run(argv, capture_output=True, text=True, check=False)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if res.returncode != 0 or len(wheels) != 1:
+                last = (res.stderr or res.stdout).strip().splitlines()
+                raise SamplesUnavailable(
+                    f"pip download {wheel.requirement}: {last[-1] if last else res.returncode}"
+                )
+            data = wheels[0].read_bytes()
+            if hashlib.sha256(data).hexdigest() != wheel.sha256:
+                raise SamplesUnavailable(f"{wheels[0].name}: SHA-256 differs from the pinned one")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                part = Path(tmp) / name
+                part.write_bytes(zf.read(wheel.member))
+            part.chmod(0o755)
+            os.replace(part, dest / name)
+    return dest
+
+
+def binary(name: str) -> Path:
+    """The cached sample binary ``name`` (a key of :data:`BINARIES`), fetched if missing."""
+    path = cache_dir() / name
+    if not path.is_file():
+        fetch_binaries(cache_dir())
+    return path
+
+
+# -- sample inputs ------------------------------------------------------------------------------
+
+
+def _plist(path: Path, extra: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(plistlib.dumps({**_INFO_PLIST, **extra}, fmt=plistlib.FMT_XML))
+
+
+def _copy_exe(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    dest.chmod(0o755)
+
+
+def write_app(root: Path, app_name: str = "Hello") -> Path:
+    """An unsigned ``<app_name>.app`` folder under ``root`` (see the module docstring)."""
     app = root / f"{app_name}.app"
     contents = app / "Contents"
-    (contents / "MacOS").mkdir(parents=True)
-    (contents / "Resources").mkdir()
-    info = dict(_INFO_PLIST)
-    info.update(
-        CFBundleExecutable=app_name,
-        CFBundleIdentifier=f"org.example.sealbox.{app_name.lower()}",
-        CFBundleName=app_name,
-    )
-    (contents / "Info.plist").write_bytes(plistlib.dumps(info, fmt=plistlib.FMT_XML))
+    ident = f"org.example.sealbox.{app_name.lower()}"
+    _plist(contents / "Info.plist", {"CFBundleExecutable": app_name, "CFBundleIdentifier": ident,
+                                     "CFBundleName": app_name})  # fmt: skip
     (contents / "PkgInfo").write_bytes(b"APPL????")
-    exe = contents / "MacOS" / app_name
-    exe.write_text(f'#!/bin/sh\necho "hello from {app_name}"\n', encoding="utf-8")
-    exe.chmod(0o755)
+    _copy_exe(binary("ninja"), contents / "MacOS" / app_name)
+    (contents / "Resources").mkdir()
     (contents / "Resources" / "readme.txt").write_text(
         f"{app_name}: a sample application bundle made by sealbox for signing tests.\n", encoding="utf-8"
     )
-    # A framework with the usual version symlinks (real bundles have them).
     fw = contents / "Frameworks" / "Helper.framework"
-    (fw / "Versions" / "A" / "Resources").mkdir(parents=True)
-    lib = fw / "Versions" / "A" / "Helper"
-    lib.write_bytes(b"\xcf\xfa\xed\xfe" + bytes(range(256)) * 16)
-    lib.chmod(0o755)
-    (fw / "Versions" / "A" / "Resources" / "Info.plist").write_bytes(
-        plistlib.dumps({"CFBundleIdentifier": "org.example.sealbox.helper", "CFBundlePackageType": "FMWK"})
-    )
+    _copy_exe(binary("libsodium.dylib"), fw / "Versions" / "A" / "Helper")
+    _plist(fw / "Versions" / "A" / "Resources" / "Info.plist",
+           {"CFBundleExecutable": "Helper", "CFBundleIdentifier": f"{ident}.helper",
+            "CFBundlePackageType": "FMWK"})  # fmt: skip
     os.symlink("A", fw / "Versions" / "Current")
     os.symlink("Versions/Current/Helper", fw / "Helper")
     os.symlink("Versions/Current/Resources", fw / "Resources")
+    plugin = contents / "PlugIns" / "Speedups.bundle" / "Contents"
+    _copy_exe(binary("speedups.so"), plugin / "MacOS" / "Speedups")
+    plugin_info = {"CFBundleExecutable": "Speedups", "CFBundlePackageType": "BNDL"}
+    _plist(plugin / "Info.plist", {**plugin_info, "CFBundleIdentifier": f"{ident}.speedups"})
     return app
 
 
+def pack_tree(root: Path, out: Path) -> Path:
+    """``root``'s content as a tar.gz the way the classic client packs (``./`` names, sorted)."""
+    paths = sorted(root.rglob("*"), key=lambda p: p.relative_to(root).parts)
+    with tarfile.open(out, "x:gz") as tf:
+        tf.add(root, arcname=".", recursive=False)
+        for p in paths:
+            tf.add(p, arcname="./" + p.relative_to(root).as_posix(), recursive=False)
+    return out
+
+
 def write_app_tarball(directory: Path, name: str = "App.tar.gz", app_name: str = "Hello") -> Path:
-    """Write an unsigned ``<app_name>.app`` bundle packed as ``directory/name`` (tar.gz) the
-    way the classic client does (``tar czf NAME .``: members start with ``./``)."""
+    """Write an unsigned ``<app_name>.app`` bundle packed as ``directory/name`` (tar.gz)."""
     directory.mkdir(parents=True, exist_ok=True)
-    out = directory / name
     with tempfile.TemporaryDirectory(dir=directory, prefix=".app-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
-        _app_tree(root, app_name)
-        paths = sorted(root.rglob("*"), key=lambda p: p.relative_to(root).parts)
-        with tarfile.open(out, "x:gz") as tf:
-            tf.add(root, arcname=".", recursive=False)
-            for p in paths:
-                tf.add(p, arcname="./" + p.relative_to(root).as_posix(), recursive=False)
+        write_app(root, app_name)
+        return pack_tree(root, directory / name)
+
+
+def write_macho(directory: Path, name: str = "ninja", kind: str = "ninja", variant: int = 0) -> Path:
+    """Write sample binary ``kind`` as ``directory/name``. A non-zero ``variant`` of a universal
+    binary is stored in the padding before its first slice, which no signature covers: the
+    same code, different bytes (the server keys results by content)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = bytearray(binary(kind).read_bytes())
+    if variant:
+        if data[:4] != b"\xca\xfe\xba\xbe" or any(data[4088:4096]):
+            raise ValueError(f"{kind} has no padding for a variant")
+        data[4088:4096] = variant.to_bytes(8, "big")
+    out = directory / name
+    out.write_bytes(bytes(data))
+    out.chmod(0o755)
     return out
 
 
-# -- the stand-in signer -----------------------------------------------------------------
-
-
-def _bundle_entries(app: Path) -> dict[str, dict[str, str]]:
-    """Manifest entries for every file and symlink of the bundle except its signature folder."""
-    entries: dict[str, dict[str, str]] = {}
-    stack = [app]
-    while stack:
-        d = stack.pop()
-        for entry in os.scandir(d):
-            p = Path(entry.path)
-            rel = p.relative_to(app).as_posix()
-            if rel == "Contents/_CodeSignature":
-                continue
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(p)
-            elif stat.S_ISLNK(st.st_mode):
-                entries[rel] = {"symlink": os.readlink(p)}
-            elif stat.S_ISREG(st.st_mode):
-                with p.open("rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                entries[rel] = {"sha256": digest, "mode": oct(stat.S_IMODE(st.st_mode) & 0o777)}
-            else:
-                raise StandInError(f"{rel}: not a file, folder or symbolic link")
-    return dict(sorted(entries.items()))
-
-
-def _load_private_key(pem: bytes) -> rsa.RSAPrivateKey:
-    m = re.search(
-        rb"-----BEGIN (?:RSA |ENCRYPTED )?PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", pem, re.S
-    )
-    if m is None:
-        raise StandInError("the key file holds no PEM private key")
-    key = serialization.load_pem_private_key(m.group(0), None)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise StandInError("the stand-in signer needs an RSA key")
-    return key
-
-
-def stand_in_sign(app: Path, key_pem: bytes) -> Path:
-    """STAND-IN signing of one ``.app`` folder; returns the CodeResources path written."""
-    if not app.is_dir() or app.is_symlink() or app.suffix != ".app":
-        raise StandInError(f"{app.name}: not an .app folder")
-    info_path = app / "Contents" / "Info.plist"
-    try:
-        info = plistlib.loads(info_path.read_bytes())
-    except Exception as e:  # plistlib raises expat, value and type errors on bad input
-        raise StandInError(f"{app.name}: cannot read Contents/Info.plist: {e}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("CFBundleIdentifier"), str):
-        raise StandInError(f"{app.name}: Info.plist has no CFBundleIdentifier")
-    key = _load_private_key(key_pem)
-    manifest = {
-        "format": STAND_IN_FORMAT,
-        "identifier": info["CFBundleIdentifier"],
-        "files": _bundle_entries(app),
-    }
-    manifest_bytes = plistlib.dumps(manifest, fmt=plistlib.FMT_XML, sort_keys=True)
-    signature = key.sign(manifest_bytes, padding.PKCS1v15(), hashes.SHA256())
-    sig_dir = app / "Contents" / "_CodeSignature"
-    sig_dir.mkdir(exist_ok=True)
-    out = sig_dir / "CodeResources"
-    record = {"sealbox-stand-in": STAND_IN_NOTICE, "manifest": manifest_bytes, "signature": signature}
-    out.write_bytes(plistlib.dumps(record, fmt=plistlib.FMT_XML, sort_keys=True))
-    return out
-
-
-def read_stand_in(app: Path) -> tuple[bytes, bytes] | None:
-    """(manifest bytes, signature) of a stand-in signed bundle; None if the bundle has a
-    CodeResources that is not a stand-in one (e.g. real codesign output)."""
-    path = app / SIGNATURE_PATH
-    try:
-        record = plistlib.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise StandInError(f"{app.name}: not signed (no {SIGNATURE_PATH})") from None
-    except Exception as e:  # plistlib raises expat, value and type errors on bad input
-        raise StandInError(f"{app.name}: unreadable {SIGNATURE_PATH}: {e}") from None
-    if not isinstance(record, dict) or "sealbox-stand-in" not in record:
-        return None
-    manifest, signature = record.get("manifest"), record.get("signature")
-    if not isinstance(manifest, bytes) or not isinstance(signature, bytes):
-        raise StandInError(f"{app.name}: malformed stand-in CodeResources")
-    return manifest, signature
-
-
-def stand_in_verify(app: Path, public_key_pem: bytes) -> None:
-    """Verify a STAND-IN signature: the RSA signature over the manifest, then every file
-    and symlink of the bundle against it (nothing missing, nothing added)."""
-    stored = read_stand_in(app)
-    if stored is None:
-        raise StandInError(
-            f"{app.name}: not a stand-in signature (real codesign output verifies only on macOS)"
-        )
-    manifest_bytes, signature = stored
-    public = serialization.load_pem_public_key(public_key_pem)
-    if not isinstance(public, rsa.RSAPublicKey):
-        raise StandInError("the stand-in public key must be RSA")
-    try:
-        public.verify(signature, manifest_bytes, padding.PKCS1v15(), hashes.SHA256())
-    except InvalidSignature:
-        raise StandInError(f"{app.name}: stand-in signature does not verify") from None
-    manifest = plistlib.loads(manifest_bytes)
-    if not isinstance(manifest, dict) or manifest.get("format") != STAND_IN_FORMAT:
-        raise StandInError(f"{app.name}: unknown stand-in manifest format")
-    expected = manifest.get("files")
-    actual = _bundle_entries(app)
-    if expected != actual:
-        assert isinstance(expected, dict)
-        changed = sorted(set(expected) ^ set(actual)) or sorted(k for k in actual if expected[k] != actual[k])
-        raise StandInError(f"{app.name}: {changed[0]} differs from the stand-in signature")
-
-
-# -- command line ------------------------------------------------------------------------
+# -- command line ---------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sealbox.samples.macos",
-        description="sealbox macOS samples and the STAND-IN code signer (not Apple code signing)",
+        prog="python -m sealbox.samples.macos", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("stand-in-codesign", help="STAND-IN sign one .app (not Apple code signing)")
-    s.add_argument("--key", required=True, help="PEM file with the RSA private key (e.g. /dev/fd/N)")
-    s.add_argument("app", type=Path)
-    v = sub.add_parser("verify-stand-in", help="verify STAND-IN signatures of .app folders")
-    v.add_argument("--public-key", required=True, type=Path, help="PEM public key (public/dmg-standin.pem)")
-    v.add_argument("apps", type=Path, nargs="+")
+    f = sub.add_parser("fetch", help="download the sample Mach-O binaries (pinned macOS wheels from PyPI)")
+    f.add_argument("dest", type=Path, nargs="?", default=None)
     w = sub.add_parser("write-app-tarball", help="write an unsigned sample .app tarball")
     w.add_argument("directory", type=Path)
     w.add_argument("--name", default="App.tar.gz")
     args = parser.parse_args(argv)
     try:
-        if args.command == "stand-in-codesign":
-            with open(args.key, "rb") as f:
-                key_pem = f.read()
-            stand_in_sign(args.app, key_pem)
-            print(f"{args.app.name}: STAND-IN signed (not Apple code signing)")
-        elif args.command == "verify-stand-in":
-            pem = args.public_key.read_bytes()
-            for app in args.apps:
-                stand_in_verify(app, pem)
-                print(f"{app.name}: stand-in signature OK")
+        if args.command == "fetch":
+            print(fetch_binaries(args.dest))
         else:
             print(write_app_tarball(args.directory, args.name))
-    except StandInError as e:
-        print(f"stand-in: {e}", file=sys.stderr)
-        return EX_DATAERR
-    except (OSError, ValueError) as e:
-        print(f"stand-in: {e}", file=sys.stderr)
+    except (SamplesUnavailable, OSError) as e:
+        print(f"samples: {e}", file=sys.stderr)
         return 1
     return 0
 

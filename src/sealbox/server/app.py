@@ -21,15 +21,20 @@ from typing import Any, BinaryIO
 
 import multipart
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import tokens
 from ..config import Network, ServerConfig
 from ..errors import TokenError
 from ..hashing import CHUNK, is_sha1_hex
 from ..keys.credentials import check_password
+from ..signlog import RequestContext
+from ..wire import SMALL_FILE
+from .health import Health, version_info
 from .jobs import TRANSIENT_FAILURE_TTL, JobManager
-from .storage import Result, Storage
-from .workers import MAX_ORDER_BYTES
+from .metrics import Metrics
+from .storage import Input, Result, Storage
 
 log = logging.getLogger("sealbox.http")
 
@@ -41,14 +46,37 @@ CONFIG = web.AppKey("config", ServerConfig)
 JOBS = web.AppKey("jobs", JobManager)
 STORAGE = web.AppKey("storage", Storage)
 SECRETS = web.AppKey("secrets", list[bytes])
+HEALTH = web.AppKey("health", Health)
+METRICS = web.AppKey("metrics", Metrics)
+VERSION = web.AppKey("version", dict[str, str])
+#: why an upload was refused, for the metrics (one of :data:`.metrics.REFUSALS`)
+REFUSAL = web.ResponseKey("refusal", str)
 
 
-def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+MAX_REASON = 1000  # far below any client's header limit (aiohttp 8 KiB, h11 16 KiB)
+
+
+def safe_text(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` as printable ASCII (anything else escaped: ``\\r``, ``\\x00``, ``\\xe9``),
+    at most ``limit`` characters: reasons quote what a client sent, and a header must not."""
+    out = text.encode("unicode_escape").decode("ascii")
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _error(
+    status: int, reason: str, headers: dict[str, str] | None = None, refusal: str | None = None
+) -> web.Response:
+    """The one way a refusal is answered: the reason in ``X-Sealbox-Error`` and the body;
+    ``refusal`` sorts a refused upload for the metrics."""
+    reason = safe_text(reason)
     h = {"X-Sealbox-Error": reason, **(headers or {})}
-    return web.Response(status=status, text=reason + "\n", headers=h)
+    response = web.Response(status=status, text=reason + "\n", headers=h)
+    if refusal is not None:
+        response[REFUSAL] = refusal
+    return response
 
 
-def peer_ip(request: web.Request) -> str:
+def peer_ip(request: web.BaseRequest) -> str:
     return tokens.normalize_ip(request.remote or "0.0.0.0")
 
 
@@ -57,39 +85,80 @@ def _allowed(ip: str, networks: Sequence[Network]) -> bool:
     return any(addr in net for net in networks)
 
 
+HANDLED = web.RequestKey("handled", bool)
+#: the upload's token, once verified (its bound address and validity go to the signing log)
+TOKEN = web.RequestKey("token", tokens.TokenInfo)
+#: the signing log's index of a result, on the answer that delivers it
+LOG_INDEX_HEADER = "X-Sealbox-Log-Index"
+
+
 @web.middleware
 async def access_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    cfg = request.app[CONFIG]
-    ip = peer_ip(request)
+    """The address check, and an answer whatever a handler raises (the request line itself is
+    :class:`AccessLog`'s, which also sees what aiohttp refuses before any handler)."""
+    request[HANDLED] = True
+    if not _allowed(peer_ip(request), request.app[CONFIG].security.allowed_ips):
+        return web.Response(status=403)
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise  # a response already: aiohttp sends it
+    except Exception as e:
+        return _failed(request, e)
+
+
+def _failed(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The answer to a handler's exception; only a real crash is logged with its traceback."""
+    transport = request.transport
     response: web.StreamResponse
-    if not _allowed(ip, cfg.security.allowed_ips):
-        response = web.Response(status=403)
+    if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+        # The client went away mid-request: nothing can be sent, the status is only logged
+        # (nginx's "client closed request").
+        response = web.Response(status=499)
+    elif isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+        # The body broke its framing or encoding (bad chunks, bad gzip): the client's mistake.
+        why = _first_line(str(exc).partition("message:")[2])
+        response = _error(400, f"malformed request body: {why}")
     else:
-        try:
-            response = await handler(request)
-        except web.HTTPException as e:
-            response = e
-    log.info(
-        "request",
-        extra={
-            "fields": {
-                "event": "request",
-                "peer": ip,
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "bytes_in": request.content_length or 0,
-                "ms": round((time.monotonic() - started) * 1000, 1),
-                **(
-                    {"reason": response.headers["X-Sealbox-Error"]}
-                    if "X-Sealbox-Error" in response.headers
-                    else {}
-                ),
-            }
-        },
-    )
+        fields = {"event": "crash", "peer": peer_ip(request), "method": request.method, "path": request.path}
+        log.error("crash", exc_info=exc, extra={"fields": fields})
+        response = _error(500, "internal server error")
+    response.force_close()  # whatever is left of the request cannot be trusted
+    if request.writer.output_size > 0 and transport is not None:
+        # The handler's response was under way: no second one can follow. Cutting the
+        # connection tells the client its answer is incomplete.
+        transport.close()
     return response
+
+
+def _first_line(text: str) -> str:
+    return text.strip().partition("\n")[0].rstrip(": ")
+
+
+class AccessLog(AbstractAccessLogger):
+    """The request line: one per request, written by aiohttp once the answer is sent, so it
+    covers what aiohttp refuses itself (malformed HTTP, before any handler: no method or
+    path to tell) and crashes alike."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, elapsed: float) -> None:
+        handled = request.get(HANDLED, False)
+        fields: dict[str, Any] = {
+            "event": "request",
+            "peer": peer_ip(request),
+            "method": request.method if handled else None,
+            "path": request.path if handled else None,
+            "status": response.status,
+            "bytes_in": request.content_length or 0,
+            "ms": round(elapsed * 1000, 1),
+        }
+        reason = response.headers.get("X-Sealbox-Error")
+        if reason is None and response.status >= 400 and isinstance(response, web.Response):
+            body = response.body  # aiohttp's own refusals explain themselves here
+            if isinstance(body, bytes) and body:
+                reason = safe_text(_first_line(body.decode("utf-8", "replace")))
+        if reason:
+            fields["reason"] = reason
+        self.logger.info("request", extra={"fields": fields})
 
 
 # -- POST /token ----------------------------------------------------------------------------------
@@ -112,7 +181,10 @@ async def mint_token(request: web.Request) -> web.Response:
         ok |= (name == user) & await loop.run_in_executor(None, check_password, password, hashed)
     if not ok:
         return web.Response(status=401)
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError) as e:  # no boundary, bytes not in the charset, no such charset
+        return _error(400, f"malformed form: {e}")
     slave_ip, duration_s = form.get("slave_ip"), form.get("duration")
     if not isinstance(slave_ip, str) or not isinstance(duration_s, str):
         return _error(400, "slave_ip and duration are required")
@@ -126,6 +198,10 @@ async def mint_token(request: web.Request) -> web.Response:
         token = tokens.mint(request.app[SECRETS][0], slave_ip, duration)
     except ValueError:
         return _error(400, "slave_ip is not an IP address")
+    request.app[METRICS].token_minted()
+    recorder = request.app[JOBS].recorder
+    if recorder is not None:  # the signing log names the issuer of each upload's token
+        recorder.issuers.remember(token, user)
     return web.Response(text=token)
 
 
@@ -154,28 +230,33 @@ async def _outcome(
     while True:
         found = storage.result(fmt, sha1)
         if found is not None:
-            return await _send_result(request, found)
+            return await _send_result(request, found, jobs.log_index(fmt, sha1))
         failure = storage.failure(fmt, sha1, TRANSIENT_FAILURE_TTL)
         if failure is not None:
             return _error(404, f"signing failed: {failure.reason}")
         if not jobs.pending(fmt, sha1):
             if not storage.has_input(sha1):
                 return web.Response(status=404)
-            jobs.submit(fmt, sha1)  # content already here (other format or an output): no upload
+            # Content already here (other format or an output): no upload. The log records this request.
+            jobs.submit(fmt, sha1, context=RequestContext("get", peer_ip(request)))
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not await jobs.wait(fmt, sha1, remaining):
             return pending()
 
 
-async def _send_result(request: web.Request, found: Result) -> web.StreamResponse:
+async def _send_result(
+    request: web.Request, found: Result, log_index: int | None = None
+) -> web.StreamResponse:
     headers = {"X-SHA1-Digest": found.digest, "Content-Type": "application/octet-stream"}
-    if found.body is not None:
-        return web.Response(body=found.body, headers=headers)
-    assert found.path is not None  # only results kept in memory have no file
+    if log_index is not None:  # where the signing log recorded it: GET /log/proof/<index>
+        headers[LOG_INDEX_HEADER] = str(log_index)
+    body = found.body
+    if body is not None:  # held in memory: one write
+        return web.Response(body=body, headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = found.size
     await response.prepare(request)
-    with found.path.open("rb") as f:
+    with found.open() as f:
         while chunk := f.read(CHUNK):
             await response.write(chunk)
     await response.write_eof()
@@ -200,13 +281,22 @@ def _boundary(content_type: str) -> str | None:
     return str(boundary)
 
 
-async def _parts(request: web.Request, boundary: str) -> AsyncGenerator[tuple[str, AsyncIterator[bytes]]]:
-    """The form's parts as (name, body chunks), streamed; a part must be read before the next."""
+async def _parts(
+    request: web.Request, boundary: str, idle: float
+) -> AsyncGenerator[tuple[str, AsyncIterator[bytes]]]:
+    """The form's parts as (name, body chunks), streamed; a part must be read before the next.
+
+    A body that sends nothing for ``idle`` seconds raises TimeoutError: a stalled (or
+    unparseable, which aiohttp turns into silence) upload must not hold a handler forever."""
     parser = multipart.PushMultipartParser(boundary, max_header_count=8, max_segment_count=16, strict=True)
 
     async def events() -> AsyncIterator[Any]:
         try:
-            async for chunk in request.content.iter_any():
+            while True:
+                async with asyncio.timeout(idle):
+                    chunk = await request.content.readany()
+                if not chunk:
+                    break
                 for event in parser.parse(chunk):
                     yield event
             for event in parser.parse(b""):  # the end: raises if the final boundary is missing
@@ -232,17 +322,17 @@ async def _parts(request: web.Request, boundary: str) -> AsyncGenerator[tuple[st
 
 
 class _Upload:
-    """``filedata`` as it arrives: SHA-1 and SHA-256 in the same pass, kept in memory while
-    small and spooled to a temp file beyond ``SPOOL`` bytes, so memory stays bounded."""
-
-    SPOOL = MAX_ORDER_BYTES  # what the signing workers take from memory
+    """``filedata`` as it arrives, hashed in the same pass: kept in memory while small, and
+    spooled to a temp file past :data:`~sealbox.wire.SMALL_FILE` bytes, so memory stays bounded.
+    A spooled file's SHA-256 is taken on the way too, for the signers that need one: reading
+    a big file again costs; a small one is hashed once, by the signer that needs it."""
 
     def __init__(self, storage: Storage, limit: int) -> None:
         self.storage = storage
         self.limit = limit
         self.size = 0
         self.sha1 = hashlib.sha1(usedforsecurity=False)
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256()  # fed once spooled
         self.data = bytearray()
         self.file: BinaryIO | None = None
         self.path: Path | None = None
@@ -257,18 +347,28 @@ class _Upload:
             if self.size > self.limit:
                 return False
             self.sha1.update(chunk)
-            self.sha256.update(chunk)
-            if self.file is None and self.size > self.SPOOL:
+            if self.file is None and self.size > SMALL_FILE:
                 self.path, self.file = self.storage.temp_file()
                 self.file.write(self.data)
+                self.sha256.update(self.data)
                 self.data = bytearray()
             if self.file is not None:
                 self.file.write(chunk)
+                self.sha256.update(chunk)
             else:
                 self.data += chunk
         if self.file is not None:
             self.file.close()
         return True
+
+    def take(self, sha1: str, filename: str) -> Input:
+        """The verified upload as its job's input: its bytes, or its file, moved into the store."""
+        if self.path is None:
+            return Input(bytes(self.data), self.size, sha1=sha1, filename=filename)
+        spooled = Input(self.path, self.size, sha1=sha1, filename=filename, digests={"sha256": self.sha256})
+        item = self.storage.put_input(spooled)
+        self.path = None  # the store's now
+        return item
 
     def discard(self) -> None:
         if self.file is not None:
@@ -286,42 +386,56 @@ def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
 
 
 async def upload(request: web.Request) -> web.StreamResponse:
+    """``POST /sign/<fmt>`` (:func:`_upload`), its refusals counted by reason."""
+    response = await _upload(request)
+    refusal = response.get(REFUSAL)
+    if refusal is not None:
+        request.app[METRICS].refused(refusal)
+    return response
+
+
+async def _upload(request: web.Request) -> web.StreamResponse:
     fmt = request.match_info["fmt"]
     cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
     known = fmt in cfg.formats and fmt in jobs.signers
     limit = cfg.max_filesize(fmt) if known else cfg.server.max_filesize
     if request.content_length is not None and request.content_length > limit + MULTIPART_OVERHEAD:
-        return _error(413, f"File too large: over {limit} bytes for {fmt}")
+        return _error(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
     boundary = _boundary(request.headers.get("Content-Type", ""))
     if boundary is None:
-        return _error(400, "expected multipart/form-data with a boundary")
+        return _error(400, "expected multipart/form-data with a boundary", refusal="malformed")
     fields: dict[str, str] = {}
     data = _Upload(storage, limit)
     try:
         try:
-            async with contextlib.aclosing(_parts(request, boundary)) as parts:
+            async with contextlib.aclosing(_parts(request, boundary, cfg.server.body_timeout)) as parts:
                 refused = await _read_form(request, parts, fields, data, fmt, known)
         except (_Malformed, ValueError, asyncio.IncompleteReadError) as e:
-            return _error(400, f"malformed multipart body: {e}")
+            return _error(400, f"malformed multipart body: {e}", refusal="malformed")
+        except TimeoutError:
+            response = _error(
+                408, f"upload stalled: no data for {cfg.server.body_timeout:g} s", refusal="stalled"
+            )
+            response.force_close()
+            return response
         if refused is not None:
             return refused
         if data.known:
             return await _accepted(request, fmt, fields["sha1"], "File is pending")
         if not data.seen:
             bad = _check_fields(request, fields, fmt, known)
-            return bad or _error(400, "File too small: no filedata", NONCE)
+            return bad or _error(400, "File too small: no filedata", NONCE, "malformed")
         sha1 = fields["sha1"]
         if data.size < cfg.server.min_filesize:
-            return _error(400, f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}", NONCE)
+            why = f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}"
+            return _error(400, why, NONCE, "size")
         if data.sha1.hexdigest() != sha1:
-            return _error(400, "Hash mismatch: filedata does not match the sha1 field", NONCE)
+            return _error(
+                400, "Hash mismatch: filedata does not match the sha1 field", NONCE, "hash_mismatch"
+            )
+        request.app[METRICS].upload(fmt, data.size)
         storage.clear_failure(fmt, sha1)
-        if data.path is not None:
-            storage.add_input(sha1, fields["filename"], data.path)
-            data.path = None
-            jobs.submit(fmt, sha1, {"sha256": data.sha256})
-        else:
-            jobs.submit(fmt, sha1, {"sha256": data.sha256}, (fields["filename"], data.data))
+        jobs.submit(fmt, sha1, data.take(sha1, fields["filename"]), _upload_context(request, fields))
         return await _accepted(request, fmt, sha1, "Accepted")
     finally:
         data.discard()
@@ -349,13 +463,13 @@ async def _read_form(
                 data.known = True  # the server has it: the rest need not be read
                 return None
             if not await data.consume(chunks):
-                return _error(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE)
+                return _error(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE, "size")
         elif name in FIELDS:
             value = bytearray()
             async for chunk in chunks:
                 value += chunk
                 if len(value) > MAX_FIELD:
-                    return _error(400, f"field {name} is too long")
+                    return _error(400, f"field {name} is too long", refusal="malformed")
             fields[name] = value.decode("utf-8", "replace")
     return None
 
@@ -377,36 +491,67 @@ async def _accepted(request: web.Request, fmt: str, sha1: str, text: str) -> web
     return await _outcome(request, fmt, sha1, hold, accepted)
 
 
+def _upload_context(request: web.Request, fields: dict[str, str]) -> RequestContext | None:
+    """Who asked for an upload's job, for the signing log (None when there is none)."""
+    recorder = request.app[JOBS].recorder
+    if recorder is None:
+        return None
+    issuer = recorder.issuers.issuer(fields["token"])
+    return RequestContext("upload", peer_ip(request), fields["filename"], request.get(TOKEN), issuer)
+
+
 def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
     cfg, storage = request.app[CONFIG], request.app[STORAGE]
     if "token" not in fields:
-        return _error(400, "Missing token")
+        return _error(400, "Missing token", refusal="token_missing")
     secrets: list[bytes] = request.app[SECRETS]
     try:
-        tokens.verify(fields["token"], secrets, peer_ip(request))
+        request[TOKEN] = tokens.verify(fields["token"], secrets, peer_ip(request))
     except TokenError as e:
-        return _error(400, f"Invalid token: {e}")
+        return _error(400, f"Invalid token: {e}", refusal=f"token_{e.kind}")
     if not known:
-        return _error(400, f"unknown format '{fmt}'", NONCE)
+        return _error(400, f"unknown format '{fmt}'", NONCE, "format")
     for name in ("sha1", "filename"):
         if name not in fields:
-            return _error(400, f"missing field {name}", NONCE)
+            return _error(400, f"missing field {name}", NONCE, "malformed")
     if not is_sha1_hex(fields["sha1"]):
-        return _error(400, "the sha1 field must be 40 lowercase hex digits", NONCE)
+        return _error(400, "the sha1 field must be 40 lowercase hex digits", NONCE, "malformed")
     bad = _valid_filename(fields["filename"], cfg.security.allowed_filenames)
     if bad is not None:
-        return _error(403, bad, NONCE)
+        return _error(403, bad, NONCE, "filename")
+    # The format's rules on names: never remembered, a result depends on the content alone.
+    bad = request.app[JOBS].signers[fmt].refuse_name(fields["filename"])
+    if bad is not None:
+        return _error(400, bad, NONCE, "filename")
     failure = storage.failure(fmt, fields["sha1"], TRANSIENT_FAILURE_TTL)
     if failure is not None and failure.permanent:
-        return _error(400, f"signing failed: {failure.reason}", NONCE)
+        return _error(400, f"signing failed: {failure.reason}", NONCE, "remembered_failure")
     return None
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
-    return web.json_response(
-        {"status": "ok", "level": cfg.server.level, "formats": sorted(request.app[JOBS].signers)}
-    )
+    """Dockerflow's heartbeat: every check of :mod:`.health` by name; 503 if any failed."""
+    checks = await request.app[HEALTH].report()
+    failed = sorted(name for name, check in checks.items() if check["status"] == "error")
+    request.app[METRICS].health({name: name not in failed for name in checks})
+    warned = any(check["status"] == "warning" for check in checks.values())
+    body = {
+        "status": "error" if failed else "warning" if warned else "ok",
+        "level": request.app[CONFIG].server.level,
+        "formats": sorted(request.app[JOBS].signers),
+        "failed": failed,
+        "checks": checks,
+    }
+    return web.json_response(body, status=503 if failed else 200)
+
+
+async def lbheartbeat(request: web.Request) -> web.Response:
+    """For the load balancer: 200 while the process serves, nothing checked."""
+    return web.json_response({"status": "ok"})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response(request.app[VERSION])
 
 
 async def bad_request(request: web.Request) -> web.Response:
@@ -415,17 +560,32 @@ async def bad_request(request: web.Request) -> web.Response:
     return _error(400, "Bad Request")
 
 
-def build_app(cfg: ServerConfig, jobs: JobManager, storage: Storage, secrets: list[bytes]) -> web.Application:
+def build_app(
+    cfg: ServerConfig,
+    jobs: JobManager,
+    storage: Storage,
+    secrets: list[bytes],
+    health: Health,
+    metrics: Metrics,
+) -> web.Application:
     app = web.Application(middlewares=[access_and_log], client_max_size=1024 * 1024)
     app[CONFIG] = cfg
     app[JOBS] = jobs
     app[STORAGE] = storage
     app[SECRETS] = secrets
+    app[HEALTH] = health
+    app[METRICS] = metrics
+    app[VERSION] = version_info()
     app.router.add_post("/token", mint_token)
     app.router.add_post(r"/token/{rest:.*}", mint_token)
     app.router.add_get("/sign/{fmt}/{sha1}", get_result)
     app.router.add_post("/sign/{fmt}", upload)
     app.router.add_post("/sign/{fmt}/{rest:.*}", upload)
     app.router.add_get("/__heartbeat__", heartbeat)
+    app.router.add_get("/__lbheartbeat__", lbheartbeat)
+    app.router.add_get("/__version__", version)
+    from .logapi import add_routes  # its handlers use this module's keys
+
+    add_routes(app)
     app.router.add_route("*", "/{tail:.*}", bad_request)
     return app

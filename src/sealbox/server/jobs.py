@@ -1,43 +1,58 @@
 """Signing jobs: keyed by (format, input sha1), run in a bounded pool with a timeout.
 
+An attempt reads as: get the input (the upload, or what the store holds), choose where it
+runs (:meth:`JobManager._executor_for`, the one place: a signing worker process for a small
+input of an in-process format, a thread for everything else), sign, put the output in the
+store (:meth:`JobManager._publish`, the one place a result is published); the job then
+remembers the outcome. Signing never runs on the event loop.
+
 Each format gets at most ``concurrency`` jobs at once, so a slow format cannot starve the
-others. Signing never runs on the event loop: small uploads for in-process signers go to
-the signing worker processes (:mod:`.workers`), everything else to worker threads. A job
-that fails because of its input is remembered as permanent; other failures are retried
-and then remembered for a short while, so polling clients learn about them within seconds.
+others. A job that fails because of its input is remembered as permanent; other failures are
+retried and then remembered for a short while, so polling clients learn about them within
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
-import os
-import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Literal
 
 from ..errors import FormatRejected, SigningFailed
 from ..formats.base import Signer, SignRequest
+from ..fsutil import remove_tree
 from ..hashing import hash_stream
-from .storage import Result, Storage
+from ..signlog import Recorder, RequestContext
+from ..wire import SMALL_FILE
+from .metrics import Metrics
+from .storage import GONE, Blob, Input, Result, Storage
 from .workers import Order, WorkerLost, WorkerPool
 
 log = logging.getLogger("sealbox.jobs")
 
 TRANSIENT_ATTEMPTS = 2
 TRANSIENT_FAILURE_TTL = 60.0
+JOB_THREAD_PREFIX = "sealbox-job"  # names the job threads (the server's exit looks for busy ones)
+Executor = Literal["worker", "thread"]
 
 
 @dataclass
 class _Job:
     fmt: str
     sha1: str
-    #: (filename, bytes) of an upload small enough to arrive in memory; the job stores it
-    upload: tuple[str, bytes | bytearray] | None = None
+    #: the upload (in memory, or a file already in the store), or once read, what the store holds
+    input: Input | None = None
+    #: where the last attempt ran, for the job's log line: "worker" (a signing process) or "thread"
+    ran_in: Executor | None = None
+    #: the request that started the job, for the signing log
+    context: RequestContext | None = None
     #: resolved when the job is no longer pending (a future, not an event: waiting on it
     #: needs no extra task per poll)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -51,38 +66,43 @@ class JobManager:
         concurrency: int,
         timeout: float,
         workers: WorkerPool | None = None,
+        metrics: Metrics | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.storage = storage
         self.signers = signers
         self.timeout = timeout
         self.workers = workers
+        self.metrics = metrics or Metrics()
+        #: the signing log: every result is recorded, durably, before it is published
+        self.recorder = recorder
         self._limits = {fmt: asyncio.Semaphore(concurrency) for fmt in signers}
         self._pool = ThreadPoolExecutor(
-            max_workers=min(64, concurrency * max(1, len(signers))), thread_name_prefix="sign"
+            max_workers=min(64, concurrency * max(1, len(signers))), thread_name_prefix=JOB_THREAD_PREFIX
         )
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: set when the server stops: waits answer at once from then on
+        self._stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished = 0  # jobs done since start-up (the stop log counts those it drained)
+        self.active = 0  # jobs holding a slot of their format: signing now
 
     def pending(self, fmt: str, sha1: str) -> bool:
         return (fmt, sha1) in self._jobs
 
     def submit(
-        self,
-        fmt: str,
-        sha1: str,
-        digests: Mapping[str, Any] | None = None,
-        upload: tuple[str, bytes | bytearray] | None = None,
+        self, fmt: str, sha1: str, upload: Input | None = None, context: RequestContext | None = None
     ) -> None:
         """Queue a job unless one is already pending for (fmt, sha1).
 
-        ``upload`` is (filename, bytes) of a verified upload still in memory: the job
-        stores it (a signing worker's job as a row, a thread's as a file), so the event loop
-        does no disk work for it."""
+        ``upload`` is a verified upload: still in memory (the store keeps it with the job's
+        result), or a file already in the store. Without it the job reads the input from the
+        store. ``context`` is the request that asked, for the signing log."""
         if (fmt, sha1) in self._jobs:
             return
-        job = _Job(fmt, sha1, upload)
+        job = _Job(fmt, sha1, upload, context=context)
         self._jobs[(fmt, sha1)] = job
-        task = asyncio.get_running_loop().create_task(self._run(job, dict(digests or {})))
+        task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -91,25 +111,50 @@ class JobManager:
         job = self._jobs.get((fmt, sha1))
         if job is None:
             return True
+        if self._stopping.done():
+            return False
+        # Futures, not coroutines: no extra task per poll.
+        await asyncio.wait((job.done, self._stopping), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return job.done.done()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a slot of their format."""
+        return len(self._jobs) - self.active
+
+    def stop_waiting(self) -> None:
+        """The server is stopping: every wait answers now ("still pending"), so a client held
+        in a long poll goes elsewhere instead of waiting out the drain; jobs go on."""
+        if not self._stopping.done():
+            self._stopping.set_result(None)
+
+    async def drain(self, timeout: float) -> int:
+        """Let every job finish, also those submitted meanwhile (used on SIGTERM), for up to
+        ``timeout`` seconds; then no new thread work starts. The number left unfinished."""
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(job.done)
+                while self._tasks:
+                    await asyncio.wait(set(self._tasks))
         except TimeoutError:
-            return False
-        return True
+            pass
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        return len(self._tasks)
 
-    async def drain(self, timeout: float) -> None:
-        """Let in-flight jobs finish (used on SIGTERM)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _run(self, job: _Job, digests: dict[str, Any]) -> None:
+    async def _run(self, job: _Job) -> None:
         started = time.monotonic()
         outcome, reason = "error", ""
         try:
             async with self._limits[job.fmt]:
-                outcome, reason = await self._attempts(job, digests)
+                self.active += 1
+                try:
+                    outcome, reason = await self._attempts(job)
+                finally:
+                    self.active -= 1
         except Exception as e:  # never let a job take the server down
             log.exception("job crashed")
             outcome, reason = "error", f"internal error: {type(e).__name__}"
@@ -117,6 +162,9 @@ class JobManager:
         finally:
             self._jobs.pop((job.fmt, job.sha1), None)
             job.done.set_result(None)
+            self.finished += 1
+            seconds = time.monotonic() - started
+            self.metrics.job(job.fmt, outcome, seconds)
             log.info(
                 "job",
                 extra={
@@ -126,18 +174,20 @@ class JobManager:
                         "sha1": job.sha1,
                         "outcome": outcome,
                         ("output_sha1" if outcome == "signed" else "reason"): reason,
-                        "ms": round((time.monotonic() - started) * 1000, 1),
+                        "ms": round(seconds * 1000, 1),
+                        "ran_in": job.ran_in,
                     }
                 },
             )
 
-    async def _attempts(self, job: _Job, digests: dict[str, Any]) -> tuple[str, str]:
-        loop = asyncio.get_running_loop()
+    async def _attempts(self, job: _Job) -> tuple[str, str]:
+        """Attempts until one signs, the input is rejected or the retries run out; the
+        outcome is remembered: (outcome, the output's SHA-1 or the reason)."""
         reason = ""
         for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
             try:
                 async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
-                    result = await self._attempt(loop, job, digests)
+                    result = await self._attempt(job)
                 self.storage.clear_failure(job.fmt, job.sha1)
                 return "signed", result.digest
             except FormatRejected as e:
@@ -152,90 +202,148 @@ class JobManager:
         self.storage.add_failure(job.fmt, job.sha1, False, reason)
         return "failed", reason
 
-    async def _attempt(self, loop: asyncio.AbstractEventLoop, job: _Job, digests: dict[str, Any]) -> Result:
-        upload, workers = job.upload, self.workers
-        if upload is None and workers is not None and job.fmt in workers.formats:
-            upload = self.storage.small_input(job.sha1)  # held from a job of another format
-        if upload is not None and workers is not None and workers.accepts(job.fmt, len(upload[1])):
-            filename, data = upload[0], bytes(upload[1])
-            try:
-                output = await workers.run(Order(job.fmt, job.sha1, filename, data))
-            except WorkerLost:
-                pass  # logged by the pool: this job signs in a thread instead
-            else:
-                job.upload = None
-                replaces = not self.signers[job.fmt].detached_suffix.get(job.fmt)
-                return self.storage.add_small_job(job.fmt, job.sha1, filename, data, output, replaces)
-        job.upload = None  # a second attempt reads the stored input
-        return await loop.run_in_executor(
-            self._pool, sign_job, self.storage, self.signers, job.fmt, job.sha1, upload, digests
-        )
-
-
-def sign_job(
-    storage: Storage,
-    signers: Mapping[str, Signer],
-    fmt: str,
-    sha1: str,
-    upload: tuple[str, bytes | bytearray] | None,
-    digests: Mapping[str, Any] | None,
-) -> Result:
-    """Store or verify the input, sign it, publish the result as a file (in a worker thread).
-
-    ``upload`` is (filename, bytes) of a verified upload still in memory; without it the
-    input is read from the store and, without ``digests`` from its upload, re-hashed."""
-    signer = signers[fmt]
-    if upload is None and not storage.input_path(sha1).is_file():
-        upload = storage.small_input(sha1)  # held as a row: this job needs it as a file
-    if upload is not None:
-        storage.add_input_bytes(sha1, *upload)
-        if not digests:
-            digests = {"sha256": hashlib.sha256(upload[1])}
-    src = storage.input_path(sha1)
-    filename = storage.input_filename(sha1)
-    if filename is None or not src.is_file():
-        raise FormatRejected("the input is no longer on the server; upload it again")
-    if not digests:
-        # Re-hash a stored input: a corrupt copy must never be signed.
-        with src.open("rb") as f:
-            states = hash_stream(f, ("sha1", "sha256"))
-        if states["sha1"].hexdigest() != sha1:
-            storage.drop_input(sha1)
-            raise SigningFailed("stored input was corrupt and has been dropped; upload it again")
-        digests = {"sha256": states["sha256"]}
-    out = storage.temp_path("out")
-    # A timed-out job may still be running; it only ever writes to ``out`` and ``work``.
-    work = storage.temp_dir() if signer.uses_work_dir else storage.temp_path("job")
-    try:
-        signer.sign(SignRequest(input=src, output=out, filename=filename, work_dir=work, digests=digests))
-        if not out.is_file():
-            raise SigningFailed(f"format '{fmt}' produced no output")
-        result = storage.add_result(fmt, sha1, out)
-    finally:
-        out.unlink(missing_ok=True)
-        if signer.uses_work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    # Keep an output that replaces the file as an input too: chaining another format
-    # needs no upload, and signing the output again with this format returns it
-    # unchanged. (A detached signature is not something anyone signs next.)
-    assert result.path is not None  # jobs in threads publish files
-    if not signer.detached_suffix.get(fmt):
-        storage.link_input(result.digest, filename, result.path)
-        if result.digest != sha1:
-            _remember_identity(storage, fmt, result)
-    return result
-
-
-def _remember_identity(storage: Storage, fmt: str, result: Result) -> None:
-    if storage.result(fmt, result.digest) is not None:
-        return
-    assert result.path is not None
-    copy = storage.temp_path("out")
-    try:
+    async def _attempt(self, job: _Job) -> Result:
+        """Get the input, choose the executor, sign, put the output."""
+        item = job.input = job.input or self.storage.get_input(job.sha1)
+        if item is None:
+            raise FormatRejected(GONE)
+        job.ran_in, sign = self._executor_for(job.fmt, item)
         try:
-            os.link(result.path, copy)  # same bytes, no copy: results are never modified in place
-        except OSError:
-            shutil.copyfile(result.path, copy)
-        storage.add_result(fmt, result.digest, copy)
-    finally:
-        copy.unlink(missing_ok=True)
+            output = await sign()
+        except WorkerLost:  # logged by the pool: this job signs in a thread instead
+            job.ran_in = "thread"
+            output = await self._sign_in_thread(job.fmt, item)
+        return await self._publish(job, item, output)
+
+    def _executor_for(self, fmt: str, item: Input) -> tuple[Executor, Callable[[], Awaitable[Blob]]]:
+        """Where a job runs, decided here alone: a signing worker process for an in-process
+        format's small input held in memory (it shares no GIL with the event loop, and
+        touches no disk), a thread for everything else and once no worker is left."""
+        workers, data = self.workers, item.body
+        if workers is not None and data is not None and item.size <= SMALL_FILE and workers.takes(fmt):
+            return "worker", lambda: self._sign_in_worker(workers, Order(fmt, item.filename, data))
+        return "thread", lambda: self._sign_in_thread(fmt, item)
+
+    @staticmethod
+    async def _sign_in_worker(workers: WorkerPool, order: Order) -> Blob:
+        return Blob.of(await workers.run(order))
+
+    async def _sign_in_thread(self, fmt: str, item: Input) -> Blob:
+        future = self._pool.submit(self._sign_files, fmt, item)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Timed out: the signer cannot be stopped, and no one will publish its output.
+            future.add_done_callback(_discard_output)
+            raise
+
+    def _sign_files(self, fmt: str, item: Input) -> Blob:
+        """Sign ``item`` with files in ``tmp/`` (in a job thread); the output, a file there."""
+        signer = self.signers[fmt]
+        item = self.storage.checked(item)
+        out = self.storage.temp_path("out")
+        # A timed-out job may still be running; it only ever writes to ``out`` and ``work``.
+        work = self.storage.temp_dir() if signer.uses_work_dir else self.storage.temp_path("job")
+        try:
+            with self.storage.on_disk(item) as src:
+                request = SignRequest(
+                    input=src, output=out, filename=item.filename, work_dir=work, digests=item.digests
+                )
+                signer.sign(request)
+            if not out.is_file():
+                raise SigningFailed(f"format '{fmt}' produced no output")
+            return Blob.of(out)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        finally:
+            # Never raises (a hostile archive's tree may be deep or unreadable): what stays is
+            # logged, and the periodic cleanup tries again.
+            if signer.uses_work_dir and (kept := remove_tree(work)):
+                log.warning(
+                    "work dir kept",
+                    extra={
+                        "fields": {"event": "work_dir_kept", "format": fmt, "sha1": item.sha1, "kept": kept}
+                    },
+                )
+
+    async def _publish(self, job: _Job, item: Input, output: Blob) -> Result:
+        """Put ``output``, ``item`` signed with ``job.fmt``, in the store: the one place a
+        result is published. The signing log, when on, records it first, durably (fail
+        closed: a log that cannot record fails the attempt as retryable, nothing is
+        published). A signing worker's bytes are published here, on the event loop (one
+        SQLite commit); a file in a job thread (:meth:`_publish_file`: a big output is read)."""
+        if output.body is None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._publish_file, job, item, output)
+        durable = self._record(job, item, output)
+        if durable is not None:
+            await asyncio.wrap_future(durable)
+        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt))
+
+    def _publish_file(self, job: _Job, item: Input, output: Blob) -> Result:
+        """:meth:`_publish` of a file, in a job thread."""
+        try:
+            durable = self._record(job, item, output)
+            if durable is not None:
+                durable.result()  # in the job's thread: wait until the entry is durable
+        except BaseException:
+            _discard(output)
+            raise
+        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt))
+
+    def _also_input(self, fmt: str) -> bool:
+        """Whether ``fmt``'s output is kept as an input too: it replaces the file, so chaining
+        another format needs none (a detached signature is not something anyone signs next)."""
+        return not self.signers[fmt].detached_suffix.get(fmt)
+
+    def _record(self, job: _Job, item: Input, output: Blob) -> concurrent.futures.Future[int] | None:
+        """Append the entry of the signature about to be published to the signing log (None:
+        the log is off). The result must not be published before the future resolves: it
+        does once the entry is durable, or raises :class:`~sealbox.signlog.LogUnavailable`
+        (the attempt then fails as retryable and nothing is published). Called right before
+        publication, from the event loop or a job thread."""
+        if self.recorder is None:
+            return None
+        state = item.digests.get("sha256")
+        if state is None:  # not hashed on its way in: small, or a stored file
+            with item.open() as f:
+                state = hash_stream(f, ("sha256",))["sha256"]
+        if isinstance(output.content, Path):
+            with output.open() as f:
+                states = hash_stream(f, ("sha1", "sha256"))
+            out = {
+                "sha1": states["sha1"].hexdigest(),
+                "sha256": states["sha256"].hexdigest(),
+                "size": output.size,
+            }
+        else:
+            out = {
+                "sha1": hashlib.sha1(output.content, usedforsecurity=False).hexdigest(),
+                "sha256": hashlib.sha256(output.content).hexdigest(),
+                "size": output.size,
+            }
+        sent = job.context.filename if job.context is not None else None
+        source = {
+            "sha1": item.sha1,
+            "sha256": state.hexdigest(),
+            "size": item.size,
+            "filename": sent or item.filename,
+        }
+        entry = self.recorder.entry(job.fmt, job.context, source, out, job.ran_in)
+        return self.recorder.log.append(entry)
+
+    def log_index(self, fmt: str, sha1: str) -> int | None:
+        """The signing log's index of the result of (fmt, sha1), if the log knows it."""
+        return self.recorder.log.lookup(fmt, sha1) if self.recorder is not None else None
+
+
+def _discard_output(future: concurrent.futures.Future[Blob]) -> None:
+    """Done-callback of an abandoned thread job: remove the output no one will publish."""
+    if not future.cancelled() and future.exception() is None:
+        _discard(future.result())
+
+
+def _discard(output: Blob) -> None:
+    if isinstance(output.content, Path):
+        output.content.unlink(missing_ok=True)

@@ -1,14 +1,17 @@
-"""Small inputs and results in one SQLite database (WAL): no file per small job.
+"""The rows behind the content store (:mod:`.storage`): small inputs and results in one
+SQLite database (WAL), so a small job creates no file.
 
-Creating files is most of the cost of a small job on a journaling file system; a row in a
-WAL-mode database costs an append. Commits are atomic, so a crash never exposes half a
-result; ``synchronous=NORMAL`` may lose the last commits on power loss, never consistency
-(a lost result is simply signed again).
+Only :class:`.storage.Storage` uses this module; it decides what is kept here (content held in
+memory) and wraps what is read back. Creating files is most of the cost of a small job on a
+journaling file system; a row in a WAL-mode database costs an append. Commits are atomic, so a
+crash never exposes half a result; ``synchronous=NORMAL`` may lose the last commits on power
+loss, never consistency (a lost result is simply signed again).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -22,7 +25,10 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
-class SmallStore:
+class RowStore:
+    """Inputs (sha1 -> filename, bytes) and results ((fmt, sha1) -> digest, bytes), with their
+    last use."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -31,6 +37,8 @@ class SmallStore:
     def _conn(self) -> sqlite3.Connection:
         # Opened on first use, so a connection is never carried across the workers' fork.
         if self._db is None:
+            # Created 0600 first: SQLite gives its -wal and -shm files the database's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -44,28 +52,31 @@ class SmallStore:
                 self._db.close()
                 self._db = None
 
-    def put_job(
+    def write(
         self,
         fmt: str,
         sha1: str,
         filename: str,
-        data: bytes,
+        data: bytes | None,
         digest: str,
         output: bytes,
-        output_is_input: bool,
+        also_input: bool,
         now: float,
     ) -> None:
-        """Store a signed small job in one transaction: its input and result, and for formats
-        whose output replaces the file, the output as an input that signs to itself."""
+        """One commit for a signed job: its input (``data``; None: kept as a file), its result,
+        and when ``also_input`` the output as an input that signs to itself with ``fmt``."""
         with self._lock:
             db = self._conn()
             db.execute("BEGIN")
             try:
-                db.execute("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?)", (sha1, filename, data, now))
+                if data is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?)", (sha1, filename, data, now)
+                    )
                 db.execute(
                     "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", (fmt, sha1, digest, output, now)
                 )
-                if output_is_input and digest != sha1:
+                if also_input and digest != sha1:
                     db.execute(
                         "INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?)", (digest, filename, output, now)
                     )
@@ -78,7 +89,13 @@ class SmallStore:
                 db.execute("ROLLBACK")
                 raise
 
-    def result(self, fmt: str, sha1: str) -> tuple[str, bytes, float] | None:
+    def write_input(self, sha1: str, filename: str, data: bytes, now: float) -> None:
+        with self._lock:
+            self._conn().execute(
+                "INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?)", (sha1, filename, data, now)
+            )
+
+    def read_result(self, fmt: str, sha1: str) -> tuple[str, bytes, float] | None:
         """(digest, bytes, last use) of a result, if held."""
         with self._lock:
             row = (
@@ -88,34 +105,34 @@ class SmallStore:
             )
         return (row[0], bytes(row[1]), row[2]) if row else None
 
-    def input_filename(self, sha1: str) -> str | None:
+    def has_input(self, sha1: str) -> bool:
         with self._lock:
-            row = self._conn().execute("SELECT filename FROM inputs WHERE sha1 = ?", (sha1,)).fetchone()
-        return str(row[0]) if row else None
+            return self._conn().execute("SELECT 1 FROM inputs WHERE sha1 = ?", (sha1,)).fetchone() is not None
 
-    def input(self, sha1: str) -> tuple[str, bytes] | None:
-        """(filename, bytes) of a held input; a row that does not hash to its key is dropped."""
+    def read_input(self, sha1: str) -> tuple[str, bytes] | None:
+        """(filename, bytes) of a held input; a row that does not hash to its key is deleted."""
         with self._lock:
             row = self._conn().execute("SELECT filename, data FROM inputs WHERE sha1 = ?", (sha1,)).fetchone()
         if row is None:
             return None
         data = bytes(row[1])
         if hashlib.sha1(data, usedforsecurity=False).hexdigest() != sha1:
-            self.drop_input(sha1)  # a corrupt copy must never be signed
+            self.delete_input(sha1)  # a corrupt copy must never be signed
             return None
         return str(row[0]), data
 
     def touch(self, fmt: str, sha1: str, now: float) -> None:
+        """Mark a result, and its input, as used now."""
         with self._lock:
             db = self._conn()
             db.execute("UPDATE results SET touched = ? WHERE fmt = ? AND sha1 = ?", (now, fmt, sha1))
             db.execute("UPDATE inputs SET touched = ? WHERE sha1 = ?", (now, sha1))
 
-    def drop_input(self, sha1: str) -> None:
+    def delete_input(self, sha1: str) -> None:
         with self._lock:
             self._conn().execute("DELETE FROM inputs WHERE sha1 = ?", (sha1,))
 
-    def cleanup(self, cutoff: float) -> int:
+    def delete_older(self, cutoff: float) -> int:
         """Delete rows last used before ``cutoff``; returns how many."""
         with self._lock:
             db = self._conn()

@@ -8,21 +8,20 @@ Workers are forked once, after the keys are unlocked and before the event loop o
 thread starts, so each holds the same signers and no passphrase is passed on. A worker
 takes one order at a time: it signs the upload in a private scratch folder (in
 ``/dev/shm`` when there is one: nothing touches the disk) and answers with the output's
-bytes; the server stores both in the small store. A worker that dies is not replaced
-(forking from a threaded server is unsafe); its orders then run in threads like every
-other job.
+bytes; the job stores both (:meth:`.storage.Storage.put_result`). Which jobs come here is
+decided in one place, :meth:`.jobs.JobManager._executor_for`. A worker that dies is not
+replaced (forking from a threaded server is unsafe); its orders then run in threads like
+every other job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import tempfile
 from collections.abc import Mapping
@@ -31,19 +30,21 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .. import keys
 from ..errors import FormatRejected, SigningFailed
 from ..formats.base import Signer, SignRequest
+from ..fsutil import remove_tree
 
 log = logging.getLogger("sealbox.jobs")
-
-#: Orders carry the upload through a pipe: only small ones go to workers.
-MAX_ORDER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class Order:
+    """What a worker signs: an input's bytes (they travel through a pipe: only small ones)
+    and the name of some upload of them. No hash states: they cannot cross the pipe, and a
+    signer that needs one takes it from the bytes (:meth:`.SignRequest.hash_state`), once."""
+
     fmt: str
-    sha1: str
     filename: str
     data: bytes
 
@@ -71,6 +72,7 @@ class WorkerPool:
     def __init__(self, signers: Mapping[str, Signer], count: int, scratch: Path) -> None:
         self.formats = frozenset(fmt for fmt, s in signers.items() if s.in_process)
         self._workers: list[_Worker] = []
+        self.started = 0  # workers forked (one that dies is never replaced)
         # Set when an answer frees a slot; created (and the readers added) on first use, in
         # the event loop.
         self._slot_free: asyncio.Event | None = None
@@ -91,9 +93,17 @@ class WorkerPool:
             proc.start()
             child.close()
             self._workers.append(_Worker(proc, parent))
+        self.started = len(self._workers)
 
-    def accepts(self, fmt: str, size: int) -> bool:
-        return fmt in self.formats and size <= MAX_ORDER_BYTES and bool(self._workers)
+    def census(self) -> tuple[int, int, int]:
+        """(alive, started, lost): a worker that died is counted as soon as it is reaped,
+        even before its pipe's end has been read."""
+        alive = sum(w.process.is_alive() for w in self._workers)  # is_alive() also reaps
+        return alive, self.started, self.started - alive
+
+    def takes(self, fmt: str) -> bool:
+        """Whether :meth:`run` can sign ``fmt`` now: an in-process format, a worker left."""
+        return fmt in self.formats and bool(self._workers)
 
     async def run(self, order: Order) -> bytes:
         """Sign ``order`` in the least busy worker; its output, or what the signer raised."""
@@ -184,10 +194,7 @@ def sign_small(signer: Signer, scratch: Path, serial: int, order: Order) -> byte
     try:
         if signer.uses_work_dir:
             work.mkdir()
-        digests = {"sha256": hashlib.sha256(order.data)}
-        signer.sign(
-            SignRequest(input=src, output=out, filename=order.filename, work_dir=work, digests=digests)
-        )
+        signer.sign(SignRequest(input=src, output=out, filename=order.filename, work_dir=work))
         try:
             return out.read_bytes()
         except FileNotFoundError:
@@ -195,7 +202,7 @@ def sign_small(signer: Signer, scratch: Path, serial: int, order: Order) -> byte
     finally:
         src.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)  # never raises; what stays goes with the scratch folder at exit
 
 
 def _serve(
@@ -208,6 +215,7 @@ def _serve(
     # reaches the whole process group and must not kill a job half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keys.after_fork()  # PKCS#11 sessions do not survive a fork: this process opens its own
     scratch = Path(tempfile.mkdtemp(prefix="sealbox-signer-", dir=base))
     serial = itertools.count()
     try:
@@ -229,5 +237,5 @@ def _serve(
             except OSError:
                 return
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
         os._exit(0)  # no inherited finalizers (the server's connections, files) run here

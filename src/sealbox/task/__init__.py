@@ -2,8 +2,15 @@
 
 ``sealbox task run`` (:func:`sealbox.task.runner.run_task`), ``sealbox task init --dev``
 (:mod:`sealbox.task.devinit`) and ``sealbox cot`` (:mod:`sealbox.task.cot`).
+
+The runner's modules, in the order a task goes through them: :mod:`.runner` (the order of
+work: config, task.json, token, publishing), :mod:`.scopes`, :mod:`.plan` (inputs and
+outputs), :mod:`.trust` (chain of trust of upstream tasks, fetching through
+:mod:`.artifacts`, records in :mod:`.cot`), :mod:`.steps` (inspection, per-format signing,
+outputs; packaging in :mod:`.behaviours`), :mod:`.exits` (exit codes, ``TaskFailure``).
 """
 
-from .runner import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, EXIT_UNAVAILABLE, run_task
+from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, EXIT_UNAVAILABLE, TaskFailure
+from .runner import run_task
 
-__all__ = ["EXIT_FAILED", "EXIT_MALFORMED", "EXIT_OK", "EXIT_UNAVAILABLE", "run_task"]
+__all__ = ["EXIT_FAILED", "EXIT_MALFORMED", "EXIT_OK", "EXIT_UNAVAILABLE", "TaskFailure", "run_task"]

@@ -23,7 +23,7 @@ from types import TracebackType
 
 import aiohttp
 
-from ..client.aio import describe
+from ..client import describe_error
 from ..errors import SealboxError
 
 CHUNK = 1 << 20
@@ -163,7 +163,7 @@ def _download(
     try:
         return asyncio.run(_fetch(url, tmp, name, progress, verify, max_size, timeout))
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise Unavailable(f"{name}: cannot download {url}: {describe(e)}") from None
+        raise Unavailable(f"{name}: cannot download {url}: {describe_error(e)}") from None
     except OSError as e:
         raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
-import signal
-import subprocess
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,17 +26,21 @@ from ..archives import (
     safe_extract_zip,
 )
 from ..errors import FormatRejected, SealboxError, SigningFailed
-from ..formats.authenticode import is_msi_bytes, is_pe_bytes, is_signable_name, is_signed
+from ..procs import child_env, run_process
+from ..winfiles import is_msi_bytes, is_pe_bytes, is_signable_name, is_signed
+from ..wire import TABLE, for_task
 
 #: ``sign_one(source, fmt, dest)``: sign one file with one format (raises on failure)
 SignOne = Callable[[Path, str, Path], None]
 
-AUTHENTICODE = frozenset(
-    {"sha2signcode", "sha2signcodestub", "sha2signcode-v2", "sha2signcodestub-v2", "signcode", "osslsigncode"}
-)
-WIDEVINE = frozenset({"widevine", "widevine_blessed"})
-MACAPP = frozenset({"macapp", "dmg", "dmgv2"})
-APK_FORMATS = frozenset({"jar", "focus-jar"})
+# Which names get which packaging: the ``task`` and ``apk_as`` columns of sealbox.wire.TABLE.
+AUTHENTICODE = for_task("authenticode")
+WIDEVINE = for_task("widevine")
+MACAPP = for_task("macapp")
+APK_FORMATS = for_task("apk")
+#: an ``.apk`` asked for under a classic name travels under the APK name with the same key:
+#: the classic names sign v1 only (for callers that zipalign), the APK names v1+v2+v3
+APK_WIRE_NAMES = {f.name: f.apk_as for f in TABLE if f.apk_as is not None}
 
 #: widevine: files signed with ``widevine_blessed`` (plugin containers) and with ``widevine``
 WIDEVINE_BLESSED_NAMES = frozenset({"plugin-container", "plugin-container.exe"})
@@ -74,6 +76,14 @@ class BehaviourFailed(SealboxError):
 class Limits:
     max_total: int
     max_members: int
+
+
+def wire_format(fmt: str, name: str) -> str:
+    """The wire name under which the task format ``fmt`` signs the file called ``name``
+    (the task keeps its declared format; only what travels changes)."""
+    if name.lower().endswith(".apk"):
+        return APK_WIRE_NAMES.get(fmt, fmt)
+    return fmt
 
 
 # -- archives ------------------------------------------------------------------------------
@@ -332,30 +342,16 @@ def dmg_output_name(name: str) -> str:
 
 
 def _run_tool(argv: list[str], cwd: Path, what: str) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(cwd)}
-    try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise BehaviourFailed(f"{what}: cannot run {argv[0]}: {e.strerror}") from None
-    try:
-        out, _ = proc.communicate(timeout=_TOOL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise BehaviourFailed(f"{what}: {argv[0]} timed out after {_TOOL_TIMEOUT} s") from None
-    if proc.returncode != 0:
-        lines = out.decode(errors="replace").strip().splitlines()
-        raise BehaviourFailed(
-            f"{what}: {argv[0]} failed (exit {proc.returncode}): {lines[-1] if lines else ''}"
-        )
+    res = run_process(
+        argv,
+        what=argv[0],
+        timeout=_TOOL_TIMEOUT,
+        failure=lambda message: BehaviourFailed(f"{what}: {message}"),
+        env=child_env(cwd),
+        cwd=cwd,
+    )
+    if res.returncode != 0:
+        raise BehaviourFailed(f"{what}: {argv[0]} failed (exit {res.returncode}): {res.reason}")
 
 
 def _check_tree(root: Path, label: str, limits: Limits) -> None:

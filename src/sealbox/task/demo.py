@@ -6,7 +6,7 @@ chain-of-trust record with the dev ``build`` class key (``keys/build.key`` of a 
 ``sealbox task init --dev``), and writes ``W/task.json`` asking for, per level:
 
 * ``setup.exe``: ``sha2signcode``          * ``target.zip``: ``sha2signcode`` + ``widevine``
-* ``app.apk``: ``jar``                       * ``update.mar``: ``mar``
+* ``app.apk``: ``jar`` (sent as ``apk``)     * ``update.mar``: ``mar``
 * ``target.tar.gz``: ``widevine``            * ``SHA256SUMS``/``SHA512SUMS`` of them, gpg-signed
 
 Formats the level's servers do not serve are left out (a file with none is published as is).
@@ -132,6 +132,8 @@ def write_sample_task(
 ) -> Path:
     """Write ``work_dir/task.json`` and its upstream build artifacts + signed record; returns
     the task path. ``worker_dir`` is a folder made by ``sealbox task init --dev``."""
+    from .behaviours import wire_format
+
     cert, served = _level_formats(worker_dir, level)
     wanted: list[tuple[str, list[str]]] = [
         ("public/build/setup.exe", ["sha2signcode"]),
@@ -153,7 +155,8 @@ def write_sample_task(
     entries = []
     used: set[str] = set()
     for path, formats in wanted:
-        fmts = [f for f in formats if f in served]  # may be empty: published (and summed) as is
+        # may be empty: published (and summed) as is
+        fmts = [f for f in formats if f in served and wire_format(f, path) in served]
         used.update(fmts)
         entries.append({"taskId": build_task_id, "taskType": "build", "paths": [path], "formats": fmts})
     payload: dict[str, Any] = {"upstreamArtifacts": entries, "maxRunTime": 600}
@@ -192,82 +195,96 @@ def verify_release_outputs(
     """Check every output of the sample task with the independent verifiers; returns
     ``(output, how it was verified)`` rows. ``formats``: those the level served (default: all).
     Raises VerificationFailed on the first failure."""
-    import tarfile as _tarfile
     import tempfile
 
-    from ..archives import safe_extract_tar, safe_extract_zip
     from ..checksums import verify_checksums
-    from ..errors import VerificationFailed
-    from ..formats import signer_class
-    from ..formats.authenticode import is_signed
-    from .behaviours import widevine_format_for, widevine_sig_name
 
-    rows: list[tuple[str, str]] = []
+    v = _Verifier(public_dir, formats)
     build = artifact_dir / "public" / "build"
-
-    def check(fmt: str, signed: Path, original: Path | None, label: str) -> None:
-        if formats is not None and fmt not in formats:
-            return
-        how = signer_class(fmt).verify(fmt, signed, original, public_dir)
-        rows.append((label, how.split(" -in ")[0].split(" -pkeyopt")[0]))
-
     if (build / "setup.exe").exists():
-        check("sha2signcode", build / "setup.exe", None, "public/build/setup.exe")
+        v.check("sha2signcode", build / "setup.exe", None, "public/build/setup.exe")
     with tempfile.TemporaryDirectory(prefix="sbdemo") as tmp:
         if (build / "target.zip").exists():
-            tree = Path(tmp) / "zip"
-            names = safe_extract_zip(build / "target.zip", tree)
-            for n in names:
-                p = tree / n
-                if n.endswith((".exe", ".dll")) and not n.endswith("msvcp140.dll"):
-                    check("sha2signcode", p, None, f"public/build/target.zip!{n}")
-                if widevine_format_for(n) is not None and p.is_file():
-                    sig = tree / widevine_sig_name(n, "zip")
-                    fmt = widevine_format_for(n)
-                    assert fmt is not None
-                    check(fmt, sig, p, f"public/build/target.zip!{n}.sig")
-            if (formats is None or "sha2signcode" in formats) and is_signed(
-                tree / "firefox" / "msvcp140.dll"
-            ):
-                raise VerificationFailed("target.zip: the blocklisted msvcp140.dll was signed")
+            _verify_zip(v, build / "target.zip", Path(tmp) / "zip")
         if (build / "target.tar.gz").exists():
-            tree = Path(tmp) / "tar"
-            names = safe_extract_tar(build / "target.tar.gz", tree)
-            with _tarfile.open(build / "target.tar.gz") as tf:
-                repacked = formats is None or "widevine" in formats
-                if repacked and any(m.uid or m.gid for m in tf.getmembers()):
-                    raise VerificationFailed("target.tar.gz: members are not root-owned")
-            for n in names:
-                fmt = widevine_format_for(n)
-                if fmt is not None and (tree / n).is_file():
-                    check(
-                        fmt,
-                        tree / widevine_sig_name(n, "tar"),
-                        tree / n,
-                        f"public/build/target.tar.gz!{n}.sig",
-                    )
+            _verify_tar(v, build / "target.tar.gz", Path(tmp) / "tar")
     if (build / "app.apk").exists():
-        check("jar", build / "app.apk", None, "public/build/app.apk")
+        v.check("jar", build / "app.apk", None, "public/build/app.apk")
     if (build / "update.mar").exists():
-        check("mar", build / "update.mar", None, "public/build/update.mar")
+        v.check("mar", build / "update.mar", None, "public/build/update.mar")
     for sums in ("SHA256SUMS", "SHA512SUMS"):
         if (build / sums).exists():
             verify_checksums(build / sums)
-            check("gpg", build / f"{sums}.asc", build / sums, f"public/build/{sums}.asc")
+            v.check("gpg", build / f"{sums}.asc", build / sums, f"public/build/{sums}.asc")
     if worker_public_key is not None:
-        record = artifact_dir / cot.RECORD
-        if (
-            cot.verify_signature(
-                record.read_bytes(),
-                (artifact_dir / cot.SIGNATURE).read_bytes(),
-                {"signing": [cot.parse_public_key(worker_public_key)]},
-            )
-            is None
-        ):
-            raise VerificationFailed("the task's chain-of-trust signature does not verify")
-        cot.check_files(cot.parse_record(record.read_bytes()), cot.list_artifacts(artifact_dir))
-        rows.append((cot.RECORD, "Ed25519 verify with the worker's public key + sha256 of every file"))
-    return rows
+        _verify_record(artifact_dir, worker_public_key)
+        v.rows.append((cot.RECORD, "Ed25519 verify with the worker's public key + sha256 of every file"))
+    return v.rows
+
+
+class _Verifier:
+    """Runs the verifier of a format on one output and keeps the row saying how."""
+
+    def __init__(self, public_dir: Path, formats: Collection[str] | None) -> None:
+        self.public_dir = public_dir
+        self.formats = formats
+        self.rows: list[tuple[str, str]] = []
+
+    def serves(self, fmt: str) -> bool:
+        return self.formats is None or fmt in self.formats
+
+    def check(self, fmt: str, signed: Path, original: Path | None, label: str) -> None:
+        from ..formats import signer_class
+        from .behaviours import wire_format
+
+        if not self.serves(fmt):
+            return
+        wire = wire_format(fmt, signed.name)  # verified as what it was signed as
+        how = signer_class(wire).verify(wire, signed, original, self.public_dir)
+        self.rows.append((label, how.split(" -in ")[0].split(" -pkeyopt")[0]))
+
+
+def _verify_zip(v: _Verifier, archive: Path, tree: Path) -> None:
+    from ..archives import safe_extract_zip
+    from ..errors import VerificationFailed
+    from ..winfiles import is_signed
+    from .behaviours import widevine_format_for, widevine_sig_name
+
+    for n in safe_extract_zip(archive, tree):
+        p = tree / n
+        if n.endswith((".exe", ".dll")) and not n.endswith("msvcp140.dll"):
+            v.check("sha2signcode", p, None, f"public/build/target.zip!{n}")
+        fmt = widevine_format_for(n)
+        if fmt is not None and p.is_file():
+            v.check(fmt, tree / widevine_sig_name(n, "zip"), p, f"public/build/target.zip!{n}.sig")
+    if v.serves("sha2signcode") and is_signed(tree / "firefox" / "msvcp140.dll"):
+        raise VerificationFailed("target.zip: the blocklisted msvcp140.dll was signed")
+
+
+def _verify_tar(v: _Verifier, archive: Path, tree: Path) -> None:
+    from ..archives import safe_extract_tar
+    from ..errors import VerificationFailed
+    from .behaviours import widevine_format_for, widevine_sig_name
+
+    names = safe_extract_tar(archive, tree)
+    with tarfile.open(archive) as tf:
+        if v.serves("widevine") and any(m.uid or m.gid for m in tf.getmembers()):
+            raise VerificationFailed("target.tar.gz: members are not root-owned")
+    for n in names:
+        fmt = widevine_format_for(n)
+        if fmt is not None and (tree / n).is_file():
+            v.check(fmt, tree / widevine_sig_name(n, "tar"), tree / n, f"public/build/target.tar.gz!{n}.sig")
+
+
+def _verify_record(artifact_dir: Path, worker_public_key: str) -> None:
+    from ..errors import VerificationFailed
+
+    record = artifact_dir / cot.RECORD
+    signature = (artifact_dir / cot.SIGNATURE).read_bytes()
+    trusted = {"signing": [cot.parse_public_key(worker_public_key)]}
+    if cot.verify_signature(record.read_bytes(), signature, trusted) is None:
+        raise VerificationFailed("the task's chain-of-trust signature does not verify")
+    cot.check_files(cot.parse_record(record.read_bytes()), cot.list_artifacts(artifact_dir))
 
 
 def run_demo(

@@ -62,6 +62,8 @@ def read_deployment(root: Path) -> dict[str, Any]:
     }
     if (root / "public/gpg.asc").is_file():
         out["gpg_pubkey"] = str((root / "public/gpg.asc").resolve())
+    if (root / "public/signlog.pub").is_file():  # check every signature is in the server's log
+        out["log_pubkey"] = str((root / "public/signlog.pub").resolve())
     if level in DEV_TREES:
         out["trees"] = DEV_TREES[level]
     return {"level": level, "section": out}

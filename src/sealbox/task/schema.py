@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL
 from ..errors import ConfigError
 from ..wire import KNOWN
 
@@ -232,6 +233,9 @@ class LevelSection(BaseModel):
     credentials: Path
     formats: Annotated[list[str], Field(min_length=1)]
     gpg_pubkey: Path | None = None
+    #: the level's signing log public key (a server's DIR/public/signlog.pub): set, every
+    #: signature's inclusion in its server's log is checked and listed in the record
+    log_pubkey: Path | None = None
     restricted: bool | None = None
     trees: list[str] = []
 
@@ -270,8 +274,9 @@ class ToolsSection(BaseModel):
 class LimitsSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_archive_size: Annotated[int, Field(gt=0)] = 4 * 1024**3
-    max_archive_members: Annotated[int, Field(gt=0)] = 50_000
+    # the archive rules' defaults (sealbox.archives), as for the signing formats
+    max_archive_size: Annotated[int, Field(gt=0)] = DEFAULT_MAX_TOTAL
+    max_archive_members: Annotated[int, Field(gt=0)] = DEFAULT_MAX_MEMBERS
     max_download_size: Annotated[int, Field(gt=0)] = 8 * 1024**3
 
 

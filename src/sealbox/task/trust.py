@@ -1,0 +1,148 @@
+"""The chain of trust of upstream tasks: is every input the bytes a trusted task produced?
+
+Per upstream task: fetch its ``public/chain-of-trust.json``; on a production worker also its
+``.sig``, which must verify under a key of a trusted worker class allowed to produce the task's
+types; the record must be for that taskId, list every consumed path, and give each the sha256
+of the bytes fetched. The records and signatures themselves are :mod:`sealbox.task.cot`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from . import cot
+from .artifacts import Progress, Unavailable, fetch
+from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
+from .plan import Item
+from .schema import WorkerConfig
+
+Trusted = dict[str, list[Ed25519PublicKey]]
+
+
+def verify_upstreams(
+    config: WorkerConfig, items: list[Item], work: Path, echo: Echo, live: bool | None
+) -> None:
+    """Verify every upstream task of ``items``, fetching into ``work/cot/<taskId>/``; sets each
+    item's ``source``. Raises :class:`TaskFailure`."""
+    trusted = trusted_keys(config) if config.worker.production else {}
+    by_task: dict[str, list[Item]] = {}
+    for item in items:
+        by_task.setdefault(item.upstream.taskId, []).append(item)
+    checked = "signature verified" if config.worker.production else "signature not checked (dep worker)"
+    with Progress(echo, live) as progress:
+        fetcher = _Fetcher(config, work, progress)
+        for tid, group in by_task.items():
+            upstream = _Upstream(tid, group)
+            _verify(config, trusted, fetcher, upstream)
+            echo(f"chain of trust: {upstream.what}: {checked}, {len(group)} artifact(s) match their sha256")
+
+
+def trusted_keys(config: WorkerConfig) -> Trusted:
+    """The public keys of every trusted worker class of ``config``."""
+    out: Trusted = {}
+    for name, cls in config.trusted.items():
+        try:
+            out[name] = [cot.parse_public_key(k) for k in cls.keys]
+        except cot.CotError as e:
+            raise TaskFailure(EXIT_FAILED, f"worker config: trusted.{name}.keys: {e}") from None
+    return out
+
+
+@dataclass
+class _Upstream:
+    """One upstream task and the items taken from it."""
+
+    task_id: str
+    items: list[Item]
+
+    @property
+    def task_types(self) -> set[str]:
+        return {i.upstream.taskType for i in self.items}
+
+    @property
+    def what(self) -> str:
+        return f"upstream task {self.task_id} ({'/'.join(sorted(self.task_types))})"
+
+
+class _Fetcher:
+    """Fetches upstream artifacts into ``work/cot/<taskId>/<path>``."""
+
+    def __init__(self, config: WorkerConfig, work: Path, progress: Progress) -> None:
+        w = config.worker
+        self.work = work
+        self.progress = progress
+        self.store = w.artifact_store
+        self.ca = config.path(w.artifact_store_ca) if w.artifact_store_ca else None
+        self.max_size = config.limits.max_download_size
+
+    def __call__(self, task_id: str, rel: str) -> Path:
+        dest = self.work / "cot" / task_id / rel
+        try:
+            return fetch(task_id, rel, dest, self.store, self.progress, ca=self.ca, max_size=self.max_size)
+        except Unavailable as e:
+            raise TaskFailure(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
+
+
+def _verify(config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream) -> None:
+    data = get(up.task_id, cot.RECORD).read_bytes()
+    if config.worker.production:
+        _check_signature(config, trusted, get, up, data)
+    record = _parse_record(up, data)
+    files = {item.path: get(up.task_id, item.path) for item in up.items}
+    try:
+        cot.check_files(record, files)
+    except cot.CotError as e:
+        raise TaskFailure(EXIT_MALFORMED, f"chain of trust: {up.what}: {e}") from None
+    for item in up.items:
+        item.source = files[item.path]
+
+
+def _check_signature(
+    config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream, data: bytes
+) -> None:
+    try:
+        sig_path = get(up.task_id, cot.SIGNATURE)
+    except TaskFailure:
+        raise TaskFailure(
+            EXIT_MALFORMED,
+            f"chain of trust: {up.what}: its record is not signed ({cot.SIGNATURE} missing); "
+            "a production worker only consumes signed records (a dep worker's are not)",
+        ) from None
+    cls = cot.verify_signature(data, sig_path.read_bytes(), trusted)
+    if cls is None:
+        raise TaskFailure(
+            EXIT_MALFORMED,
+            f"chain of trust: {up.what}: the record's Ed25519 signature does not verify under "
+            f"any key of a trusted worker class ({', '.join(trusted) or 'none configured'})",
+        )
+    allowed = config.trusted[cls].task_types
+    if allowed is not None and not up.task_types <= set(allowed):
+        raise TaskFailure(
+            EXIT_MALFORMED,
+            f"chain of trust: {up.what}: signed by worker class '{cls}', which may only produce "
+            f"task types {', '.join(allowed)}",
+        )
+
+
+def _parse_record(up: _Upstream, data: bytes) -> dict[str, Any]:
+    """The record, which must be for this task and list every path taken from it."""
+    try:
+        record = cot.parse_record(data)
+    except cot.CotError as e:
+        raise TaskFailure(EXIT_MALFORMED, f"chain of trust: {up.what}: {e}") from None
+    if record["taskId"] != up.task_id:
+        raise TaskFailure(
+            EXIT_MALFORMED,
+            f"chain of trust: {up.what}: the record is for task {record['taskId']}, not {up.task_id}",
+        )
+    for item in up.items:
+        if item.path not in record["artifacts"]:
+            raise TaskFailure(
+                EXIT_MALFORMED,
+                f"chain of trust: {up.what}: {item.path} is not listed in its chain-of-trust record",
+            )
+    return record

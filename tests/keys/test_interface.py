@@ -1,0 +1,244 @@
+"""One key interface, two backends: a key file decrypted into memory and a key inside a SoftHSM
+token sign the same way, and every signature checks out with the public key alone."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from pkcs11 import Attribute, ObjectClass
+
+from sealbox import pki
+from sealbox.config import KeySection
+from sealbox.errors import ConfigError, KeyUnlockError, SigningFailed
+from sealbox.formats import FormatSettings
+from sealbox.keys import FileHandoff, FileKey, Pkcs11Handoff, SigningKey, load_key
+from sealbox.keys import pkcs11 as backend
+from sealbox.keys.softhsm import store_certificate
+from sealbox.server.run import prove_key
+from tests.keys.conftest import EC_ID, RSA_ID, Token
+
+DATA = b"signed through the one key interface\n" * 10
+HASHES = {
+    "sha1": hashes.SHA1(),  # noqa: S303  (MAR's algorithm 1)
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
+def _pkcs11(token: Token, label: str, key_id: bytes, chain: Path | None = None) -> SigningKey:
+    return load_key(token.soft.spec(label, label, key_id, chain), token.pin)
+
+
+def _keys(token: Token, algorithm: str) -> dict[str, SigningKey]:
+    if algorithm == "rsa":
+        return {"file": FileKey("file-rsa", pki.new_rsa(2048)), "pkcs11": _pkcs11(token, "rsa", RSA_ID)}
+    return {
+        "file": FileKey("file-ec", ec.generate_private_key(ec.SECP256R1())),
+        "pkcs11": _pkcs11(token, "ec", EC_ID),
+    }
+
+
+def _independent_check(key: SigningKey, sig: bytes, data: bytes, hash_name: str, pad: str) -> None:
+    """cryptography's own verify, with the public key only: raises if the signature is bad."""
+    public: Any = serialization.load_der_public_key(key.public_der())
+    algorithm = HASHES[hash_name]
+    if pad == "ecdsa":
+        public.verify(sig, data, ec.ECDSA(algorithm))
+    elif pad == "pss":
+        public.verify(sig, data, padding.PSS(padding.MGF1(algorithm), algorithm.digest_size), algorithm)
+    else:
+        public.verify(sig, data, padding.PKCS1v15(), algorithm)
+
+
+CASES = [
+    ("rsa", "pkcs1v15", "sha1"),
+    ("rsa", "pkcs1v15", "sha256"),
+    ("rsa", "pkcs1v15", "sha384"),
+    ("rsa", "pss", "sha256"),
+    ("rsa", "pss", "sha512"),
+    ("ec", "ecdsa", "sha256"),
+    ("ec", "ecdsa", "sha384"),
+]
+
+
+@pytest.mark.parametrize(("algorithm", "pad", "hash_name"), CASES)
+@pytest.mark.parametrize("where", ["file", "pkcs11"])
+def test_both_backends_sign_digests_and_data_alike(
+    token: Token, where: str, algorithm: str, pad: Any, hash_name: Any
+) -> None:
+    key = _keys(token, algorithm)[where]
+    assert key.backend == where and key.algorithm == algorithm
+    digest = hashlib.new(hash_name, DATA).digest()
+    by_digest = key.sign_digest(digest, hash_name, pad)
+    by_data = key.sign(DATA, hash_name, pad)
+    for sig in (by_digest, by_data):
+        _independent_check(key, sig, DATA, hash_name, pad)
+        assert key.verifies(sig, digest, hash_name, pad)
+    assert not key.verifies(by_data, hashlib.new(hash_name, DATA + b"x").digest(), hash_name, pad)
+    if pad == "pkcs1v15":  # deterministic: both backends' PKCS#1 v1.5 are the same bytes
+        assert by_digest == by_data
+    assert key.fingerprint == hashlib.sha256(key.public_der()).hexdigest()
+    prove_key(key)  # start-up's proof works the same for both
+
+
+def test_a_key_refuses_a_padding_its_algorithm_has_not(token: Token) -> None:
+    for key in (*_keys(token, "rsa").values(), *_keys(token, "ec").values()):
+        wrong = "ecdsa" if key.algorithm == "rsa" else "pss"
+        with pytest.raises(ConfigError, match=f"key '{key.name}'"):
+            key.sign(DATA, "sha256", wrong)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="32 bytes"):
+            key.sign_digest(b"short", "sha256", "pkcs1v15" if key.algorithm == "rsa" else "ecdsa")
+
+
+def test_the_token_key_is_sensitive_and_cannot_be_read_out(token: Token) -> None:
+    rsa_key = _pkcs11(token, "rsa", RSA_ID)
+    assert isinstance(rsa_key.public_key, rsa.RSAPublicKey)
+    module = backend._module(token.soft.module, token.soft.env)
+    with module.lock:
+        session = module.session(token.soft.label, token.pin, "test")
+        for label, key_id, secret in (
+            ("rsa", RSA_ID, Attribute.PRIVATE_EXPONENT),
+            ("ec", EC_ID, Attribute.VALUE),
+        ):
+            priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label, id=key_id)
+            assert priv[Attribute.SENSITIVE] is True and priv[Attribute.EXTRACTABLE] is False
+            assert priv[Attribute.NEVER_EXTRACTABLE] is True  # generated in the token, never out
+            with pytest.raises(pkcs11.AttributeSensitive):
+                priv[secret]  # the private value
+            if label == "rsa":
+                for part in (Attribute.PRIME_1, Attribute.PRIME_2, Attribute.COEFFICIENT):
+                    with pytest.raises(pkcs11.AttributeSensitive):
+                        priv[part]
+    # A tool gets the module, a URI without the PIN, and the PIN apart (for a pipe).
+    handoff = rsa_key.tool_handoff()
+    assert isinstance(handoff, Pkcs11Handoff) and handoff.pin == token.pin
+    assert handoff.uri == "pkcs11:token=sealbox-tests;object=rsa;id=%01;type=private"
+    assert token.pin not in handoff.uri.encode() and "pin" not in handoff.uri
+    assert handoff.env == {"SOFTHSM2_CONF": str(token.soft.conf)}
+    assert isinstance(FileKey("f", pki.new_rsa(2048)).tool_handoff(), FileHandoff)
+
+
+def test_the_chain_comes_from_a_file_or_from_the_token(token: Token, tmp_path: Path) -> None:
+    ca = pki.make_ca("tests root")
+    public = _pkcs11(token, "rsa", RSA_ID).public_key
+    assert isinstance(public, rsa.RSAPublicKey)
+    cert = pki.certify(ca, "tests rsa signer", public)
+    assert _pkcs11(token, "rsa", RSA_ID).chain == ()  # no certificate yet, no chain file
+    store_certificate(token.soft, token.pin, "rsa", RSA_ID, cert)
+    assert _pkcs11(token, "rsa", RSA_ID).chain == (cert,)  # the token's certificate for the key
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, ca.cert)))
+    key = _pkcs11(token, "rsa", RSA_ID, chain)
+    assert key.chain == (cert, ca.cert) and key.certificate == cert
+    prove_key(key)  # the certificate is for the key in the token
+    other = pki.issue(ca, "someone else")
+    chain.write_bytes(other.cert_pem())
+    with pytest.raises(KeyUnlockError, match="key 'rsa': the first certificate"):
+        prove_key(_pkcs11(token, "rsa", RSA_ID, chain))
+
+
+def test_a_wrong_pin_or_missing_key_names_the_key(token: Token) -> None:
+    with pytest.raises(KeyUnlockError, match="key 'rsa': wrong PIN for token 'sealbox-tests'"):
+        load_key(token.soft.spec("rsa", "rsa", RSA_ID), b"not-the-pin")
+    with pytest.raises(KeyUnlockError, match=r"key 'nope'.*no private key"):
+        load_key(token.soft.spec("nope", "nope"), token.pin)
+    spec = token.soft.spec("x", "rsa")
+    with pytest.raises(KeyUnlockError, match=r"key 'x'.*no such token"):
+        load_key(type(spec)("x", spec.module, "no-such-token", "rsa", None, None, spec.env), token.pin)
+
+
+def _sign_in_child(key: SigningKey, conn: Any) -> None:
+    module = key._module  # type: ignore[attr-defined]
+    before = module.generation
+    sig = key.sign(DATA, "sha256", "pkcs1v15")
+    conn.send((sig, module.generation > before))
+    conn.close()
+
+
+def test_a_forked_process_opens_its_own_session(token: Token) -> None:
+    """Sessions do not survive a fork: the child re-initialises the module and logs in anew."""
+    key = _pkcs11(token, "rsa", RSA_ID)
+    key.sign(DATA, "sha256", "pkcs1v15")  # the parent's session is open
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_sign_in_child, args=(key, child))
+    proc.start()
+    sig, reinitialised = parent.recv()
+    proc.join(30)
+    assert proc.exitcode == 0 and reinitialised
+    _independent_check(key, sig, DATA, "sha256", "pkcs1v15")
+    _independent_check(key, key.sign(DATA, "sha256", "pkcs1v15"), DATA, "sha256", "pkcs1v15")  # parent's own
+
+
+def test_a_lost_token_fails_retryably_and_its_return_is_picked_up(token: Token) -> None:
+    key = _pkcs11(token, "rsa", RSA_ID)
+    key.sign(DATA, "sha256", "pkcs1v15")
+    tokens = token.soft.conf.parent / "tokens"
+    gone = tokens.with_name("tokens.gone")
+    os.rename(tokens, gone)
+    try:
+        with pytest.raises(SigningFailed, match="key 'rsa': PKCS#11 token 'sealbox-tests' is unavailable"):
+            key.sign(DATA, "sha256", "pkcs1v15")
+        with pytest.raises(KeyUnlockError, match="key 'rsa': test signature failed"):
+            prove_key(key)  # what the heartbeat runs
+    finally:
+        os.rename(gone, tokens)
+    # the session is opened again on the next signature: no restart needed
+    _independent_check(key, key.sign(DATA, "sha256", "pkcs1v15"), DATA, "sha256", "pkcs1v15")
+
+
+def test_tool_formats_refuse_a_token_key_naming_format_and_key(token: Token, tmp_path: Path) -> None:
+    """Their tools still take the key itself: a key in a token stops start-up, and is never exported."""
+    from sealbox.formats.android import AndroidSigner
+    from sealbox.formats.authenticode import AuthenticodeSigner
+    from sealbox.formats.macos import MacSigner
+
+    ca = pki.make_ca("tests root")
+    public = _pkcs11(token, "rsa", RSA_ID).public_key
+    assert isinstance(public, rsa.RSAPublicKey)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(
+        pki.certify(ca, "tool signer", public).public_bytes(serialization.Encoding.PEM) + ca.cert_pem()
+    )
+    key = _pkcs11(token, "rsa", RSA_ID, chain)
+    cases: list[tuple[Any, str, dict[str, Any]]] = [
+        (AuthenticodeSigner, "sha2signcode", {}),
+        (AndroidSigner, "jar", {}),
+        (MacSigner, "macho", {"timestamp_url": "none"}),
+    ]
+    for cls, fmt, options in cases:
+        with pytest.raises(ConfigError, match=f"format '{fmt}': key 'rsa' is in a PKCS#11 token"):
+            cls(FormatSettings(fmt, "rsa", options, tmp_path), lambda _n: key)
+
+
+def test_key_config_sections() -> None:
+    section = KeySection(kind="pkcs11", module=Path("/m.so"), token="t", label="k", id="0a")
+    assert section.id == "0a"
+    for bad, match in [
+        ({"kind": "pkcs11", "module": "/m.so", "token": "t"}, "label or id"),
+        ({"kind": "pkcs11", "token": "t", "label": "k"}, "module"),
+        ({"kind": "pkcs11", "module": "/m.so", "token": "t", "label": "k", "path": "k.pem"}, "no path"),
+        ({"kind": "pem"}, "needs path"),
+        ({"kind": "pem", "path": "k.pem", "token": "t"}, "for pkcs11 keys"),
+        ({"kind": "pkcs11", "module": "/m.so", "token": "t", "id": "xyz"}, "pattern"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            KeySection.model_validate(bad)
+
+
+def test_file_key_digests_match_cryptography_prehashed() -> None:
+    """The file backend signs exactly what cryptography's prehashed signing gives (deterministic
+    PKCS#1 v1.5): the formats' output is the same as before the interface."""
+    raw = pki.new_rsa(2048)
+    digest = hashlib.sha384(DATA).digest()
+    expected = raw.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA384()))
+    assert FileKey("k", raw).sign_digest(digest, "sha384", "pkcs1v15") == expected

@@ -1,0 +1,499 @@
+"""The HTTP surface under hostile input: malformed tokens and names get a clean 4xx whose
+headers are printable ASCII, every request (aiohttp's own refusals and crashes included)
+gives exactly one JSON request line, and nothing but JSON reaches the server's log."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import socket
+import sqlite3
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sealbox import tokens
+from sealbox.config import load_config
+from sealbox.errors import TokenError
+from sealbox.server.app import MAX_REASON
+from tests.servers import Deployment, ServerProcess, start_server
+
+CAP = 30.0  # bound of every wait
+SHA1 = "ab" * 20
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+# -- raw HTTP over TLS ---------------------------------------------------------------------------
+@dataclass
+class Answer:
+    status: int
+    head: bytes  # status line and header lines, as sent
+    body: bytes
+    complete: bool  # the whole body that Content-Length announced arrived
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode("ascii")
+        return None
+
+
+def exchange(sp: ServerProcess, request: bytes) -> Answer:
+    """Send ``request`` as is (bytes an HTTP library would refuse to send) on a fresh TLS
+    connection and read one answer."""
+    ctx = ssl.create_default_context(cafile=str(sp.deployment.ca))
+    with (
+        socket.create_connection(("127.0.0.1", sp.port), timeout=CAP) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(request)
+        buf = b""
+
+        def more() -> bool:
+            nonlocal buf
+            try:
+                chunk = tls.recv(65536)
+            except (ssl.SSLError, ConnectionError):
+                return False  # the server cut the connection: what came is the answer
+            buf += chunk
+            return bool(chunk)
+
+        while b"\r\n\r\n" not in buf and more():
+            pass
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        assert sep, f"no answer to {request[:120]!r}: got {buf!r}"
+        status_line = head.split(b"\r\n")[0]
+        assert status_line.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), status_line
+        answer = Answer(int(status_line.split()[1]), head, body, False)
+        length = int(answer.header("Content-Length") or 0)
+        while len(buf) - len(head) - 4 < length and more():
+            pass
+        answer.body = buf[len(head) + 4 :]
+        answer.complete = len(answer.body) >= length
+        return answer
+
+
+def assert_clean_headers(answer: Answer) -> None:
+    for line in answer.head.split(b"\r\n"):
+        assert all(0x20 <= b < 0x7F for b in line), line
+
+
+def form(fields: dict[str, bytes], data: bytes = b"signed by the http surface test " * 4) -> bytes:
+    """A multipart body: the fields, then ``filedata`` (as signtool sends them)."""
+    out = b""
+    for name, value in fields.items():
+        out += b'--xx\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value)
+    out += b'--xx\r\nContent-Disposition: form-data; name="filedata"; filename="t.bin"\r\n\r\n'
+    return out + data + b"\r\n--xx--\r\n"
+
+
+def post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: %d\r\n%s\r\n"
+        % (path, len(body), extra)
+    ) + body
+
+
+def get(path: bytes) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path
+
+
+def upload(sp: ServerProcess, token: bytes, fmt: bytes = b"gpg") -> bytes:
+    data = f"http surface {uuid.uuid4()}".encode() * 8
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest().encode()
+    fields = {"sha1": sha1, "filename": b"t.bin", "token": token, "nonce": b""}
+    return post(b"/sign/" + fmt, form(fields, data))
+
+
+# -- the server's log ----------------------------------------------------------------------------
+def marker(sp: ServerProcess) -> str:
+    """Send a request of its own and wait until its line is in the log. A request answered
+    before it was logged before it too: aiohttp logs right after writing the answer."""
+    path = f"/mark/{uuid.uuid4().hex}"
+    assert exchange(sp, get(path.encode())).status == 400
+    deadline = time.monotonic() + CAP
+    while f'"path":"{path}"' not in sp.log.read_text("utf-8", "replace"):
+        assert time.monotonic() < deadline, f"marker {path} never logged"
+        time.sleep(0.02)
+    return path
+
+
+def logged_since(sp: ServerProcess, start: str) -> list[dict[str, Any]]:
+    """What the server logged between marker ``start`` and a new marker; each line must be JSON."""
+    end = marker(sp)
+    lines = sp.log.read_text("utf-8").splitlines()
+    first = next(i for i, line in enumerate(lines) if f'"path":"{start}"' in line)
+    last = next(i for i, line in enumerate(lines) if f'"path":"{end}"' in line)
+    entries = []
+    for line in lines[first + 1 : last]:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not JSON in the server's log: {line!r}") from None
+    return entries
+
+
+def requests_in(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("event") == "request"]
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+VALID_SIG = tokens._mac(SECRET, "127.0.0.1:1:2:x")
+MALFORMED = {  # token -> why it is refused
+    "non-ASCII": ("127.0.0.1:1:2:é!" + VALID_SIG, "not ASCII"),
+    "non-ASCII signature": ("127.0.0.1:1:2:x!" + "é" * 43, "not ASCII"),
+    "NUL": ("127.0.0.1:1:2:x\x00!" + VALID_SIG, "control characters"),
+    "DEL": ("127.0.0.1:1:2:x!" + VALID_SIG[:-1] + "\x7f", "control characters"),
+    "inner space": ("127.0.0.1:1:2:x !" + VALID_SIG, "spaces"),
+    "two signature parts": ("127.0.0.1:1:2:x!" + VALID_SIG + "!" + VALID_SIG, "base64"),
+    "signature not base64": ("127.0.0.1:1:2:x!" + "#" * 43, "base64"),
+    "signature too short": ("127.0.0.1:1:2:x!" + VALID_SIG[:20], "base64"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_tokens_are_token_errors(case: str) -> None:
+    token, why = MALFORMED[case]
+    with pytest.raises(TokenError, match=why):
+        tokens.verify(token, [SECRET], "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "token, why",
+    [
+        (b"127.0.0.1:1:2:\xc3\xa9!" + VALID_SIG.encode(), "not ASCII"),
+        (b"127.0.0.1:1:2:x!" + "é".encode() * 43, "not ASCII"),
+        (b"\xff\xfe not UTF-8", "not ASCII"),
+        (b"abc\x00def!" + VALID_SIG.encode(), "control characters"),
+        (b"a:b:c!d!e", "base64"),
+        (b"1.2.3.4:1:2:x!" + b"%" * 43, "base64"),
+        (b"a" * 100 * 1024, "field token is too long"),
+    ],
+    ids=["non-ASCII", "non-ASCII signature", "not UTF-8", "NUL", "three parts", "bad base64", "100 KiB"],
+)
+def test_server_refuses_malformed_tokens(gpg_server: ServerProcess, token: bytes, why: str) -> None:
+    start = marker(gpg_server)
+    answer = exchange(gpg_server, upload(gpg_server, token))
+    reason = answer.header("X-Sealbox-Error") or ""
+    assert answer.status == 400 and answer.complete and why in reason, answer
+    assert reason.startswith(("Invalid token: ", "field token")), reason
+    assert_clean_headers(answer)
+    [line] = requests_in(logged_since(gpg_server, start))
+    assert line["status"] == 400 and line["reason"] == reason
+
+
+def mint_request(sp: ServerProcess, content_type: bytes, body: bytes) -> bytes:
+    user, password = sp.deployment.auth
+    auth = base64.b64encode(f"{user}:{password}".encode())
+    return (
+        b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Basic %s\r\n"
+        b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (auth, content_type, len(body))
+    ) + body
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        (b"multipart/form-data", b"--xx\r\n"),
+        (b"application/x-www-form-urlencoded; charset=no-such-charset", b"slave_ip=127.0.0.1&duration=60"),
+        (
+            b"multipart/form-data; boundary=xx",
+            b'--xx\r\nContent-Disposition: form-data; name="slave_ip"\r\n\r\n\xff\xfe\r\n--xx--\r\n',
+        ),
+    ],
+    ids=["no boundary", "unknown charset", "not UTF-8"],
+)
+def test_issuer_with_a_malformed_form(gpg_server: ServerProcess, content_type: bytes, body: bytes) -> None:
+    start = marker(gpg_server)
+    answer = exchange(gpg_server, mint_request(gpg_server, content_type, body))
+    assert answer.status == 400 and "malformed form" in (answer.header("X-Sealbox-Error") or ""), answer
+    [line] = logged_since(gpg_server, start)
+    assert line["status"] == 400
+
+
+# -- client bytes never reach a header ------------------------------------------------------------
+NAMES = [b"gp%0Dg", b"gp%0Ag", b"gp%00g", b"gp%7fg", b"gp%C3%A9g", b"gp%FFg", b"x" * 5000]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("name", NAMES, ids=[n[:10].decode() for n in NAMES])
+def test_format_name_is_never_echoed_raw(gpg_server: ServerProcess, method: str, name: bytes) -> None:
+    if method == "GET":
+        request = get(b"/sign/%s/%s" % (name, SHA1.encode()))
+    else:
+        request = upload(gpg_server, gpg_server.token().encode(), name)
+    start = marker(gpg_server)
+    answer = exchange(gpg_server, request)
+    assert 400 <= answer.status < 500 and answer.complete, answer
+    assert_clean_headers(answer)
+    reason = answer.header("X-Sealbox-Error") or ""
+    assert reason.startswith("unknown format") and len(reason) <= MAX_REASON, reason
+    assert answer.body.decode("ascii") == reason + "\n"  # the body carries the same safe text
+    [line] = requests_in(logged_since(gpg_server, start))
+    assert line["status"] == answer.status and line["method"] == method
+
+
+# -- what aiohttp refuses itself ------------------------------------------------------------------
+BAD_HTTP = {
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "binary request line": b"\x00\x01\x02 \xff\xfe HTTP/1.1\r\n\r\n",
+    "bad HTTP version": b"GET / HTTX/1.1\r\nHost: x\r\n\r\n",
+    "invalid header": b"GET /__heartbeat__ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    "NUL in a header": b"GET /__heartbeat__ HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bad Content-Length": b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+    "oversize header": b"GET /__heartbeat__ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    "bad chunked body": (
+        b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
+    ),
+    "bad gzip body": post(b"/sign/gpg", b"\x1f\x8b\x08\x00 not gzip at all", b"Content-Encoding: gzip\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HTTP))
+def test_malformed_http_is_one_json_line(gpg_server: ServerProcess, case: str) -> None:
+    start = marker(gpg_server)
+    answer = exchange(gpg_server, BAD_HTTP[case])
+    assert 400 <= answer.status < 500, answer
+    entries = logged_since(gpg_server, start)  # every line JSON
+    [line] = requests_in(entries)
+    assert line["status"] == answer.status and line["reason"]
+    assert not [e for e in entries if e.get("event") != "request"], entries  # no traceback, no noise
+
+
+def test_client_leaving_mid_upload_is_one_line(gpg_server: ServerProcess) -> None:
+    body = form({"token": gpg_server.token().encode()})
+    start = marker(gpg_server)
+    ctx = ssl.create_default_context(cafile=str(gpg_server.deployment.ca))
+    with (
+        socket.create_connection(("127.0.0.1", gpg_server.port), timeout=CAP) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(post(b"/sign/gpg", body)[: -len(body) // 2])  # half the body, then gone
+    deadline = time.monotonic() + CAP
+    while '"status":499' not in gpg_server.log.read_text("utf-8").partition(start)[2]:
+        assert time.monotonic() < deadline, "the abandoned upload was never logged"
+        time.sleep(0.02)
+    [line] = logged_since(gpg_server, start)  # no traceback, no second line
+    assert line["status"] == 499 and line["path"] == "/sign/gpg"
+
+
+# -- a real crash ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of its own: these tests damage its content store."""
+    d = Deployment.create(tmp_path_factory.mktemp("surface") / "dep", "dep", ["gpg"])
+    sp = start_server(d)
+    yield sp
+    sp.stop()
+
+
+def data_dir(sp: ServerProcess) -> Path:
+    cfg = load_config(sp.deployment.config)
+    return cfg.resolve(cfg.server.data_dir)
+
+
+def crash_lines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("event") == "crash"]
+
+
+def test_crash_is_a_plain_500_and_logged_once(own_server: ServerProcess) -> None:
+    # The small store's table vanishes under the running server (a damaged data folder):
+    # a genuine unexpected exception in the GET handler.
+    path = f"/sign/gpg/{SHA1}".encode()
+    assert exchange(own_server, get(path)).status == 404  # the server has its database open
+    db = sqlite3.connect(data_dir(own_server) / "small.sqlite3", isolation_level=None)
+    schema = db.execute("SELECT sql FROM sqlite_master WHERE name = 'results'").fetchone()[0]
+    db.execute("DROP TABLE results")
+    try:
+        start = marker(own_server)
+        answer = exchange(own_server, get(path))
+        entries = logged_since(own_server, start)
+    finally:
+        db.execute(schema)
+        db.close()
+    assert answer.status == 500 and answer.complete
+    assert b"sqlite" not in answer.head + answer.body.lower() and b"Traceback" not in answer.body
+    [crash] = crash_lines(entries)
+    assert "no such table" in crash["error"] and "Traceback" in crash["traceback"]
+    assert "smallstore.py" in crash["traceback"] and crash["path"] == path.decode()
+    [line] = requests_in(entries)
+    assert line["status"] == 500 and line["path"] == path.decode()
+    assert exchange(own_server, get(path)).status == 404  # repaired: serving again
+
+
+def test_crash_after_the_answer_started_cuts_it_short(own_server: ServerProcess) -> None:
+    # A directory posing as a stored result: the headers are out when reading it fails.
+    signed = data_dir(own_server) / "signed" / "gpg"
+    sha1 = "cd" * 20
+    (signed / sha1).mkdir(parents=True)
+    (signed / f"{sha1}.sha1").write_text(f"{'ef' * 20} {(signed / sha1).stat().st_size}")
+    try:
+        start = marker(own_server)
+        answer = exchange(own_server, get(f"/sign/gpg/{sha1}".encode()))
+        entries = logged_since(own_server, start)
+    finally:
+        (signed / f"{sha1}.sha1").unlink()
+        (signed / sha1).rmdir()
+    assert answer.status == 200 and not answer.complete  # the client sees it is cut short
+    [crash] = crash_lines(entries)
+    assert "IsADirectoryError" in crash["error"] and "Traceback" in crash["traceback"]
+    [line] = requests_in(entries)
+    assert line["status"] == 500
+
+
+# -- a bounded fuzz -------------------------------------------------------------------------------
+def _noise(rng: random.Random, n: int) -> bytes:
+    return bytes(rng.randrange(256) for _ in range(n))
+
+
+def _pct(data: bytes) -> bytes:
+    return b"".join(b"%%%02X" % b for b in data)
+
+
+def fuzz_request(rng: random.Random, token: bytes, sp: ServerProcess) -> bytes:
+    """One malformed but complete request: the server never needs more bytes to answer it."""
+    kind = rng.randrange(11)
+    if kind == 10:  # an issuer's junk form
+        content_type = rng.choice(
+            [
+                b"multipart/form-data",
+                b"multipart/form-data; boundary=xx",
+                b"application/x-www-form-urlencoded",
+            ]
+        )
+        charset = rng.choice([b"", b"; charset=latin-1", b"; charset=junk", b"; charset=utf-16"])
+        return mint_request(sp, content_type + charset, _noise(rng, rng.randrange(0, 100)))
+    if kind == 0:  # percent-encoded junk in the format name
+        name = b"gp" + _pct(_noise(rng, rng.randrange(1, 8)))
+        return (
+            get(b"/sign/%s/%s" % (name, SHA1.encode())) if rng.random() < 0.5 else upload_to(rng, token, name)
+        )
+    if kind == 1:  # raw junk in the request target
+        return (
+            b"GET /sign/"
+            + _noise(rng, rng.randrange(1, 12)).replace(b"\r\n", b"")
+            + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+    if kind == 2:  # junk method
+        return _noise(rng, rng.randrange(1, 10)).replace(b"\r\n", b"") + b" / HTTP/1.1\r\nHost: x\r\n\r\n"
+    if kind == 3:  # junk header line
+        junk = _noise(rng, rng.randrange(1, 30)).replace(b"\r\n", b"").replace(b"\n", b"")
+        return b"GET /__heartbeat__ HTTP/1.1\r\nHost: x\r\n" + junk + b"\r\n\r\n"
+    if kind == 4:  # bad Content-Length
+        value = rng.choice([b"-1", b"abc", b"1 2", b"0x10", b"", b"99999999999999999999999"])
+        return b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+    if kind == 5:  # a chunked body with a junk chunk, sent whole
+        return (
+            b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n"
+            + _noise(rng, 4).hex().encode()
+            + b"\r\n"
+            + _noise(rng, 8)
+            + b"\r\n0\r\n\r\n"
+        )
+    if kind == 6:  # a junk token
+        return upload_to(rng, _noise(rng, rng.randrange(0, 600)).replace(b"\r\n", b"x"), b"gpg")
+    if kind == 7:  # a junk multipart body
+        return post(b"/sign/gpg", b"--xx\r\n" + _noise(rng, rng.randrange(0, 400)) + b"\r\n--xx--\r\n")
+    if kind == 8:  # a body that does not decode
+        encoding = rng.choice([b"gzip", b"deflate", b"br", b"zstd", b"gzip, deflate", b"x-junk"])
+        return post(
+            b"/sign/gpg", _noise(rng, rng.randrange(1, 200)), b"Content-Encoding: " + encoding + b"\r\n"
+        )
+    # a junk X-Sealbox-Wait
+    extra = b"X-Sealbox-Wait: " + rng.choice([b"nan", b"inf", b"-1", b"1e999", b"\xff"]) + b"\r\n"
+    body = form({"sha1": SHA1.encode(), "token": token})
+    return post(b"/sign/gpg", body, extra)
+
+
+def upload_to(rng: random.Random, token: bytes, fmt: bytes) -> bytes:
+    fields = {
+        "sha1": rng.choice([SHA1.encode(), b"xyz", _noise(rng, 5)]),
+        "filename": b"t.bin",
+        "token": token,
+    }
+    return post(b"/sign/" + fmt, form(fields))
+
+
+FUZZ_REQUESTS = 300
+
+
+def test_fuzz(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    rng = random.Random(20240611)
+    token = gpg_server.token().encode()
+    start = marker(gpg_server)
+    statuses = []
+    for _ in range(FUZZ_REQUESTS):
+        request = fuzz_request(rng, token, gpg_server)
+        answer = exchange(gpg_server, request)  # asserts a status line came back
+        assert answer.status < 500, (request[:300], answer)
+        assert_clean_headers(answer)
+        statuses.append(answer.status)
+    entries = logged_since(gpg_server, start)  # asserts every line is JSON
+    assert not crash_lines(entries) and not [e for e in entries if "traceback" in e]
+    assert sorted(e["status"] for e in requests_in(entries)) == sorted(statuses)
+    # Still serving: a real signing round trip.
+    p = tmp_path / "after-fuzz.txt"
+    p.write_bytes(b"still signing after the fuzz " * 8)
+    with gpg_server.client() as c:
+        assert c.sign(p, ["gpg"]).ok
+
+
+# -- a body that stops coming ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server that gives up on a silent upload body after 2 s."""
+    d = Deployment.create(tmp_path_factory.mktemp("impatient") / "dep", "dep", ["gpg"])
+    text = d.config.read_text()
+    d.config.write_text(text.replace("[server]\n", "[server]\nbody_timeout = 2.0\n", 1))
+    sp = start_server(d)
+    yield sp
+    sp.stop()
+
+
+def _stalled(sp: ServerProcess, first: bytes, later: bytes) -> Answer:
+    """Send ``first``, then (in a packet of its own, once the server has read the first)
+    ``later``, then nothing more; read the answer."""
+    ctx = ssl.create_default_context(cafile=str(sp.deployment.ca))
+    with (
+        socket.create_connection(("127.0.0.1", sp.port), timeout=CAP) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(first)
+        if later:
+            tls.sendall(later)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = tls.recv(65536)
+            assert chunk, f"connection closed without an answer: {buf!r}"
+            buf += chunk
+    head = buf.partition(b"\r\n\r\n")[0]
+    return Answer(int(head.split()[1]), head, b"", True)
+
+
+def test_a_silent_upload_body_is_answered_408(impatient_server: ServerProcess) -> None:
+    body = form({"token": impatient_server.token().encode()})
+    answer = _stalled(impatient_server, post(b"/sign/gpg", body)[: -len(body) // 2], b"")
+    assert answer.status == 408 and "stalled" in (answer.header("X-Sealbox-Error") or "")
+
+
+def test_a_bad_chunk_after_the_headers_is_answered(impatient_server: ServerProcess) -> None:
+    # aiohttp drops a body whose framing breaks in a later packet without telling the handler;
+    # the idle bound is what answers it.
+    head = (
+        b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n4\r\n--xx\r\n"
+    )
+    answer = _stalled(impatient_server, head, b"ZZ\r\nabc\r\n0\r\n\r\n")
+    assert 400 <= answer.status < 500
