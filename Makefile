@@ -8,7 +8,7 @@ bootstrap:
 	@bash scripts/bootstrap.sh
 
 demo: bootstrap
-	@$(PY) -m sealbox.demo
+	@$(PY) -m sealbox.deploy.demo
 
 test: bootstrap lint types unit
 

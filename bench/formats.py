@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from bench import _formats_inputs as inputs
 from bench._util import local_gpg, table
 from sealbox.client import SigningClient
-from sealbox.config import load_config
 from sealbox.deploy.local import Deployment, start_server
 from sealbox.formats import signer_class
 from sealbox.keys import FileKey, PassphraseSource, load_key
+from sealbox.server.config import load_config
 
 CLIENTS = 8
 #: throughput runs stop after this many seconds even if files are left (keeps the total short)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sealbox.checksums import parse_checksums, verify_checksums, write_checksums
 from sealbox.errors import VerificationFailed
+from sealbox.task.checksums import parse_checksums, verify_checksums, write_checksums
 
 NAMES = [
     "a.txt",
@@ -149,10 +149,10 @@ def test_write_refusals(tree: list[Path], tmp_path: Path) -> None:
 
 def test_sums_signed_with_gpg_format(tree: list[Path], tmp_path: Path) -> None:
     """The documented flow: SHA256SUMS is an ordinary gpg input; gpg --verify accepts the .asc."""
-    from sealbox.config import load_config
     from sealbox.deploy.dev import init_dev
     from sealbox.formats import SignRequest, signer_class
     from sealbox.keys import PassphraseSource, load_key
+    from sealbox.server.config import load_config
 
     base = tmp_path / "release"
     sums = write_checksums(tree, base, base)[0]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sealbox.cli.serve import serve
-from sealbox.config import load_config
+from sealbox.server.config import load_config
 from tests.servers import BIN
 
 ROOT = Path(__file__).resolve().parents[1]

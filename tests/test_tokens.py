@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sealbox import tokens
 from sealbox.client import SigningClient
 from sealbox.errors import TokenError
+from sealbox.server import tokens
 from tests.servers import Deployment, ServerProcess, start_server
 
 SECRET = b"0123456789abcdef0123456789abcdef"

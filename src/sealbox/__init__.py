@@ -1,6 +1,6 @@
 """sealbox: a code-signing service wire-compatible with the classic Mozilla signing server.
 
-Public API: :mod:`sealbox.client` (sign files through servers), :mod:`sealbox.tokens`
+Public API: :mod:`sealbox.client` (sign files through servers), :mod:`sealbox.server.tokens`
 (mint and check upload tokens) and :mod:`sealbox.formats` (the signer registry).
 """
 

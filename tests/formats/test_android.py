@@ -22,13 +22,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sealbox.config import load_config
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import FormatRejected, SigningFailed, VerificationFailed
 from sealbox.formats import FormatSettings, SignRequest, android, signer_class
 from sealbox.formats.android import AndroidSigner
 from sealbox.keys import PassphraseSource, UnlockedKey, load_key
 from sealbox.samples.android import binary_manifest, write_apk, write_jar
+from sealbox.server.config import load_config
 from tests.servers import exec_image
 
 pytestmark = pytest.mark.skipif(AndroidSigner.available() is not None, reason=str(AndroidSigner.available()))

@@ -24,14 +24,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sealbox import pki
-from sealbox.config import load_config
+from sealbox.deploy import pki
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from sealbox.formats import FormatSettings, SignRequest, authenticode, signer_class
 from sealbox.formats.authenticode import AuthenticodeSigner
 from sealbox.keys import PassphraseSource, UnlockedKey, load_key
 from sealbox.samples.pe import launcher_path, write_dll, write_large_pe, write_pe
+from sealbox.server.config import load_config
 from tests.servers import exec_image, refusing_port
 
 OSSL = shutil.which("osslsigncode")

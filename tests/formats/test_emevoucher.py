@@ -11,14 +11,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sealbox import pki
-from sealbox.config import load_config
+from sealbox.deploy import pki
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.emevoucher import EmeVoucherSigner
 from sealbox.keys import PassphraseSource, SigningKey, load_key
 from sealbox.keys.store import UnlockedKey
+from sealbox.server.config import load_config
 
 
 @dataclass

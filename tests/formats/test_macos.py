@@ -26,9 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sealbox import pki
 from sealbox.archives import repack_tar, safe_extract_tar
-from sealbox.config import load_config
+from sealbox.deploy import pki
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from sealbox.formats import FormatSettings, SignRequest, signer_class
@@ -36,6 +35,7 @@ from sealbox.formats import _macho as macho
 from sealbox.formats.macos import MacSigner
 from sealbox.keys import PassphraseSource, UnlockedKey, load_key
 from sealbox.samples.macos import binary, pack_tree, write_app, write_app_tarball, write_macho
+from sealbox.server.config import load_config
 from tests.formats.test_authenticode import LocalTSA
 from tests.servers import BIN, ServerProcess, refusing_port, start_server
 from tests.servers import Deployment as ServerDeployment

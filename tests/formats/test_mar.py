@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from mardor.writer import MarWriter
 
-from sealbox.config import load_config
 from sealbox.deploy.dev import init_dev
+from sealbox.deploy.pki import new_rsa
 from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.mar import MarSigner
 from sealbox.keys import PassphraseSource, SigningKey, load_key
 from sealbox.keys.store import UnlockedKey
-from sealbox.pki import new_rsa
 from sealbox.samples.mar import write_mar
+from sealbox.server.config import load_config
 
 MAR_CLI = Path(sys.executable).parent / "mar"
 FORMATS = ("mar", "mar_sha384")

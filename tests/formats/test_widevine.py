@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sealbox import pki
-from sealbox.config import load_config
+from sealbox.deploy import pki
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.widevine import WidevineSigner, verify_sig
 from sealbox.keys import PassphraseSource, SigningKey, load_key
 from sealbox.keys.store import UnlockedKey
+from sealbox.server.config import load_config
 
 FORMATS = ("widevine", "widevine_blessed")
 

@@ -30,15 +30,14 @@ CAP = 60.0  # bound of every wait
 
 @pytest.fixture(scope="module")
 def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The in-process formats with their keys in the token, and sha2signcode, whose tool still
-    takes a key file, run through a wrapper that records its argv and environment."""
+    """The in-process formats with their keys in the token, and sha2signcode, whose tool reaches
+    its key in the token itself, run through a wrapper that records its argv and environment."""
     root = tmp_path_factory.mktemp("hsm")
     d = Deployment.create(root / "dep", "release", [*IN_PROCESS, "sha2signcode"], hsm=True)
     cfg = tomllib.loads(d.config.read_text())
     cfg_keys = {cfg["formats"][f]["key"] for f in IN_PROCESS}
     assert {cfg["keys"][k]["kind"] for k in cfg_keys} == {"pkcs11"}
-    assert cfg["keys"]["authenticode"]["kind"] == "pem"
-    assert "# a key FILE, not in the token: what uses 'authenticode'" in d.config.read_text()
+    assert cfg["keys"]["authenticode"]["kind"] == "pkcs11"
     images = root / "tool-runs"
     images.mkdir()
     wrapper = root / "osslsigncode"
@@ -121,10 +120,12 @@ def test_no_pin_or_key_material_in_argv_environ_logs_or_files(hsm: ServerProcess
     for image in [*images, *tool_runs]:
         data = image.read_bytes()
         assert pin not in data, image
-        assert b"SOFTHSM2_CONF" not in data or image in images, image  # tools: a minimal environment
+        if image.suffix == ".environ":  # tools: a minimal environment, plus the module's variables
+            names = {kv.split(b"=", 1)[0] for kv in data.split(b"\0") if kv}
+            assert names <= {b"PATH", b"LANG", b"HOME", b"SOFTHSM2_CONF"}, image
     assert pin not in hsm.log.read_bytes()
-    # Nothing the server wrote holds the PIN or a private key; no key file but the TLS key, the
-    # signing log's (Ed25519, not on the token) and the tool format's (its tool needs a file).
+    # Nothing the server wrote holds the PIN or a private key; no key file but the TLS key and the
+    # signing log's (Ed25519, not on the token).
     for path in d.root.rglob("*"):
         if not path.is_file() or path.is_relative_to(d.root / "hsm"):
             continue
@@ -132,7 +133,7 @@ def test_no_pin_or_key_material_in_argv_environ_logs_or_files(hsm: ServerProcess
         if path.name != "passphrases":
             assert pin not in data, path
         if b"PRIVATE KEY" in data:
-            allowed = {"tls/server.key", "keys/signlog.pem", "keys/authenticode.pem"}
+            allowed = {"tls/server.key", "keys/signlog.pem"}
             assert path.relative_to(d.root).as_posix() in allowed, path
     assert not list(d.root.glob("keys/*.p12"))
 
@@ -196,14 +197,15 @@ def test_a_wrong_pin_stops_start_up_naming_the_key(tmp_path: Path) -> None:
     assert _pin(d) not in message
 
 
-def test_a_tool_format_given_a_token_key_refuses_start_up(tmp_path: Path) -> None:
-    d = Deployment.create(tmp_path / "dep", "dep", ["emevoucher", "sha2signcode"], hsm=True)
+def test_a_format_whose_tool_has_no_pkcs11_refuses_a_token_key(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "dep", "dep", ["emevoucher", "macho"], hsm=True)
     text = d.config.read_text()
-    section = '[formats.sha2signcode]\nkey = "authenticode"\n'
+    assert "# a key FILE, not in the token: what uses 'macos'" in text
+    section = '[formats.macho]\nkey = "macos"\n'
     assert section in text
-    d.config.write_text(text.replace(section, '[formats.sha2signcode]\nkey = "emevoucher"\n'))
+    d.config.write_text(text.replace(section, '[formats.macho]\nkey = "emevoucher"\n'))
     message = _stopped_with(d, d.root / "passphrases")
-    assert "format 'sha2signcode': key 'emevoucher' is in a PKCS#11 token" in message, message
+    assert "format 'macho': key 'emevoucher' is in a PKCS#11 token" in message, message
 
 
 def test_a_removed_token_fails_the_heartbeat_and_jobs_retryably(tmp_path: Path) -> None:

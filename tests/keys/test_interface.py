@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,21 @@ import pkcs11
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 from pkcs11 import Attribute, ObjectClass
 
-from sealbox import pki
-from sealbox.config import KeySection
+from sealbox.deploy import pki
 from sealbox.errors import ConfigError, KeyUnlockError, SigningFailed
-from sealbox.formats import FormatSettings
+from sealbox.formats import FormatSettings, SignRequest
 from sealbox.keys import FileHandoff, FileKey, Pkcs11Handoff, SigningKey, load_key
 from sealbox.keys import pkcs11 as backend
-from sealbox.keys.softhsm import store_certificate
+from sealbox.keys.softhsm import generate_key, store_certificate
+from sealbox.server.config import KeySection
 from sealbox.server.run import prove_key
 from tests.keys.conftest import EC_ID, RSA_ID, Token
 
 DATA = b"signed through the one key interface\n" * 10
+TOOL_ID, BARE_ID = b"\x10", b"\x11"  # keys made by the tool formats' test
 HASHES = {
     "sha1": hashes.SHA1(),  # noqa: S303  (MAR's algorithm 1)
     "sha256": hashes.SHA256(),
@@ -196,28 +199,61 @@ def test_a_lost_token_fails_retryably_and_its_return_is_picked_up(token: Token) 
     _independent_check(key, key.sign(DATA, "sha256", "pkcs1v15"), DATA, "sha256", "pkcs1v15")
 
 
-def test_tool_formats_refuse_a_token_key_naming_format_and_key(token: Token, tmp_path: Path) -> None:
-    """Their tools still take the key itself: a key in a token stops start-up, and is never exported."""
-    from sealbox.formats.android import AndroidSigner
-    from sealbox.formats.authenticode import AuthenticodeSigner
+def test_tool_formats_sign_with_a_token_key_and_macos_still_refuses(token: Token, tmp_path: Path) -> None:
+    """osslsigncode (OpenSSL's pkcs11 engine) and jarsigner (Java's SunPKCS11) sign with a key in
+    the token, checked by their verifiers; the macOS library cannot and refuses, and a hand-off
+    a tool cannot use stops start-up: each naming the format and key. A key is never exported."""
+    from sealbox.formats.android import TRUSTSTORE_PASSWORD, AndroidSigner
+    from sealbox.formats.authenticode import CA_FILE, AuthenticodeSigner
     from sealbox.formats.macos import MacSigner
+    from sealbox.samples.android import write_jar
+    from sealbox.samples.pe import write_pe
 
     ca = pki.make_ca("tests root")
-    public = _pkcs11(token, "rsa", RSA_ID).public_key
-    assert isinstance(public, rsa.RSAPublicKey)
-    chain = tmp_path / "chain.pem"
-    chain.write_bytes(
-        pki.certify(ca, "tool signer", public).public_bytes(serialization.Encoding.PEM) + ca.cert_pem()
+    keys: dict[str, SigningKey] = {}
+    for label, key_id in (("tool", TOOL_ID), ("bare", BARE_ID)):
+        generate_key(token.soft, token.pin, label, key_id, "rsa", 2048)
+        public = _pkcs11(token, label, key_id).public_key
+        assert isinstance(public, rsa.RSAPublicKey)
+        cert = pki.certify(ca, f"{label} signer", public)
+        if label == "tool":  # where Java looks for the key's certificate; "bare" has none there
+            store_certificate(token.soft, token.pin, label, key_id, cert)
+        chain = tmp_path / f"{label}.pem"
+        chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem())
+        keys[label] = _pkcs11(token, label, key_id, chain)
+    public_dir = tmp_path / "public"
+    public_dir.mkdir()
+    (public_dir / CA_FILE).write_bytes(ca.cert_pem())
+    trust = pkcs12.serialize_java_truststore(
+        [pkcs12.PKCS12Certificate(keys["tool"].certificate, b"tool")],
+        BestAvailableEncryption(TRUSTSTORE_PASSWORD.encode()),
     )
-    key = _pkcs11(token, "rsa", RSA_ID, chain)
-    cases: list[tuple[Any, str, dict[str, Any]]] = [
-        (AuthenticodeSigner, "sha2signcode", {}),
-        (AndroidSigner, "jar", {}),
-        (MacSigner, "macho", {"timestamp_url": "none"}),
-    ]
-    for cls, fmt, options in cases:
-        with pytest.raises(ConfigError, match=f"format '{fmt}': key 'rsa' is in a PKCS#11 token"):
-            cls(FormatSettings(fmt, "rsa", options, tmp_path), lambda _n: key)
+    (public_dir / "jar-truststore.p12").write_bytes(trust)
+
+    def settings(fmt: str, key: str, **options: Any) -> FormatSettings:
+        return FormatSettings(fmt, key, options, tmp_path)
+
+    for signer, make, fmt in (
+        (AuthenticodeSigner(settings("sha2signcode", "tool"), keys.__getitem__), write_pe, "sha2signcode"),
+        (AndroidSigner(settings("jar", "tool"), keys.__getitem__), write_jar, "jar"),
+    ):
+        src, work = make(tmp_path), tmp_path / f"work-{fmt}"
+        work.mkdir()
+        signer.sign(SignRequest(src, tmp_path / f"signed-{src.name}", src.name, work))
+        signer.verify(fmt, tmp_path / f"signed-{src.name}", src, public_dir)
+    with pytest.raises(ConfigError, match="format 'macho': key 'tool' is in a PKCS#11 token"):
+        MacSigner(settings("macho", "tool", timestamp_url="none"), keys.__getitem__)
+    with pytest.raises(ConfigError, match="format 'jar': the JVM cannot sign with key 'bare'"):
+        AndroidSigner(settings("jar", "bare"), keys.__getitem__)
+    # an osslsigncode that cannot load OpenSSL's pkcs11 engine (libengine-pkcs11-openssl missing)
+    no_engine = tmp_path / "osslsigncode"
+    tool = shutil.which("osslsigncode")
+    no_engine.write_text(f'#!/bin/sh\nOPENSSL_ENGINES=/nonexistent exec {tool} "$@"\n')
+    no_engine.chmod(0o755)
+    with pytest.raises(
+        ConfigError, match=r"format 'sha2signcode': osslsigncode cannot .* key 'tool'.*engine"
+    ):
+        AuthenticodeSigner(settings("sha2signcode", "tool", osslsigncode=str(no_engine)), keys.__getitem__)
 
 
 def test_key_config_sections() -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from sealbox import tokens
-from sealbox.config import load_config
 from sealbox.errors import TokenError
-from sealbox.server.app import MAX_REASON
+from sealbox.server import tokens
+from sealbox.server.answers import MAX_REASON
+from sealbox.server.config import load_config
 from tests.servers import Deployment, ServerProcess, start_server
 
 CAP = 30.0  # bound of every wait

@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sealbox.config import load_config
 from sealbox.formats import signer_class
 from sealbox.keys import PassphraseSource
 from sealbox.samples.mar import write_mar
 from sealbox.samples.pe import write_pe
+from sealbox.server.config import load_config
 from sealbox.server.jobs import JobManager
 from sealbox.server.run import Signers, load_signers
 from sealbox.server.storage import GONE, Blob, Input, Result, Storage

@@ -21,7 +21,7 @@ import tomli_w
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from sealbox import tokens
+from sealbox.server import tokens
 from sealbox.server.metrics import REFUSALS
 from tests.servers import Deployment, ServerProcess, start_server
 

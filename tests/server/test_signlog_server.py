@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealbox.client import SigningClient
+from sealbox.deploy.taskdev import init_worker_dev
 from sealbox.samples import pe
 from sealbox.signlog import Checkpoint, parse_public_key, public_key_text
 from sealbox.signlog.merkle import leaf_hash, verify_consistency, verify_inclusion
 from sealbox.task import cot
-from sealbox.task.devinit import init_worker_dev
 from tests.servers import BIN, Deployment, ServerProcess, start_server
 from tests.signlog.fs import fill, small_tmpfs
 from tests.task.helpers import entry, run, write_task, write_upstream

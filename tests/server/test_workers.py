@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sealbox.config import load_config
 from sealbox.errors import FormatRejected
 from sealbox.keys import PassphraseSource
 from sealbox.samples.mar import write_mar
+from sealbox.server.config import load_config
 from sealbox.server.jobs import JobManager
 from sealbox.server.run import Signers, load_signers
 from sealbox.server.storage import Input, Storage

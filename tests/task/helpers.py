@@ -11,8 +11,8 @@ from typing import Any
 
 import tomli_w
 
+from sealbox.deploy.taskdev import DEV_SOURCES, SCOPE_PREFIX, init_worker_dev
 from sealbox.task import cot
-from sealbox.task.devinit import DEV_SOURCES, SCOPE_PREFIX, init_worker_dev
 from sealbox.task.runner import run_task
 from tests.servers import ServerProcess
 

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from sealbox.cli.cot import cot as cot_cli
+from sealbox.deploy.taskdev import elf_sample, run_demo, verify_release_outputs
 from sealbox.samples.pe import write_dll, write_pe
 from sealbox.task import behaviours as bh
 from sealbox.task import cot
-from sealbox.task.demo import elf_sample, run_demo, verify_release_outputs
 from sealbox.task.scopes import try_or_pull_request
 from tests.servers import BIN, Deployment, ServerProcess, start_server
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from sealbox.deploy.taskdev import BUILD_TASK_ID, verify_release_outputs, write_sample_task
 from sealbox.formats import signer_class
 from sealbox.samples.macos import write_app_tarball
 from sealbox.samples.pe import write_pe
 from sealbox.task import cot
-from sealbox.task.demo import BUILD_TASK_ID, verify_release_outputs, write_sample_task
 from tests.servers import BIN, ServerProcess, env_without_proxy, gpg_verify
 
 from .helpers import Result, Worker, entry, run, write_task, write_upstream

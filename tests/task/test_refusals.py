@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from sealbox.deploy.taskdev import SCOPE_PREFIX
 from sealbox.samples.pe import write_pe
 from sealbox.task import cot
-from sealbox.task.devinit import SCOPE_PREFIX
 from tests.servers import ServerProcess
 
 from .helpers import Result, Worker, entry, run, write_task, write_upstream

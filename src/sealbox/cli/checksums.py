@@ -44,8 +44,8 @@ def checksums(
     files: tuple[Path, ...],
 ) -> None:
     """Write coreutils-format SHA256SUMS/SHA512SUMS for artifacts (then sign them with gpg)."""
-    from ..checksums import verify_checksums, write_checksums
     from ..errors import SealboxError
+    from ..task.checksums import verify_checksums, write_checksums
 
     try:
         if check is not None:

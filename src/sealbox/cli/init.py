@@ -22,8 +22,8 @@ from ._common import fail
 @click.option(
     "--hsm",
     is_flag=True,
-    help="Generate the keys of the in-process formats inside a SoftHSM token (DIR/hsm), "
-    "non-extractable; formats whose tools cannot use PKCS#11 yet keep key files.",
+    help="Generate the formats' keys inside a SoftHSM token (DIR/hsm), non-extractable; "
+    "macOS signing, whose library has no PKCS#11, keeps a key file.",
 )
 def init(dev_dir: Path, level: str, listen: str | None, formats: tuple[str, ...], hsm: bool) -> None:
     """Create a dev deployment: config, TLS CA, token credentials, encrypted keys (or an HSM token)."""

@@ -33,8 +33,8 @@ def serve(
     log_file: Path | None,
 ) -> None:
     """Run a signing server for one cert level (HTTPS only)."""
-    from ..config import load_config, parse_listen
     from ..keys import PassphraseSource
+    from ..server.config import load_config, parse_listen
     from ..server.run import load_signers, run, setup_logging
 
     setup_logging(log_file)

@@ -55,8 +55,8 @@ def run(config: Path, work_dir: Path, artifact_dir: Path, task_id: str | None, n
 @click.argument("more", nargs=-1, type=click.Path(path_type=Path))
 def init(dev_dir: Path, servers: tuple[Path, ...], dep_worker: bool, more: tuple[Path, ...]) -> None:
     """Write a worker config, Ed25519 keys and a sample task per level for dev deployments."""
+    from ..deploy.taskdev import init_worker_dev
     from ..errors import SealboxError
-    from ..task.devinit import init_worker_dev
 
     try:
         path = init_worker_dev(dev_dir, [*servers, *more], production=not dep_worker)

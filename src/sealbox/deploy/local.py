@@ -39,8 +39,8 @@ class Deployment:
     def create(
         cls, root: Path, level: str = "dep", formats: Sequence[str] | None = None, hsm: bool = False
     ) -> Deployment:
-        """``sealbox init --dev``; with ``hsm`` the in-process formats' keys are made in a
-        SoftHSM token, by the command in a child process (SoftHSM takes one config per
+        """``sealbox init --dev``; with ``hsm`` the formats' keys (all but macOS's) are made in
+        a SoftHSM token, by the command in a child process (SoftHSM takes one config per
         process, and this process may make several deployments)."""
         listen = f"127.0.0.1:{free_port()}"
         if not hsm:

@@ -20,15 +20,19 @@ unchanged. An APK is a zip with a compiled (binary XML) ``AndroidManifest.xml`` 
   SDK >= 30) is refused with a pointer to the ``apk`` names.
 * ``jar``/``focus-jar`` on anything else (JAR, AAR, zip): ``jarsigner`` SHA-256 / SHA256withRSA.
 
-The key reaches the JVM as a one-time PKCS#12 keystore, encrypted with a random password,
-through a pipe (``/dev/fd/N``); the password goes through a second pipe. The tools run
-through :func:`~sealbox.formats.base.run_tool`: a minimal environment, their process group
+A key file's key reaches the JVM as a one-time PKCS#12 keystore, encrypted with a random
+password, through a pipe (``/dev/fd/N``); the password goes through a second pipe. A key in a
+PKCS#11 token stays there: the JVM opens the token through Java's SunPKCS11 provider (a config
+file in the job's folder names the module and slot, no secret) and finds the key by its label
+(the alias), which the certificate on the token beside it must share; the PIN goes through a
+pipe (``--ks-pass file:`` / ``-storepass:file``). Start-up proves that hand-off with one
+signature. The tools run through :func:`~sealbox.formats.base.run_tool`: a minimal environment
+(plus the variables a PKCS#11 module needs, e.g. ``SOFTHSM2_CONF``), their process group
 killed on timeout.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import re
@@ -37,25 +41,24 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL, PARSE_ERRORS, Editor, rewrite_zip, zip_members
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from ..keys.signing import file_handoff
+from ..keys.signing import FileHandoff, Pkcs11Handoff
 from ..procs import ToolResult, tool_reason
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 #: store password of the public truststores (a truststore holds no secret)
 TRUSTSTORE_PASSWORD = "changeit"  # noqa: S105
@@ -70,6 +73,8 @@ DEFAULT_TIMEOUT = 300.0
 #: JVM options: no hsperfdata file in /tmp, a private tmpdir is added per job
 DEFAULT_JAVA_OPTIONS = ("-XX:-UsePerfData", "-XX:+UseSerialGC", "-Xmx1024m")
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Java 17 keeps SunPKCS11 in a module apksigner's --provider-class cannot reach without this
+_EXPORT_SUNPKCS11 = "--add-exports=jdk.crypto.cryptoki/sun.security.pkcs11=ALL-UNNAMED"
 
 _SIGNATURE_FILE = re.compile(r"^META-INF/(?:[^/]+\.(?:SF|RSA|DSA|EC)|SIG-[^/]*)$", re.IGNORECASE)
 _MANIFEST = "META-INF/MANIFEST.MF"
@@ -184,6 +189,28 @@ def is_apk_file(path: Path) -> bool:
 # -- the signer ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _JobKey:
+    """How one job's JVM tool reaches the key: what its pipes carry, the options naming the
+    keystore (given the pipes' paths), the key's alias, and what the JVM needs besides."""
+
+    pipes: tuple[bytes, ...]
+    apksigner: Callable[[list[str]], list[str]]
+    jarsigner: Callable[[list[str]], list[str]]
+    alias: str
+    jvm: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def _sunpkcs11_config(fmt: str, key: Pkcs11Handoff) -> str:
+    """The SunPKCS11 provider's config: the module and the slot of the key's token (no secret)."""
+    if any(c in key.module for c in '"\\\n'):
+        raise ConfigError(
+            f"format '{fmt}': the PKCS#11 module path {key.module!r} cannot go into a Java config"
+        )
+    return f'name = sealbox\nlibrary = "{key.module}"\nslot = {key.slot}\n'
+
+
 def _int_option(settings: FormatSettings, name: str, default: int, low: int, high: int) -> int:
     value = settings.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -207,7 +234,16 @@ class AndroidSigner(Signer):
             raise ConfigError(
                 f"format '{settings.name}': the certificate of key '{settings.key}' is not its own"
             )
-        self._key = file_handoff(key, settings.name)  # the tools get a PKCS#12 keystore, over a pipe
+        # the tools get a key file's key as a PKCS#12 keystore over a pipe, a token's through SunPKCS11
+        self._key = key.tool_handoff()
+        self._sunpkcs11 = ""
+        if isinstance(self._key, Pkcs11Handoff):
+            if self._key.label is None:
+                raise ConfigError(
+                    f"format '{settings.name}': key '{settings.key}' needs a 'label': Java finds a "
+                    "PKCS#11 key by the label it shares with its certificate on the token"
+                )
+            self._sunpkcs11 = _sunpkcs11_config(settings.name, self._key)
         # the archive rules' limits; the rewrite writes no zip64, hence at most 0xFFFF members
         self._max_members = _int_option(settings, "max_members", DEFAULT_MAX_MEMBERS, 1, 0xFFFF)
         self._max_uncompressed = _int_option(settings, "max_uncompressed_size", DEFAULT_MAX_TOTAL, 1, 1 << 40)
@@ -221,6 +257,8 @@ class AndroidSigner(Signer):
         ):
             raise ConfigError(f"format '{settings.name}': 'java_options' must be a list of JVM options")
         self._java_options: list[str] = java_options
+        if isinstance(self._key, Pkcs11Handoff):
+            self._prove_pkcs11()
 
     @classmethod
     def available(cls) -> str | None:
@@ -243,25 +281,20 @@ class AndroidSigner(Signer):
         jvm = list(self._java_options)
         if not any(c.isspace() for c in str(tmp)):  # the apksigner launcher word-splits -J options
             jvm.append(f"-Djava.io.tmpdir={tmp}")
-        password = _one_time_password()
-        keystore = self._keystore(password.encode())
+        key = self._job_key(work)
+        jvm += key.jvm
         if prepared.is_apk:
             aligned = work / "aligned.apk"
             self._run(["zipalign", "-p", "-f", "4", str(prepared.path), str(aligned)], None, "zipalign", work)
-            with ToolSecrets(keystore, password.encode() + b"\n") as sec:
+            with ToolSecrets(*key.pipes) as sec:
                 self._run(
                     [
                         "apksigner",
                         *(f"-J{o[1:]}" for o in jvm),
                         "sign",
-                        "--ks",
-                        sec.paths[0],
-                        "--ks-type",
-                        "PKCS12",
+                        *key.apksigner(sec.paths),
                         "--ks-key-alias",
-                        ALIAS,
-                        "--ks-pass",
-                        f"file:{sec.paths[1]}",
+                        key.alias,
                         "--v1-signing-enabled",
                         "true",
                         # classic callers zipalign what they get, which drops a v2/v3 block
@@ -279,21 +312,17 @@ class AndroidSigner(Signer):
                     sec,
                     "apksigner",
                     work,
+                    key.env,
                 )
             if not apk_only and signed.is_file():
                 self._check_v1_only(signed, jvm, work)
         else:
-            with ToolSecrets(keystore, password.encode() + b"\n") as sec:
+            with ToolSecrets(*key.pipes) as sec:
                 self._run(
                     [
                         "jarsigner",
                         *(f"-J{o}" for o in jvm),
-                        "-keystore",
-                        sec.paths[0],
-                        "-storetype",
-                        "PKCS12",
-                        "-storepass:file",
-                        sec.paths[1],
+                        *key.jarsigner(sec.paths),
                         "-digestalg",
                         "SHA-256",
                         "-sigalg",
@@ -301,20 +330,66 @@ class AndroidSigner(Signer):
                         "-signedjar",
                         str(signed),
                         str(prepared.path),
-                        ALIAS,
+                        key.alias,
                     ],
                     sec,
                     "jarsigner",
                     work,
+                    key.env,
                 )
         if not signed.is_file() or signed.stat().st_size == 0:
             raise SigningFailed(f"{'apksigner' if prepared.is_apk else 'jarsigner'} wrote no output")
         shutil.copyfile(signed, request.output)
 
-    def _keystore(self, password: bytes) -> bytes:
-        """This job's PKCS#12 keystore under a one-time password (the password has ~190 bits of
-        entropy, so a light KDF is enough)."""
-        return self._key.pkcs12(ALIAS.encode(), _pkcs12_encryption(password))
+    def _job_key(self, work: Path) -> _JobKey:
+        """This job's way to the key: a key file's key as a PKCS#12 keystore under a one-time
+        password (~190 bits of entropy, so a light KDF is enough); a token's key through
+        SunPKCS11, whose config goes into ``work``, with the PIN for the pipe."""
+        key = self._key
+        if isinstance(key, Pkcs11Handoff):
+            assert key.label is not None  # checked at start-up
+            config = work / "sunpkcs11.cfg"
+            config.write_text(self._sunpkcs11)
+            return _JobKey(
+                pipes=(key.pin + b"\n",),
+                apksigner=lambda paths: [
+                    "--provider-class", "sun.security.pkcs11.SunPKCS11", "--provider-arg", str(config),
+                    "--ks", "NONE", "--ks-type", "PKCS11", "--ks-pass", f"file:{paths[0]}",
+                ],
+                jarsigner=lambda paths: [
+                    "-keystore", "NONE", "-storetype", "PKCS11", "-addprovider", "SunPKCS11",
+                    "-providerArg", str(config), "-storepass:file", paths[0],
+                ],
+                alias=key.label,
+                jvm=(_EXPORT_SUNPKCS11,),
+                env=key.env,
+            )  # fmt: skip
+        password = _one_time_password().encode()
+        return _JobKey(
+            pipes=(_keystore(key, password), password + b"\n"),
+            apksigner=lambda p: ["--ks", p[0], "--ks-type", "PKCS12", "--ks-pass", f"file:{p[1]}"],
+            jarsigner=lambda p: ["-keystore", p[0], "-storetype", "PKCS12", "-storepass:file", p[1]],
+            alias=ALIAS,
+        )
+
+    def _prove_pkcs11(self) -> None:
+        """Sign a small sample once (an APK for the APK names, else a JAR): a token key the JVM
+        cannot reach (no certificate beside it, a wrong label or slot) stops start-up here
+        rather than failing every job."""
+        from ._apk import write_apk, write_jar
+
+        with tempfile.TemporaryDirectory(prefix="sealbox-probe-") as tmp:
+            work = Path(tmp)
+            src = write_apk(work) if self.format in APK_FORMATS else write_jar(work)
+            job = work / "job"
+            job.mkdir()
+            try:
+                self.sign(SignRequest(src, work / "signed", src.name, job))
+            except (SigningFailed, FormatRejected) as e:
+                raise ConfigError(
+                    f"format '{self.format}': the JVM cannot sign with key '{self.settings.key}' in its "
+                    f"PKCS#11 token: {e}"
+                ) from None
 
     def _check_v1_only(self, signed: Path, jvm: list[str], work: Path) -> None:
         """Refuse an APK that a v1 signature alone cannot make valid: Android wants v2+ for a
@@ -337,13 +412,21 @@ class AndroidSigner(Signer):
         raise SigningFailed(f"apksigner verify failed (exit {code}): {res.reason}")
 
     def _run(
-        self, argv: list[str], sec: ToolSecrets | None, what: str, work: Path, check: bool = True
+        self,
+        argv: list[str],
+        sec: ToolSecrets | None,
+        what: str,
+        work: Path,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
     ) -> ToolResult:
-        """Run a tool in ``work`` (killed on timeout); with ``check``, a non-zero exit raises, as
-        FormatRejected when apksigner says the APK is malformed."""
+        """Run a tool in ``work`` (killed on timeout) with the minimal environment plus ``env``;
+        with ``check``, a non-zero exit raises, as FormatRejected when apksigner says the APK
+        is malformed."""
         malformed = _APK_FORMAT_ERRORS if what == "apksigner" else ()
         return run_tool(argv, what=what, timeout=self._timeout, cwd=work, secrets=sec,
-                        env=child_env(work, _CHILD_PATH), malformed=malformed, check=check)  # fmt: skip
+                        env={**child_env(work, _CHILD_PATH), **(env or {})}, malformed=malformed,
+                        check=check)  # fmt: skip
 
     # -- dev keys and verification ----------------------------------------------------------------
     @classmethod
@@ -351,9 +434,9 @@ class AndroidSigner(Signer):
         sections: dict[str, dict[str, Any]] = {}
         certs: dict[str, bytes] = {}
         for fmt in CLASSIC_FORMATS:
-            key = ctx.rsa(2048)
-            cert = _self_signed(key, f"sealbox {ctx.level} {fmt} signer")
-            name = ctx.add_pkcs12_key(fmt, key, cert)
+            key = ctx.signing_key(fmt, 2048)  # Android signing certificates are self-signed
+            cert = ctx.self_signed(key, f"sealbox {ctx.level} {fmt} signer")
+            name = ctx.add_chain(key, [cert]).name
             certs[fmt] = cert.public_bytes(serialization.Encoding.PEM)
             ctx.write_public(
                 f"{fmt}.pem",
@@ -395,6 +478,11 @@ class AndroidSigner(Signer):
         return _verify_jar(fmt, signed, public_dir)
 
 
+def _keystore(key: FileHandoff, password: bytes) -> bytes:
+    """A key file's key and certificate as a PKCS#12 keystore under a one-time password."""
+    return key.pkcs12(ALIAS.encode(), _pkcs12_encryption(password))
+
+
 def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncryption:
     """AES-256 PKCS#12 protection with a light KDF: used only for random one-time passwords and
     for the public truststores, where a slow KDF would only slow the JVM down (~1 s per load)."""
@@ -404,27 +492,6 @@ def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncrypt
         .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
         .hmac_hash(hashes.SHA256())
         .build(password)
-    )
-
-
-def _self_signed(key: rsa.RSAPrivateKey, cn: str, years: int = 25) -> x509.Certificate:
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sealbox dev"),
-        ]
-    )
-    now = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365 * years))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
 
 

@@ -5,10 +5,14 @@ Wire names: ``sha2signcode`` (aliases ``signcode``, ``osslsigncode``), ``sha2sig
 which add an RFC 3161 timestamp when ``timestamp_url`` is configured.
 
 Signing runs Debian's ``osslsigncode`` (2.5 and 2.9 both work). The key never touches disk,
-argv or the child's environment: the unlocked key and its chain are re-encrypted per job into a
+argv or the child's environment. A key file's key and chain are re-encrypted per job into a
 PKCS#12 blob under a random one-time password and handed over as ``-pkcs12 /dev/fd/N`` with the
 password as ``-readpass /dev/fd/M`` (both pipes, see :class:`~sealbox.keys.handoff.ToolSecrets`).
 osslsigncode cannot read ``-key`` from a pipe (it probes the file several times), PKCS#12 it can.
+A key in a PKCS#11 token stays there: osslsigncode loads the module through OpenSSL's ``pkcs11``
+engine (Debian ``libengine-pkcs11-openssl``) and signs there, given the key's PKCS#11 URI (no
+PIN in it), the chain as ``-certs /dev/fd/N`` and the token's PIN as ``-readpass /dev/fd/M``;
+start-up proves that hand-off with one signature.
 
 Name rules (extension, blocklist) are :meth:`AuthenticodeSigner.refuse_name`, applied at
 upload and never remembered; signing decides MSI or PE from the bytes alone.
@@ -22,16 +26,17 @@ from __future__ import annotations
 import secrets
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..keys.handoff import ToolSecrets
-from ..keys.signing import file_handoff
+from ..keys.signing import FileHandoff, Pkcs11Handoff
 from ..winfiles import (  # the Windows file rules live apart; re-exported (__all__)
     ALLOWED_EXTENSIONS,
     BLOCKLIST,
@@ -49,7 +54,7 @@ from ..winfiles import (  # the Windows file rules live apart; re-exported (__al
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
@@ -84,6 +89,8 @@ _INPUT_ERRORS = (
     "Unknown Major Version",
     "Unsupported",
 )
+#: osslsigncode messages that say why a PKCS#11 key could not be used, in order of priority
+_PKCS11_ERRORS = ("engine", "PIN", "private key", "certificate")
 _PKCS12_ROUNDS = 2048  # the password is 192 random bits: key stretching buys nothing
 
 
@@ -141,7 +148,9 @@ class AuthenticodeSigner(Signer):
             raise ConfigError(
                 f"format '{fmt}': key '{settings.key}' needs its certificate chain (leaf first)"
             )
-        self._key = file_handoff(key, fmt)  # osslsigncode gets the key as PKCS#12, over a pipe
+        # osslsigncode gets a key file's key as PKCS#12, a token's key as a PKCS#11 URI (pipes both)
+        self._key = key.tool_handoff()
+        self._chain_pem = b"".join(c.public_bytes(Encoding.PEM) for c in key.chain)
         tool = settings.get("osslsigncode") or shutil.which("osslsigncode")
         if not tool:
             raise ConfigError(f"format '{fmt}': osslsigncode is not installed")
@@ -164,6 +173,8 @@ class AuthenticodeSigner(Signer):
                 raise ConfigError(f"format '{fmt}': timestamp_url is only used by the -v2 formats")
             if not str(self._timestamp_url).startswith(("http://", "https://")):
                 raise ConfigError(f"format '{fmt}': timestamp_url must be an http(s) URL")
+        if isinstance(self._key, Pkcs11Handoff):
+            self._prove_pkcs11()
 
     @classmethod
     def available(cls) -> str | None:
@@ -196,7 +207,12 @@ class AuthenticodeSigner(Signer):
             raise FormatRejected(f"{self.format}: {e}") from None
         return ".exe"
 
-    def _pkcs12(self, password: bytes) -> bytes:
+    def _key_pipes(self, key: FileHandoff | Pkcs11Handoff) -> tuple[bytes, bytes]:
+        """What osslsigncode reads from its two pipes: a key file's key as a one-time PKCS#12
+        and its password, or a token key's certificate chain and the token's PIN."""
+        if isinstance(key, Pkcs11Handoff):
+            return self._chain_pem, key.pin
+        password = _one_time_password()
         encryption = (
             PrivateFormat.PKCS12.encryption_builder()
             .kdf_rounds(_PKCS12_ROUNDS)
@@ -204,7 +220,47 @@ class AuthenticodeSigner(Signer):
             .hmac_hash(hashes.SHA256())
             .build(password)
         )
-        return self._key.pkcs12(b"authenticode", encryption)
+        return key.pkcs12(b"authenticode", encryption), password
+
+    def _osslsigncode(self, src: Path, out: Path, work_dir: Path, options: list[str]) -> str | None:
+        """``osslsigncode sign`` of ``src`` into ``out`` (absolute paths) with this format's key;
+        None if it signed, else its output. Not starting or a timeout raise SigningFailed."""
+        key = self._key
+        env = None  # run_tool's minimal environment; a PKCS#11 module may need its own variables
+        with ToolSecrets(*self._key_pipes(key)) as fds:
+            if isinstance(key, Pkcs11Handoff):
+                # the PIN is not in the URI: the engine logs in with what -readpass gives it
+                key_options = ["-pkcs11module", key.module, "-certs", fds.paths[0], "-key", key.uri]
+                env = {**child_env(work_dir), **key.env}
+            else:
+                key_options = ["-pkcs12", fds.paths[0]]
+            argv = [self._tool, "sign", *key_options, "-readpass", fds.paths[1], "-h", "sha256", *options,
+                    "-in", str(src), "-out", str(out)]  # fmt: skip
+            try:
+                # not check=True: success also needs "Succeeded", and _raise_failure words the reason
+                res = run_tool(argv, what=f"{self.format}: osslsigncode", timeout=self._timeout,
+                               cwd=work_dir, secrets=fds, env=env, check=False)  # fmt: skip
+            except SigningFailed:
+                out.unlink(missing_ok=True)
+                raise
+        if res.returncode != 0 or "Succeeded" not in res.output or not out.is_file():
+            out.unlink(missing_ok=True)
+            return res.output
+        return None
+
+    def _prove_pkcs11(self) -> None:
+        """Sign a small MSI once: a token key osslsigncode cannot reach (no engine, a wrong URI
+        or chain) stops start-up here rather than failing every job."""
+        from ._msi import write_msi
+
+        with tempfile.TemporaryDirectory(prefix="sealbox-probe-") as tmp:
+            work = Path(tmp)
+            failed = self._osslsigncode(write_msi(work, "probe.msi"), work / "signed.msi", work, [])
+        if failed is not None:
+            raise ConfigError(
+                f"format '{self.format}': osslsigncode cannot sign with key '{self.settings.key}' "
+                f"in its PKCS#11 token (needs libengine-pkcs11-openssl): {_tail(failed, _PKCS11_ERRORS)}"
+            )
 
     def sign(self, request: SignRequest) -> None:
         ext = self.check_input(request)  # -out is named by the content's type, never the upload's name
@@ -212,28 +268,18 @@ class AuthenticodeSigner(Signer):
         work_dir = request.work_dir.absolute()  # the child runs in work_dir: no relative paths
         tmp_out = work_dir / f"authenticode-signed{ext}"
         tmp_out.unlink(missing_ok=True)  # osslsigncode 2.5 refuses to overwrite
-        password = _one_time_password()
-        with ToolSecrets(self._pkcs12(password), password) as fds:
-            argv = [self._tool, "sign", "-pkcs12", fds.paths[0], "-readpass", fds.paths[1], "-h", "sha256"]
-            if self._description:
-                argv += ["-n", self._description]
-            if self._url:
-                argv += ["-i", self._url]
-            if self._extra_cert is not None:
-                argv += ["-ac", str(self._extra_cert)]
-            if self._timestamp_url:
-                argv += ["-ts", self._timestamp_url]
-            argv += ["-in", str(request.input.absolute()), "-out", str(tmp_out)]
-            try:
-                # not check=True: success also needs "Succeeded", and _raise_failure words the reason
-                res = run_tool(argv, what=f"{self.format}: osslsigncode", timeout=self._timeout,
-                               cwd=work_dir, secrets=fds, check=False)  # fmt: skip
-            except SigningFailed:
-                tmp_out.unlink(missing_ok=True)
-                raise
-        if res.returncode != 0 or "Succeeded" not in res.output or not tmp_out.is_file():
-            tmp_out.unlink(missing_ok=True)
-            self._raise_failure(res.output)
+        options: list[str] = []
+        if self._description:
+            options += ["-n", self._description]
+        if self._url:
+            options += ["-i", self._url]
+        if self._extra_cert is not None:
+            options += ["-ac", str(self._extra_cert)]
+        if self._timestamp_url:
+            options += ["-ts", self._timestamp_url]
+        failed = self._osslsigncode(request.input.absolute(), tmp_out, work_dir, options)
+        if failed is not None:
+            self._raise_failure(failed)
         shutil.move(str(tmp_out), str(request.output))
 
     def _raise_failure(self, text: str) -> None:
@@ -249,9 +295,8 @@ class AuthenticodeSigner(Signer):
     # -- dev deployment and verification -----------------------------------------------
     @classmethod
     def dev_setup(cls, ctx: DevContext) -> dict[str, dict[str, Any]]:
+        name = ctx.signing_key("authenticode", certificate="sealbox authenticode").name
         root = ctx.code_signing_ca()
-        leaf = ctx.issue("sealbox authenticode")
-        name = ctx.add_key("authenticode", leaf.key, chain=[leaf.cert, root.cert])
         ctx.write_public(CA_FILE, root.cert_pem(), f"osslsigncode verify -CAfile public/{CA_FILE} -in FILE")
         stub = ctx.issue("sealbox stub dummy")
         stub_path = ctx.write_file("keys/sha2signcodestub-extra.pem", stub.cert_pem())

@@ -30,7 +30,7 @@ from ..procs import child_env as child_env  # the formats' tools get this enviro
 from ..wire import Family, of_family
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 __all__ = [
     "FormatSettings",

@@ -24,7 +24,7 @@ from . import _cms
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 DEFAULT_MAX_SIZE = 1 << 20
 SUBPROCESS_TIMEOUT = 60

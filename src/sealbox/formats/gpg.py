@@ -16,7 +16,7 @@ from . import _openpgp
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 HASH: HashName = "sha256"
 

@@ -68,7 +68,7 @@ from ._macho import path_identifier as _path_identifier
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 #: the library version this module is written and tested against (pyproject pins it)
 LIBRARY = "apple-platform-py 0.1.0"

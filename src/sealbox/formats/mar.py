@@ -34,7 +34,7 @@ from ..keys.signing import HashName
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 MAGIC = b"MAR1"
 #: wire name -> (mardor algorithm name, MAR algorithm id, RSA key size)

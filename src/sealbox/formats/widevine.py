@@ -40,7 +40,7 @@ from ..keys.signing import PublicKey
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
-    from ..deploy.dev import DevContext
+    from ..deploy.context import DevContext
 
 MAGIC = b"SBWV"
 VERSION = 1

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pkcs11
 from cryptography import x509
@@ -36,6 +36,7 @@ from .signing import DIGEST_INFO, HashName, Padding, Pkcs11Handoff, PublicKey, S
 from .store import load_certificates
 
 log = logging.getLogger("sealbox.keys")
+T = TypeVar("T")
 _HASH_MECHANISMS = {
     "sha1": (Mechanism.SHA_1, pkcs11.MGF.SHA1),
     "sha256": (Mechanism.SHA256, pkcs11.MGF.SHA256),
@@ -215,7 +216,7 @@ class Pkcs11Key(SigningKey):
             self._generation = module.generation
         return self._handle
 
-    def _with_key(self, op: Callable[[Any], bytes]) -> bytes:
+    def _with_key(self, op: Callable[[Any], T]) -> T:
         """``op(private key object)``; once more after a re-initialisation if it fails."""
         module = self._module
         with module.lock:
@@ -250,9 +251,18 @@ class Pkcs11Key(SigningKey):
         )
 
     def tool_handoff(self) -> Pkcs11Handoff:
-        """The module, the key's PKCS#11 URI and the PIN, for a tool that speaks PKCS#11."""
+        """The module, the key's PKCS#11 URI and label, the slot its token is in now and the
+        PIN, for a tool that speaks PKCS#11 (SigningFailed if the token cannot be reached)."""
+        slot = self._with_key(lambda k: int(k.session.token.slot.slot_id))
         return Pkcs11Handoff(
-            self.name, self.chain, self._module.path, self.spec.uri(), dict(self.spec.env), self._pin
+            name=self.name,
+            chain=self.chain,
+            module=self._module.path,
+            uri=self.spec.uri(),
+            label=self.spec.label,
+            slot=slot,
+            env=dict(self.spec.env),
+            pin=self._pin,
         )
 
 

@@ -116,13 +116,16 @@ class FileHandoff:
 
 @dataclass(frozen=True)
 class Pkcs11Handoff:
-    """How an external tool reaches a PKCS#11 key: the module, a PKCS#11 URI without the PIN,
+    """How an external tool reaches a PKCS#11 key: the module, a PKCS#11 URI without the PIN
+    (OpenSSL's engine), the key's label and its token's slot (Java's SunPKCS11 names keys so),
     the environment the module needs (e.g. ``SOFTHSM2_CONF``) and the PIN, for a pipe only."""
 
     name: str
     chain: tuple[x509.Certificate, ...]
     module: str
     uri: str
+    label: str | None
+    slot: int
     env: Mapping[str, str]
     pin: bytes = field(repr=False)
 
@@ -211,16 +214,3 @@ class SigningKey(ABC):
     @abstractmethod
     def tool_handoff(self) -> ToolHandoff:
         """What an external tool needs to reach this key, in the tool's own terms."""
-
-
-def file_handoff(key: SigningKey, fmt: str) -> FileHandoff:
-    """TRANSITIONAL, for the formats whose tools still take the key itself (PKCS#12 or PEM over
-    a pipe): a file key's hand-off. A key in a token stops start-up naming the format and key,
-    until those tools reach it through PKCS#11 (:class:`Pkcs11Handoff`)."""
-    handoff = key.tool_handoff()
-    if not isinstance(handoff, FileHandoff):
-        raise ConfigError(
-            f"format '{fmt}': key '{key.name}' is in a PKCS#11 token, and this format's tool cannot "
-            "use a PKCS#11 key yet (a key is never exported): give this format a key file"
-        )
-    return handoff

@@ -77,6 +77,9 @@ def create_token(hsm_dir: Path, label: str, pin: bytes) -> SoftToken:
         _init_token(module, free[0].slot_id, so_pin, label)
         with loaded.lib.get_token(token_label=label).open(rw=True, so_pin=so_pin.decode()) as so:
             so.init_pin(pin.decode())
+        # SoftHSM gives an initialised token a new slot id, which this process sees only once it
+        # lists the slots afresh: tools told the slot (Java's SunPKCS11) look there
+        loaded.reset()
     return token
 
 

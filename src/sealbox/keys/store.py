@@ -52,6 +52,10 @@ class FileKey(SigningKey):
         """The in-memory key and its chain, for tools that are given key material."""
         return FileHandoff(self.name, self.chain, self._key)
 
+    def with_chain(self, chain: Sequence[x509.Certificate]) -> FileKey:
+        """The same key with the certificate chain ``chain`` (leaf first)."""
+        return FileKey(self.name, self._key, chain)
+
 
 #: the name this backend had before there were others
 UnlockedKey = FileKey

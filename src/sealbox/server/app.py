@@ -24,13 +24,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .. import tokens
-from ..config import Network, ServerConfig
 from ..errors import TokenError
 from ..hashing import CHUNK, is_sha1_hex
-from ..keys.credentials import check_password
 from ..signlog import RequestContext
 from ..wire import SMALL_FILE
+from . import logapi, tokens
+from .answers import REFUSAL, refuse, safe_text
+from .config import Network, ServerConfig
+from .credentials import check_password
 from .health import Health, version_info
 from .jobs import TRANSIENT_FAILURE_TTL, JobManager
 from .metrics import Metrics
@@ -49,31 +50,6 @@ SECRETS = web.AppKey("secrets", list[bytes])
 HEALTH = web.AppKey("health", Health)
 METRICS = web.AppKey("metrics", Metrics)
 VERSION = web.AppKey("version", dict[str, str])
-#: why an upload was refused, for the metrics (one of :data:`.metrics.REFUSALS`)
-REFUSAL = web.ResponseKey("refusal", str)
-
-
-MAX_REASON = 1000  # far below any client's header limit (aiohttp 8 KiB, h11 16 KiB)
-
-
-def safe_text(text: str, limit: int = MAX_REASON) -> str:
-    """``text`` as printable ASCII (anything else escaped: ``\\r``, ``\\x00``, ``\\xe9``),
-    at most ``limit`` characters: reasons quote what a client sent, and a header must not."""
-    out = text.encode("unicode_escape").decode("ascii")
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def _error(
-    status: int, reason: str, headers: dict[str, str] | None = None, refusal: str | None = None
-) -> web.Response:
-    """The one way a refusal is answered: the reason in ``X-Sealbox-Error`` and the body;
-    ``refusal`` sorts a refused upload for the metrics."""
-    reason = safe_text(reason)
-    h = {"X-Sealbox-Error": reason, **(headers or {})}
-    response = web.Response(status=status, text=reason + "\n", headers=h)
-    if refusal is not None:
-        response[REFUSAL] = refusal
-    return response
 
 
 def peer_ip(request: web.BaseRequest) -> str:
@@ -118,11 +94,11 @@ def _failed(request: web.Request, exc: Exception) -> web.StreamResponse:
     elif isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
         # The body broke its framing or encoding (bad chunks, bad gzip): the client's mistake.
         why = _first_line(str(exc).partition("message:")[2])
-        response = _error(400, f"malformed request body: {why}")
+        response = refuse(400, f"malformed request body: {why}")
     else:
         fields = {"event": "crash", "peer": peer_ip(request), "method": request.method, "path": request.path}
         log.error("crash", exc_info=exc, extra={"fields": fields})
-        response = _error(500, "internal server error")
+        response = refuse(500, "internal server error")
     response.force_close()  # whatever is left of the request cannot be trusted
     if request.writer.output_size > 0 and transport is not None:
         # The handler's response was under way: no second one can follow. Cutting the
@@ -184,20 +160,20 @@ async def mint_token(request: web.Request) -> web.Response:
     try:
         form = await request.post()
     except (ValueError, LookupError) as e:  # no boundary, bytes not in the charset, no such charset
-        return _error(400, f"malformed form: {e}")
+        return refuse(400, f"malformed form: {e}")
     slave_ip, duration_s = form.get("slave_ip"), form.get("duration")
     if not isinstance(slave_ip, str) or not isinstance(duration_s, str):
-        return _error(400, "slave_ip and duration are required")
+        return refuse(400, "slave_ip and duration are required")
     try:
         duration = int(duration_s)
     except ValueError:
-        return _error(400, "duration must be an integer number of seconds")
+        return refuse(400, "duration must be an integer number of seconds")
     if not 0 < duration <= cfg.security.max_token_age:
-        return _error(400, f"duration must be between 1 and {cfg.security.max_token_age} seconds")
+        return refuse(400, f"duration must be between 1 and {cfg.security.max_token_age} seconds")
     try:
         token = tokens.mint(request.app[SECRETS][0], slave_ip, duration)
     except ValueError:
-        return _error(400, "slave_ip is not an IP address")
+        return refuse(400, "slave_ip is not an IP address")
     request.app[METRICS].token_minted()
     recorder = request.app[JOBS].recorder
     if recorder is not None:  # the signing log names the issuer of each upload's token
@@ -210,9 +186,9 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     fmt, sha1 = request.match_info["fmt"], request.match_info["sha1"]
     cfg, jobs = request.app[CONFIG], request.app[JOBS]
     if fmt not in cfg.formats or fmt not in jobs.signers:
-        return _error(400, f"unknown format '{fmt}'")
+        return refuse(400, f"unknown format '{fmt}'")
     if not is_sha1_hex(sha1):
-        return _error(400, "the digest must be 40 lowercase hex digits")
+        return refuse(400, "the digest must be 40 lowercase hex digits")
     return await _outcome(request, fmt, sha1, cfg.server.get_hold, _still_pending)
 
 
@@ -233,7 +209,7 @@ async def _outcome(
             return await _send_result(request, found, jobs.log_index(fmt, sha1))
         failure = storage.failure(fmt, sha1, TRANSIENT_FAILURE_TTL)
         if failure is not None:
-            return _error(404, f"signing failed: {failure.reason}")
+            return refuse(404, f"signing failed: {failure.reason}")
         if not jobs.pending(fmt, sha1):
             if not storage.has_input(sha1):
                 return web.Response(status=404)
@@ -400,10 +376,10 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     known = fmt in cfg.formats and fmt in jobs.signers
     limit = cfg.max_filesize(fmt) if known else cfg.server.max_filesize
     if request.content_length is not None and request.content_length > limit + MULTIPART_OVERHEAD:
-        return _error(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
+        return refuse(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
     boundary = _boundary(request.headers.get("Content-Type", ""))
     if boundary is None:
-        return _error(400, "expected multipart/form-data with a boundary", refusal="malformed")
+        return refuse(400, "expected multipart/form-data with a boundary", refusal="malformed")
     fields: dict[str, str] = {}
     data = _Upload(storage, limit)
     try:
@@ -411,9 +387,9 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             async with contextlib.aclosing(_parts(request, boundary, cfg.server.body_timeout)) as parts:
                 refused = await _read_form(request, parts, fields, data, fmt, known)
         except (_Malformed, ValueError, asyncio.IncompleteReadError) as e:
-            return _error(400, f"malformed multipart body: {e}", refusal="malformed")
+            return refuse(400, f"malformed multipart body: {e}", refusal="malformed")
         except TimeoutError:
-            response = _error(
+            response = refuse(
                 408, f"upload stalled: no data for {cfg.server.body_timeout:g} s", refusal="stalled"
             )
             response.force_close()
@@ -424,13 +400,13 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             return await _accepted(request, fmt, fields["sha1"], "File is pending")
         if not data.seen:
             bad = _check_fields(request, fields, fmt, known)
-            return bad or _error(400, "File too small: no filedata", NONCE, "malformed")
+            return bad or refuse(400, "File too small: no filedata", NONCE, "malformed")
         sha1 = fields["sha1"]
         if data.size < cfg.server.min_filesize:
             why = f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}"
-            return _error(400, why, NONCE, "size")
+            return refuse(400, why, NONCE, "size")
         if data.sha1.hexdigest() != sha1:
-            return _error(
+            return refuse(
                 400, "Hash mismatch: filedata does not match the sha1 field", NONCE, "hash_mismatch"
             )
         request.app[METRICS].upload(fmt, data.size)
@@ -463,13 +439,13 @@ async def _read_form(
                 data.known = True  # the server has it: the rest need not be read
                 return None
             if not await data.consume(chunks):
-                return _error(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE, "size")
+                return refuse(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE, "size")
         elif name in FIELDS:
             value = bytearray()
             async for chunk in chunks:
                 value += chunk
                 if len(value) > MAX_FIELD:
-                    return _error(400, f"field {name} is too long", refusal="malformed")
+                    return refuse(400, f"field {name} is too long", refusal="malformed")
             fields[name] = value.decode("utf-8", "replace")
     return None
 
@@ -503,29 +479,29 @@ def _upload_context(request: web.Request, fields: dict[str, str]) -> RequestCont
 def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
     cfg, storage = request.app[CONFIG], request.app[STORAGE]
     if "token" not in fields:
-        return _error(400, "Missing token", refusal="token_missing")
+        return refuse(400, "Missing token", refusal="token_missing")
     secrets: list[bytes] = request.app[SECRETS]
     try:
         request[TOKEN] = tokens.verify(fields["token"], secrets, peer_ip(request))
     except TokenError as e:
-        return _error(400, f"Invalid token: {e}", refusal=f"token_{e.kind}")
+        return refuse(400, f"Invalid token: {e}", refusal=f"token_{e.kind}")
     if not known:
-        return _error(400, f"unknown format '{fmt}'", NONCE, "format")
+        return refuse(400, f"unknown format '{fmt}'", NONCE, "format")
     for name in ("sha1", "filename"):
         if name not in fields:
-            return _error(400, f"missing field {name}", NONCE, "malformed")
+            return refuse(400, f"missing field {name}", NONCE, "malformed")
     if not is_sha1_hex(fields["sha1"]):
-        return _error(400, "the sha1 field must be 40 lowercase hex digits", NONCE, "malformed")
+        return refuse(400, "the sha1 field must be 40 lowercase hex digits", NONCE, "malformed")
     bad = _valid_filename(fields["filename"], cfg.security.allowed_filenames)
     if bad is not None:
-        return _error(403, bad, NONCE, "filename")
+        return refuse(403, bad, NONCE, "filename")
     # The format's rules on names: never remembered, a result depends on the content alone.
     bad = request.app[JOBS].signers[fmt].refuse_name(fields["filename"])
     if bad is not None:
-        return _error(400, bad, NONCE, "filename")
+        return refuse(400, bad, NONCE, "filename")
     failure = storage.failure(fmt, fields["sha1"], TRANSIENT_FAILURE_TTL)
     if failure is not None and failure.permanent:
-        return _error(400, f"signing failed: {failure.reason}", NONCE, "remembered_failure")
+        return refuse(400, f"signing failed: {failure.reason}", NONCE, "remembered_failure")
     return None
 
 
@@ -556,8 +532,8 @@ async def version(request: web.Request) -> web.Response:
 
 async def bad_request(request: web.Request) -> web.Response:
     if request.method not in ("GET", "POST"):
-        return _error(405, "Method Not Allowed")
-    return _error(400, "Bad Request")
+        return refuse(405, "Method Not Allowed")
+    return refuse(400, "Bad Request")
 
 
 def build_app(
@@ -584,8 +560,6 @@ def build_app(
     app.router.add_get("/__heartbeat__", heartbeat)
     app.router.add_get("/__lbheartbeat__", lbheartbeat)
     app.router.add_get("/__version__", version)
-    from .logapi import add_routes  # its handlers use this module's keys
-
-    add_routes(app)
+    logapi.add_routes(app, jobs.recorder)
     app.router.add_route("*", "/{tail:.*}", bad_request)
     return app

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import ServerConfig
 from ..keys import SigningKey
 from ..keys.store import load_certificates
 from ..signlog import SignLog
+from .config import ServerConfig
 from .storage import Storage
 from .workers import WorkerPool
 

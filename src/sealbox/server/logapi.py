@@ -22,18 +22,23 @@ from typing import Any
 
 from aiohttp import web
 
-from ..signlog import Checkpoint, LogUnavailable, SignLog
-from .app import JOBS, _error
+from ..signlog import Checkpoint, LogUnavailable, Recorder, SignLog
+from .answers import refuse
+
+RECORDER = web.AppKey("recorder", Recorder)
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, recorder: Recorder | None) -> None:
+    """Serve the signing log's checkpoint and proofs (404 when the server keeps no log)."""
+    if recorder is not None:
+        app[RECORDER] = recorder
     app.router.add_get("/log/checkpoint", checkpoint)
     app.router.add_get("/log/proof/{index}", proof)
     app.router.add_get("/log/consistency/{old}/{new}", consistency)
 
 
 def _log(request: web.Request) -> SignLog | None:
-    recorder = request.app[JOBS].recorder
+    recorder = request.app.get(RECORDER)
     return recorder.log if recorder is not None else None
 
 
@@ -54,29 +59,29 @@ def _number(text: str) -> int | None:
 async def checkpoint(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
-        return _error(404, "this server keeps no signing log")
+        return refuse(404, "this server keeps no signing log")
     cp = signlog.checkpoint
     if cp is None:
         try:
             cp = await asyncio.wrap_future(signlog.covering(0))
         except LogUnavailable as e:
-            return _error(503, str(e))
+            return refuse(503, str(e))
     return web.json_response(checkpoint_json(signlog, cp))
 
 
 async def proof(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
-        return _error(404, "this server keeps no signing log")
+        return refuse(404, "this server keeps no signing log")
     index = _number(request.match_info["index"])
     if index is None:
-        return _error(400, "the index must be a decimal number")
+        return refuse(400, "the index must be a decimal number")
     if index >= signlog.size:
-        return _error(404, f"no entry {index}: the log holds {signlog.size}")
+        return refuse(404, f"no entry {index}: the log holds {signlog.size}")
     try:
         cp = await asyncio.wrap_future(signlog.covering(index + 1))
     except LogUnavailable as e:
-        return _error(503, str(e))
+        return refuse(503, str(e))
 
     def build() -> dict[str, Any]:
         return {
@@ -93,13 +98,13 @@ async def proof(request: web.Request) -> web.Response:
 async def consistency(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
-        return _error(404, "this server keeps no signing log")
+        return refuse(404, "this server keeps no signing log")
     old, new = _number(request.match_info["old"]), _number(request.match_info["new"])
     cp = signlog.checkpoint
     if old is None or new is None or not 0 < old <= new:
-        return _error(400, "sizes must be decimal numbers, 0 < old <= new")
+        return refuse(400, "sizes must be decimal numbers, 0 < old <= new")
     if cp is None or new > cp.size:
-        return _error(404, f"no checkpoint covers {new} entries yet")
+        return refuse(404, f"no checkpoint covers {new} entries yet")
     hashes = [h.hex() for h in signlog.tree.consistency_proof(old, new)]
     return web.json_response(
         {"old": old, "new": new, "hashes": hashes, "checkpoint": checkpoint_json(signlog, cp)}

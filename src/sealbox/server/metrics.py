@@ -15,7 +15,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,12 +31,24 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..config import MetricsSection, Network, parse_listen
-from ..tokens import normalize_ip
+from .config import MetricsSection, Network, parse_listen
+from .tokens import normalize_ip
 
 if TYPE_CHECKING:
-    from .jobs import JobManager
+    from ..signlog import Recorder
     from .workers import WorkerPool
+
+
+class JobsView(Protocol):
+    """What a scrape reads of the job layer (its :class:`~.jobs.JobManager`)."""
+
+    @property
+    def queued(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def recorder(self) -> Recorder | None: ...
+
 
 log = logging.getLogger("sealbox.server")
 
@@ -85,7 +97,7 @@ class Metrics:
 
     def watch(
         self,
-        jobs: JobManager,
+        jobs: JobsView,
         workers: WorkerPool | None,
         certificates: Mapping[str, datetime],
         tls_expiry: datetime | None,
@@ -161,7 +173,7 @@ class PrometheusMetrics(Metrics):
 
     def watch(
         self,
-        jobs: JobManager,
+        jobs: JobsView,
         workers: WorkerPool | None,
         certificates: Mapping[str, datetime],
         tls_expiry: datetime | None,
@@ -174,7 +186,7 @@ class _Live(Collector):
 
     def __init__(
         self,
-        jobs: JobManager,
+        jobs: JobsView,
         workers: WorkerPool | None,
         certificates: Mapping[str, datetime],
         tls_expiry: datetime | None,

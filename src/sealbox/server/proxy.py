@@ -23,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import Network
-from ..tokens import normalize_ip
+from .config import Network
+from .tokens import normalize_ip
 
 log = logging.getLogger("sealbox.proxy")
 

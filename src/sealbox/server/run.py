@@ -22,7 +22,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..config import ServerConfig, parse_listen
 from ..errors import ConfigError, KeyUnlockError, SealboxError
 from ..formats import signer_class
 from ..formats.base import Signer
@@ -31,6 +30,7 @@ from ..keys.signing import DEFAULT_PADDING
 from ..signlog import Recorder, SignLog
 from .app import AccessLog, build_app
 from .app import log as http_log
+from .config import ServerConfig, parse_listen
 from .health import Health
 from .jobs import JOB_THREAD_PREFIX, JobManager
 from .metrics import Metrics, PrometheusMetrics, serve_metrics

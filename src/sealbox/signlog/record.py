@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..keys import SigningKey
-from ..tokens import TokenInfo
+from ..server.tokens import TokenInfo
 from .log import SignLog
 
 #: tokens this server minted, remembered to name their issuer (a token is valid an hour at most)

@@ -1,7 +1,7 @@
 """The signing task runner: scopes, cert levels, chain of trust, per-format packaging.
 
 ``sealbox task run`` (:func:`sealbox.task.runner.run_task`), ``sealbox task init --dev``
-(:mod:`sealbox.task.devinit`) and ``sealbox cot`` (:mod:`sealbox.task.cot`).
+(dev tooling: :mod:`sealbox.deploy.taskdev`) and ``sealbox cot`` (:mod:`sealbox.task.cot`).
 
 The runner's modules, in the order a task goes through them: :mod:`.runner` (the order of
 work: config, task.json, token, publishing), :mod:`.scopes`, :mod:`.plan` (inputs and

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..checksums import SUMS_FILES
 from ..client import order_formats
 from ..winfiles import is_signable_name, name_rejection
 from . import behaviours as bh
 from . import cot
+from .checksums import SUMS_FILES
 from .exits import EXIT_FAILED, EXIT_MALFORMED, TaskFailure
 from .schema import Task, UpstreamArtifact, WorkerConfig
 from .scopes import Grant, level_serves

@@ -19,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..checksums import write_checksums
 from ..client import ClientError, ServerUnavailable, SigningClient
 from ..errors import SealboxError
 from ..fsutil import remove_tree
 from ..winfiles import is_signed
 from . import behaviours as bh
+from .checksums import write_checksums
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import DIFF_PATH, KEY_PATH, Item
 from .schema import Task, WorkerConfig

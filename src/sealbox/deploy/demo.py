@@ -18,10 +18,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .client import detached_suffix
-from .deploy.local import Deployment, ServerProcess, start_server
-from .errors import SealboxError
-from .formats import all_formats, signer_class
+from ..client import detached_suffix
+from ..errors import SealboxError
+from ..formats import all_formats, signer_class
+from .local import Deployment, ServerProcess, start_server
 
 LEVELS = ("dep", "nightly", "release")
 #: levels whose deployment keeps its keys in an HSM, as production would
@@ -41,7 +41,7 @@ class Row:
 
 
 def _inputs() -> dict[str, Callable[[Path], Path]]:
-    from .samples import android, macos, mar, pe
+    from ..samples import android, macos, mar, pe
 
     def text(d: Path) -> Path:
         p = d / "SHA256SUMS"
@@ -204,12 +204,12 @@ def _print(rows: list[Row], keys: dict[tuple[str, str], str]) -> None:
     console.print(table)
     console.print(
         f"key: HSM = generated in and signing inside a SoftHSM token via PKCS#11 ({', '.join(HSM_LEVELS)}); "
-        "file = an encrypted key file (formats whose tools cannot use PKCS#11 yet, and the other levels)"
+        "file = an encrypted key file (macOS, whose library has no PKCS#11, and the other levels)"
     )
 
 
 def _task(root: Path, servers: dict[str, ServerProcess]) -> bool:
-    from .task import demo as task_demo
+    from . import taskdev as task_demo
 
     return task_demo.run_demo(
         root / "task",

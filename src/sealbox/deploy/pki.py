@@ -12,6 +12,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..errors import ConfigError
+from ..formats._cms import SEQUENCE, tlv
+from ..keys.signing import SigningKey
+
+BIT_STRING = 0x03
+
 ORG = "sealbox dev"
 CertifiablePublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -142,6 +148,29 @@ def certify(
                 names.append(x509.DNSName(entry))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(ca.key, hashes.SHA256())
+
+
+#: DER AlgorithmIdentifier sha256WithRSAEncryption (1.2.840.113549.1.1.11, NULL parameters)
+_SHA256_WITH_RSA = bytes.fromhex("300d06092a864886f70d01010b0500")
+
+
+def self_signed(key: SigningKey, cn: str, *, years: int = 25) -> x509.Certificate:
+    """A self-signed certificate (subject key identifier only, as Android signing certificates
+    are) for an RSA key wherever it lives: cryptography signs only with keys it holds, so it
+    builds the to-be-signed part under a throwaway key, and ``key`` signs that part itself."""
+    public = key.public_key
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise ConfigError(f"key '{key.name}': a self-signed certificate is made for RSA keys only")
+    name = _name(cn)
+    # its signature is thrown away with it: its size buys nothing
+    throwaway = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    tbs = _builder(name, name, public, years).sign(throwaway, hashes.SHA256()).tbs_certificate_bytes
+    signature = key.sign(tbs, "sha256", "pkcs1v15")
+    cert = x509.load_der_x509_certificate(
+        tlv(SEQUENCE, tbs, _SHA256_WITH_RSA, tlv(BIT_STRING, b"\0", signature))  # no unused bits
+    )
+    cert.verify_directly_issued_by(cert)  # the key's own signature over what it certifies
+    return cert
 
 
 def tls_server(ca: Issued, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Issued:

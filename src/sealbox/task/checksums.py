@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
-from .errors import VerificationFailed
+from ..errors import VerificationFailed
 
 __all__ = ["SUMS_FILES", "parse_checksums", "verify_checksums", "write_checksums"]
 

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .formats.base import FormatSettings
-from .keys.locations import Pkcs11Spec
-from .keys.store import KeySpec
+from ..errors import ConfigError
+from ..formats.base import FormatSettings
+from ..keys.locations import Pkcs11Spec
+from ..keys.store import KeySpec
 
 __all__ = [
     "DEFAULT_MAX_FILESIZE",

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import TokenError
+from ..errors import TokenError
 
 __all__ = ["MAX_TOKEN_LENGTH", "TokenInfo", "mint", "normalize_ip", "verify"]
 
