@@ -21,8 +21,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.formats.test_formats_e2e import GOOD, _verify
 from tests.servers import Deployment, ServerProcess, gpg_verify, start_server
-from tests.test_formats_e2e import GOOD, _verify
 
 IN_PROCESS = ["gpg", "mar", "mar_sha384", "emevoucher", "widevine", "widevine_blessed"]
 CAP = 60.0  # bound of every wait

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from sealbox.formats.android import DEFAULT_JAVA_OPTIONS, TRUSTSTORE_PASSWORD
 from tests.formats.test_authenticode import LocalTSA
+from tests.formats.test_formats_e2e import GOOD, _verify
 from tests.keys.test_hsm_server import _INSPECT, _pin
 from tests.servers import Deployment, ServerProcess, start_server
-from tests.test_formats_e2e import GOOD, _verify
 
 AUTHENTICODE = [
     "sha2signcode",

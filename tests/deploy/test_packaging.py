@@ -21,7 +21,7 @@ from sealbox.cli.serve import serve
 from sealbox.server.config import load_config
 from tests.servers import BIN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
 LEVELS = ("dep", "nightly", "release")
 SECRET_NAME = re.compile(r"PASS|PIN|SECRET|TOKEN|KEY|CRED", re.IGNORECASE)
