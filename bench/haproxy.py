@@ -13,29 +13,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from bench._util import random_file, table
+from bench._util import small_file_throughput, table
 from sealbox.deploy.haproxy import HAProxy
-from sealbox.deploy.local import BIN, Deployment, start_server
+from sealbox.deploy.local import Deployment, start_server
 
 FILES = 500
 ORDER = ("direct", "proxy", "proxy", "direct", "direct", "proxy")
-
-
-def _throughput(hostspec: str, ca: Path, folder: Path, token_file: Path) -> float:
-    folder.mkdir()
-    for i in range(FILES):
-        random_file(folder / f"f{i:03d}.bin", 1024)
-    cmd = [str(BIN / "sealbox"), "sign", "-H", hostspec, "-c", str(ca), "-t", str(token_file)]
-    t = time.perf_counter()
-    subprocess.run([*cmd, "-j", "8", "-f", "gpg", str(folder)], check=True, capture_output=True)
-    return FILES / (time.perf_counter() - t)
 
 
 def run() -> tuple[dict[str, Any], bool]:
@@ -57,7 +46,7 @@ def run() -> tuple[dict[str, Any], bool]:
         token_file.write_text(server.token(duration=3600))
         for n, mode in enumerate(ORDER):
             host = server.hostspec if mode == "direct" else haproxy.hostspec
-            rates[mode].append(_throughput(host, dep.ca, tmp / f"run{n}", token_file))
+            rates[mode].append(small_file_throughput(host, dep.ca, tmp / f"run{n}", token_file))
     finally:
         if haproxy is not None:
             haproxy.stop()

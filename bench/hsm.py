@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import _formats_inputs as inputs
-from bench._util import random_file, table
-from sealbox.deploy.local import BIN, Deployment, ServerProcess, start_server
+from bench._util import small_file_throughput, table
+from sealbox.deploy.local import Deployment, ServerProcess, start_server
 from sealbox.keys import PassphraseSource, load_key
 from sealbox.server.config import load_config
 
@@ -37,14 +37,7 @@ TOOL_GOAL = 1.5
 
 
 def _throughput(server: ServerProcess, folder: Path, token_file: Path) -> float:
-    folder.mkdir()
-    for i in range(FILES):
-        random_file(folder / f"f{i:03d}.bin", 1024)
-    base = ["-H", server.hostspec, "-c", str(server.deployment.ca), "-t", str(token_file)]
-    t = time.perf_counter()
-    cmd = [str(BIN / "sealbox"), "sign", *base, "-j", "8", "-f", "gpg", str(folder)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return FILES / (time.perf_counter() - t)
+    return small_file_throughput(server.hostspec, server.deployment.ca, folder, token_file, FILES)
 
 
 def _backend(server: ServerProcess) -> str:

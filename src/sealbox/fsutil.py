@@ -10,12 +10,16 @@ cannot fix, an I/O error) are skipped and returned, so a caller logs them and go
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ConfigError
 
 __all__ = ["remove_tree"]
 
@@ -200,3 +204,20 @@ def _in_writable(
     except OSError as e:
         report.add(levels, name, e)
     return False
+
+
+def private(path: str, flags: int) -> int:
+    """An ``open(..., opener=private)`` that creates files 0600, whatever the umask says."""
+    return os.open(path, flags, 0o600)
+
+
+def take_lock(path: Path, in_use: str) -> BinaryIO:
+    """Hold an exclusive lock on ``path`` (created 0600) for the life of the process; a second
+    holder gets ``ConfigError(in_use)`` at once."""
+    f = open(path, "ab", opener=private)  # noqa: SIM115 - held for the life of the server
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(in_use) from None
+    return f

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import itertools
@@ -45,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import ConfigError, FormatRejected, SigningFailed
-from ..fsutil import MAX_REPORTED, remove_tree
+from ..errors import FormatRejected, SigningFailed
+from ..fsutil import MAX_REPORTED, private, remove_tree, take_lock
 from ..hashing import hash_file, hash_stream
 from ..wire import SMALL_FILE
 from .smallstore import RowStore
@@ -128,7 +127,7 @@ class Storage:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for d in (files.unsigned, files.signed, self.tmp):
             d.mkdir(exist_ok=True, mode=0o700)
-        self._lock_file = self._take_lock(root / "lock")
+        self._lock_file = take_lock(root / "lock", f"{root} is in use by another sealbox server")
         self._clear_scratch()
         tightened = make_private(root, self.tmp)
         if tightened:
@@ -172,16 +171,6 @@ class Storage:
                 },
             )
 
-    @staticmethod
-    def _take_lock(path: Path) -> BinaryIO:
-        f = open(path, "ab", opener=_private)  # noqa: SIM115 - held for the life of the server
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise ConfigError(f"{path.parent} is in use by another sealbox server") from None
-        return f
-
     def close(self) -> None:
         self._rows.close()
         self._lock_file.close()
@@ -194,7 +183,7 @@ class Storage:
 
     def temp_file(self) -> tuple[Path, BinaryIO]:
         path = self.temp_path("up")
-        return path, open(path, "xb", opener=_private)
+        return path, open(path, "xb", opener=private)
 
     def temp_dir(self) -> Path:
         path = self.temp_path("job")
@@ -210,7 +199,7 @@ class Storage:
             return
         path = self.temp_path("in")
         try:
-            with open(path, "xb", opener=_private) as f:
+            with open(path, "xb", opener=private) as f:
                 f.write(blob.content)
             yield path
         finally:
@@ -399,7 +388,7 @@ class _Files:
     def probe_xattrs(self) -> bool:
         probe = self.tmp / "xattr-probe"
         try:
-            open(probe, "wb", opener=_private).close()
+            open(probe, "wb", opener=private).close()
             os.setxattr(probe, XATTR + "probe", b"1")
             return os.getxattr(probe, XATTR + "probe") == b"1"
         except (OSError, AttributeError):  # ENOTSUP, or no xattr support at all
@@ -421,7 +410,7 @@ class _Files:
         """Write ``data`` to a fresh temp file and rename it to ``path``; no leftover on failure."""
         tmp = self.temp_path("t")
         try:
-            with open(tmp, "xb", opener=_private) as f:
+            with open(tmp, "xb", opener=private) as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
@@ -548,11 +537,6 @@ class _Files:
                             kept += left
                             removed += not left
         return removed, kept
-
-
-def _private(path: str, flags: int) -> int:
-    """``open`` opener: a new file is the server's alone (0600), whatever the umask."""
-    return os.open(path, flags, 0o600)
 
 
 def make_private(root: Path, scratch: Path) -> int:

@@ -27,7 +27,6 @@ import base64
 import bisect
 import concurrent.futures
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ConfigError, SigningFailed
+from ..fsutil import private, take_lock
 from . import merkle
 
 log = logging.getLogger("sealbox.signlog")
@@ -232,7 +232,7 @@ class SignLog:
         self.segment_bytes = segment_bytes
         self.checkpoint_interval = checkpoint_interval
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = _take_lock(root / "lock")
+        self._lock_file = take_lock(root / "lock", f"signing log {root} is in use by another sealbox server")
         try:
             meta = self._meta(level)
             self.origin: str = meta["origin"]
@@ -277,7 +277,7 @@ class SignLog:
             instance = secrets.token_hex(8)
             meta = {"origin": f"sealbox/{level}/{instance}", "instance": instance, "created": _now()}
             tmp = self.root / f".{META}.tmp"
-            with open(tmp, "wb", opener=_private) as f:
+            with open(tmp, "wb", opener=private) as f:
                 f.write(encode(meta) + b"\n")
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -621,20 +621,6 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _append_fd(path: Path, extra: int = 0) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | extra, 0o600)
-
-
-def _take_lock(path: Path) -> BinaryIO:
-    f = open(path, "ab", opener=_private)  # noqa: SIM115 - held for the life of the server
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"signing log {path.parent} is in use by another sealbox server") from None
-    return f
-
-
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
 
 
 def _fsync_dir(path: Path) -> None:
