@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 
 from sealbox import wire
-from sealbox.client import detached_suffix, order_formats, plan, wire_name
+from sealbox.client import _plan as plan
+from sealbox.client import detached_suffix, order_formats, wire_name
 from sealbox.formats import all_formats, signer_class, signer_families
 from sealbox.formats.android import APK_FORMATS as ANDROID_APK_NAMES
 from sealbox.task import behaviours

@@ -5,7 +5,7 @@ format X signed": ``family`` is the signer module ``sealbox/formats/<family>.py`
 :func:`sealbox.formats.signer_class`), ``in_process`` says whether a small job runs in the
 server's signing worker processes (pure computation) or in a thread (a tool or native library).
 The signer registry, each ``Signer``'s served names, the client's plan
-(:mod:`sealbox.client.plan`) and the task runner's packaging (:mod:`sealbox.task.behaviours`) are
+(:mod:`sealbox.client`) and the task runner's packaging (:mod:`sealbox.task.behaviours`) are
 derived from :data:`TABLE`.
 
 Kept free of heavy imports: the CLI, the client and the task runner (on build workers) read it

@@ -159,7 +159,7 @@ def test_library_reports_progress(gpg_server: ServerProcess, tmp_path: Path, pay
 def test_small_form_round_trips_through_the_servers_parser() -> None:
     import multipart
 
-    from sealbox.client.aio import _small_form
+    from sealbox.client._aio import _small_form
 
     fields = {"sha1": "a" * 40, "filename": 'se"tup ü.exe', "token": "t!" * 40, "nonce": ""}
     data = b"\r\n--not-the-boundary\r\n" + bytes(range(256)) * 4

@@ -17,7 +17,7 @@ from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.emevoucher import EmeVoucherSigner
 from sealbox.keys import PassphraseSource, SigningKey, load_key
-from sealbox.keys.store import UnlockedKey
+from sealbox.keys._store import UnlockedKey
 from sealbox.server.config import load_config
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from sealbox.errors import FormatRejected, SigningFailed
 from sealbox.formats.base import run_tool
-from sealbox.keys.handoff import ToolSecrets
+from sealbox.keys._handoff import ToolSecrets
 from sealbox.procs import OUTPUT_HEAD, OUTPUT_TAIL, child_env, run_process
 
 PY = sys.executable

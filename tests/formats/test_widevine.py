@@ -19,7 +19,7 @@ from sealbox.errors import ConfigError, FormatRejected, VerificationFailed
 from sealbox.formats import FormatSettings, Signer, SignRequest, signer_class
 from sealbox.formats.widevine import WidevineSigner, verify_sig
 from sealbox.keys import PassphraseSource, SigningKey, load_key
-from sealbox.keys.store import UnlockedKey
+from sealbox.keys._store import UnlockedKey
 from sealbox.server.config import load_config
 
 FORMATS = ("widevine", "widevine_blessed")

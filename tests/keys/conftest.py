@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sealbox.keys.pkcs11 import softhsm_module
+from sealbox.keys._pkcs11 import softhsm_module
 from sealbox.keys.softhsm import SoftToken, create_token, generate_key
 
 RSA_ID, EC_ID, RSA4096_ID = b"\x01", b"\x02", b"\x03"

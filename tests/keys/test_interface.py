@@ -21,7 +21,7 @@ from sealbox.deploy import pki
 from sealbox.errors import ConfigError, KeyUnlockError, SigningFailed
 from sealbox.formats import FormatSettings, SignRequest
 from sealbox.keys import FileHandoff, FileKey, Pkcs11Handoff, SigningKey, load_key
-from sealbox.keys import pkcs11 as backend
+from sealbox.keys import _pkcs11 as backend
 from sealbox.keys.softhsm import generate_key, store_certificate
 from sealbox.server.config import KeySection
 from sealbox.server.run import prove_key

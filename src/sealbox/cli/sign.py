@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _log_key(path: Path | None) -> Ed25519PublicKey | None:
-    from ..client.logproof import load_log_key
+    from ..client import load_log_key
 
     return load_log_key(path) if path is not None else None
 

@@ -25,7 +25,7 @@ from ._common import fail
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 def verify(fmt: str, signature: Path | None, public_dir: Path, file: Path) -> None:
     """Verify a signed output with the format's independent verifier."""
-    from ..client.plan import detached_suffix, wire_name
+    from ..client import detached_suffix, wire_name
     from ..errors import SealboxError
     from ..formats import signer_class
 

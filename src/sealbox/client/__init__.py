@@ -7,7 +7,7 @@ Used by ``sealbox sign``, ``sealbox token``, the task runner and the tests alike
 
 ``AsyncSigningClient`` is the same client for code that already runs an event loop.
 
-Errors come as one exception type per kind (see :mod:`sealbox.client.errors`), all under
+Errors come as one exception type per kind (see :mod:`sealbox.client._errors`), all under
 :class:`ClientError`: :class:`SigningRefused` (a server said no: the input cannot be signed,
 a 4xx), :class:`TokenRefused` (the issuer would not mint a token, or a server rejected it) and
 :class:`ServerUnavailable` (no server answered in time). Catch them by type::
@@ -26,12 +26,12 @@ message (``error``) and the exception (``exception``), e.g.
 ``isinstance(outcome.exception, ServerUnavailable)``.
 """
 
-from .aio import AsyncSigningClient, SignOutcome, describe_error
-from .core import SigningClient, request_token
-from .errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
-from .hosts import Server, parse_host
-from .logproof import LogProof
-from .plan import detached_suffix, order_formats, wire_name
+from ._aio import AsyncSigningClient, SignOutcome, describe_error
+from ._core import SigningClient, request_token
+from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
+from ._hosts import Server, parse_host
+from ._logproof import LogProof, load_log_key
+from ._plan import detached_suffix, order_formats, wire_name
 
 __all__ = [
     "AsyncSigningClient",
@@ -45,6 +45,7 @@ __all__ = [
     "TokenRefused",
     "describe_error",
     "detached_suffix",
+    "load_log_key",
     "order_formats",
     "parse_host",
     "request_token",

@@ -15,9 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ..keys.signing import PrivateKey, SigningKey
+from ..keys import FileKey, PrivateKey, SigningKey, encrypt_pem
 from ..keys.softhsm import SoftToken, create_token, generate_key, store_certificate
-from ..keys.store import FileKey, encrypt_pem
 from . import pki
 
 
@@ -75,7 +74,7 @@ class DevContext:
             self.add_key(name, private)
             key = FileKey(name, private)
         else:
-            from ..keys.pkcs11 import load_pkcs11_key
+            from ..keys import load_key
 
             key_id = bytes([len(self.keys) + 1])
             generate_key(self.token, self._pin, name, key_id, "rsa", bits)
@@ -88,7 +87,7 @@ class DevContext:
                 "id": key_id.hex(),
             }
             self.passphrases[name] = self._pin.decode()
-            key = load_pkcs11_key(self.token.spec(name, name, key_id), self._pin)
+            key = load_key(self.token.spec(name, name, key_id), self._pin)
         if certificate is None:
             return key
         public = key.public_key
@@ -108,12 +107,12 @@ class DevContext:
         entry["chain"] = str(self.write_file(f"keys/{key.name}.chain.pem", pem).relative_to(self.dir))
         if isinstance(key, FileKey):
             return key.with_chain(chain)
-        from ..keys.pkcs11 import load_pkcs11_key
+        from ..keys import load_key
 
         assert self.token is not None
         key_id = bytes.fromhex(entry["id"])
         store_certificate(self.token, self._pin, entry["label"], key_id, chain[0])
-        return load_pkcs11_key(
+        return load_key(
             self.token.spec(key.name, entry["label"], key_id, self.dir / entry["chain"]), self._pin
         )
 

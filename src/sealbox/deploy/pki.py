@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError
 from ..formats._cms import SEQUENCE, tlv
-from ..keys.signing import SigningKey
+from ..keys import SigningKey
 
 BIT_STRING = 0x03
 

@@ -17,8 +17,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError
-from ..keys.signing import HashName, SigningKey
-from ..keys.signing import PublicKey as AnyPublicKey
+from ..keys import HashName, SigningKey
+from ..keys import PublicKey as AnyPublicKey
 
 PUBKEY_RSA = 1
 HASH_IDS = {"sha256": 8, "sha384": 9, "sha512": 10}

@@ -52,8 +52,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL, PARSE_ERRORS, Editor, rewrite_zip, zip_members
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from ..keys.handoff import ToolSecrets
-from ..keys.signing import FileHandoff, Pkcs11Handoff
+from ..keys import FileHandoff, Pkcs11Handoff, ToolSecrets
 from ..procs import ToolResult, tool_reason
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 

@@ -7,7 +7,7 @@ which add an RFC 3161 timestamp when ``timestamp_url`` is configured.
 Signing runs Debian's ``osslsigncode`` (2.5 and 2.9 both work). The key never touches disk,
 argv or the child's environment. A key file's key and chain are re-encrypted per job into a
 PKCS#12 blob under a random one-time password and handed over as ``-pkcs12 /dev/fd/N`` with the
-password as ``-readpass /dev/fd/M`` (both pipes, see :class:`~sealbox.keys.handoff.ToolSecrets`).
+password as ``-readpass /dev/fd/M`` (both pipes, see :class:`~sealbox.keys.ToolSecrets`).
 osslsigncode cannot read ``-key`` from a pipe (it probes the file several times), PKCS#12 it can.
 A key in a PKCS#11 token stays there: osslsigncode loads the module through OpenSSL's ``pkcs11``
 engine (Debian ``libengine-pkcs11-openssl``) and signs there, given the key's PKCS#11 URI (no
@@ -35,8 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from ..keys.handoff import ToolSecrets
-from ..keys.signing import FileHandoff, Pkcs11Handoff
+from ..keys import FileHandoff, Pkcs11Handoff, ToolSecrets
 from ..winfiles import (  # the Windows file rules live apart; re-exported (__all__)
     ALLOWED_EXTENSIONS,
     BLOCKLIST,

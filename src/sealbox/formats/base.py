@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from ..keys.handoff import ToolSecrets
-from ..keys.signing import SigningKey
+from ..keys import SigningKey, ToolSecrets
 from ..procs import ToolResult, run_process
 from ..procs import child_env as child_env  # the formats' tools get this environment
 from ..wire import Family, of_family

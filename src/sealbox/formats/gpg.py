@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, VerificationFailed
 from ..fsutil import remove_tree
-from ..keys.signing import HashName
+from ..keys import HashName
 from . import _openpgp
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 

@@ -27,7 +27,7 @@ slice of a universal binary. Per format options:
 * ``dmg`` only: ``max_unpacked_size``, ``max_members``.
 
 The key goes to the library as PEM through a pipe (``/dev/fd/N`` of this process, see
-:class:`~sealbox.keys.handoff.ToolSecrets`): never on disk, in argv or the environment. The
+:class:`~sealbox.keys.ToolSecrets`): never on disk, in argv or the environment. The
 library takes keys from files, PKCS#12 or a remote-signing session only (this build has no
 smartcard/PKCS#11 support): a key it cannot use stops start-up with a message naming it.
 
@@ -54,8 +54,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL, repack_tar, safe_extract_tar
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from ..keys.handoff import ToolSecrets
-from ..keys.signing import FileHandoff
+from ..keys import FileHandoff, ToolSecrets
 from ._macho import (
     BUNDLE_SUFFIXES,
     MachOFormatError,

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from ..keys.signing import HashName
+from ..keys import HashName
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:

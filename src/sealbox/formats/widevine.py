@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
-from ..keys.signing import PublicKey
+from ..keys import PublicKey
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:

@@ -6,25 +6,40 @@ from __future__ import annotations
 import sys
 
 from ..errors import ConfigError
-from .handoff import ToolSecrets
-from .locations import Pkcs11Spec
-from .passphrases import PassphraseSource
-from .signing import FileHandoff, Pkcs11Handoff, SigningKey, ToolHandoff
-from .store import FileKey, KeySpec, UnlockedKey
-from .store import load_key as load_file_key
+from ._handoff import ToolSecrets
+from ._locations import Pkcs11Spec
+from ._passphrases import PassphraseSource
+from ._signing import (
+    DEFAULT_PADDING,
+    FileHandoff,
+    HashName,
+    Pkcs11Handoff,
+    PrivateKey,
+    PublicKey,
+    SigningKey,
+    ToolHandoff,
+)
+from ._store import FileKey, KeySpec, UnlockedKey, encrypt_pem, load_certificates
+from ._store import load_key as load_file_key
 
 __all__ = [
+    "DEFAULT_PADDING",
     "FileHandoff",
     "FileKey",
+    "HashName",
     "KeySpec",
     "PassphraseSource",
     "Pkcs11Handoff",
     "Pkcs11Spec",
+    "PrivateKey",
+    "PublicKey",
     "SigningKey",
     "ToolHandoff",
     "ToolSecrets",
     "UnlockedKey",
     "after_fork",
+    "encrypt_pem",
+    "load_certificates",
     "load_key",
 ]
 
@@ -34,7 +49,7 @@ def load_key(spec: KeySpec | Pkcs11Spec, secret: bytes) -> SigningKey:
     if isinstance(spec, KeySpec):
         return load_file_key(spec, secret)
     try:
-        from .pkcs11 import load_pkcs11_key  # the PKCS#11 binding only when a key needs it
+        from ._pkcs11 import load_pkcs11_key  # the PKCS#11 binding only when a key needs it
     except ImportError as e:
         raise ConfigError(f"key '{spec.name}' is a PKCS#11 key, but {e.name} is not installed") from None
     return load_pkcs11_key(spec, secret)

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError
-from .locations import Pkcs11Spec
+from ._locations import Pkcs11Spec
 
 CKF_TOKEN_INITIALIZED = 0x400
 
@@ -58,7 +58,7 @@ def write_config(hsm_dir: Path) -> Path:
 def create_token(hsm_dir: Path, label: str, pin: bytes) -> SoftToken:
     """A new token ``label`` in a new SoftHSM directory, its user PIN ``pin`` (the SO PIN is
     random and not kept: a dev token is made anew, not administered)."""
-    from . import pkcs11 as p11
+    from . import _pkcs11 as p11
 
     module = p11.softhsm_module()
     if module is None:
@@ -97,7 +97,7 @@ def _init_token(module: Path, slot_id: int, so_pin: bytes, label: str) -> None:
 
 def _rw_session(token: SoftToken, pin: bytes) -> Any:
     """A read-write session sharing this process's login to the token."""
-    from . import pkcs11 as p11
+    from . import _pkcs11 as p11
 
     loaded = p11._module(token.module, token.env)
     loaded.session(token.label, pin, "provisioning")  # logs in (once per process and token)

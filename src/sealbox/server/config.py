@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from ..formats.base import FormatSettings
-from ..keys.locations import Pkcs11Spec
-from ..keys.store import KeySpec
+from ..keys import KeySpec, Pkcs11Spec
 
 __all__ = [
     "DEFAULT_MAX_FILESIZE",

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..keys import SigningKey
-from ..keys.store import load_certificates
+from ..keys import SigningKey, load_certificates
 from ..signlog import SignLog
 from .config import ServerConfig
 from .storage import Storage

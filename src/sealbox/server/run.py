@@ -25,8 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from ..errors import ConfigError, KeyUnlockError, SealboxError
 from ..formats import signer_class
 from ..formats.base import Signer
-from ..keys import PassphraseSource, SigningKey, load_key
-from ..keys.signing import DEFAULT_PADDING
+from ..keys import DEFAULT_PADDING, PassphraseSource, SigningKey, load_key
 from ..signlog import Recorder, SignLog
 from .app import AccessLog, build_app
 from .app import log as http_log

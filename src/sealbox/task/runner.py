@@ -35,8 +35,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .. import __version__
-from ..client import ClientError, LogProof, Server, SigningClient, TokenRefused, parse_host, request_token
-from ..client.logproof import load_log_key
+from ..client import (
+    ClientError,
+    LogProof,
+    Server,
+    SigningClient,
+    TokenRefused,
+    load_log_key,
+    parse_host,
+    request_token,
+)
 from ..errors import ConfigError
 from ..fsutil import remove_tree
 from . import cot, steps

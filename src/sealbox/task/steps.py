@@ -9,9 +9,7 @@ detached ``.sig``), gpg (a detached ``.asc``), or a format that signs the file i
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from ..client import ClientError, ServerUnavailable, SigningClient
 from ..errors import SealboxError
 from ..fsutil import remove_tree
+from ..procs import child_env, run_process
 from ..winfiles import is_signed
 from . import behaviours as bh
 from .checksums import write_checksums
@@ -236,13 +235,12 @@ def _in_place(w: _Work, fmt: str, step: Path) -> None:
 def _check_alignment(tool: str | None, apk: Path, rel: str) -> str:
     if tool is None:
         return "zipalign not available: alignment not re-checked"
-    res = subprocess.run(
+    res = run_process(
         [tool, "-c", "-p", "4", str(apk)],
-        capture_output=True,
-        check=False,
+        what="zipalign -c",
         timeout=300,
-        stdin=subprocess.DEVNULL,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+        failure=lambda message: TaskFailure(EXIT_FAILED, f"signing failed: {rel}: {message}"),
+        env=child_env(apk.parent),
     )
     if res.returncode != 0:
         raise TaskFailure(EXIT_FAILED, f"signing failed: {rel}: the signed APK fails zipalign -c -p 4")

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..errors import ConfigError, KeyUnlockError
-from .signing import HASHES, FileHandoff, HashName, Padding, PrivateKey, SigningKey, pss
+from ._signing import HASHES, FileHandoff, HashName, Padding, PrivateKey, SigningKey, pss
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def verify_digest(
 @dataclass(frozen=True)
 class FileHandoff:
     """How an external tool reaches a file key: serialised here, for a pipe only
-    (:class:`~sealbox.keys.handoff.ToolSecrets`), never for a file, argv or the environment."""
+    (:class:`~sealbox.keys.ToolSecrets`), never for a file, argv or the environment."""
 
     name: str
     chain: tuple[x509.Certificate, ...]

@@ -31,9 +31,9 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
 from ..errors import ConfigError, KeyUnlockError, SigningFailed
-from .locations import Pkcs11Spec
-from .signing import DIGEST_INFO, HashName, Padding, Pkcs11Handoff, PublicKey, SigningKey
-from .store import load_certificates
+from ._locations import Pkcs11Spec
+from ._signing import DIGEST_INFO, HashName, Padding, Pkcs11Handoff, PublicKey, SigningKey
+from ._store import load_certificates
 
 log = logging.getLogger("sealbox.keys")
 T = TypeVar("T")

@@ -14,9 +14,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .aio import DEFAULT_TIMEOUT, AsyncSigningClient, SignItem, SignOutcome, request_token_async
-from .hosts import Server
-from .logproof import LogProof
+from ._aio import DEFAULT_TIMEOUT, AsyncSigningClient, SignItem, SignOutcome, request_token_async
+from ._hosts import Server
+from ._logproof import LogProof
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

@@ -52,11 +52,11 @@ import yarl
 
 from ..hashing import CHUNK, hash_file
 from ..wire import SMALL_FILE
-from .errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
-from .hosts import Server
-from .logproof import LOG_INDEX_HEADER, LogProof, ProofFailed
-from .logproof import check as check_proof
-from .plan import detached_suffix, order_formats, wire_name
+from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
+from ._hosts import Server
+from ._logproof import LOG_INDEX_HEADER, LogProof, ProofFailed
+from ._logproof import check as check_proof
+from ._plan import detached_suffix, order_formats, wire_name
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
