@@ -1,7 +1,8 @@
 """What a key in an HSM costs: small-file gpg throughput with the key in a SoftHSM token vs
 the same deployment kind with a key file (goal: at least 0.7x), the same 500 x 1 KiB
 `sealbox sign -j 8` run as ``bench.core``; and the time of one signature through the server
-of the tool formats (sha2signcode: osslsigncode through OpenSSL's pkcs11 engine; jar and apk:
+of each format, in-process (gpg, mar, emevoucher, widevine: the token signs the digest) and
+tools (sha2signcode: osslsigncode through OpenSSL's pkcs11 engine; jar and apk:
 jarsigner / apksigner through SunPKCS11), key in the token vs key file (goal: at most 1.5x).
 
 The VM's speed drifts from minute to minute, so the two modes alternate (file, hsm, hsm,
@@ -31,8 +32,17 @@ from sealbox.server.config import load_config
 FILES = 500
 ORDER = ("file", "hsm", "hsm", "file") * 2 + ("file", "hsm")
 GOAL = 0.7
-#: tool formats timed through the server: (wire name, typical input, samples per key kind)
-TOOL_CASES = (("sha2signcode", inputs.pe, 21), ("jar", inputs.jar(), 9), ("apk", inputs.apk(), 9))
+#: formats timed through the server, in-process ones and tools: (wire name, typical input,
+#: samples per key kind)
+TOOL_CASES = (
+    ("gpg", inputs.blob(1024 * 1024, ".bin"), 21),
+    ("mar", inputs.mar(), 21),
+    ("emevoucher", inputs.blob(4096, ".bin"), 21),
+    ("widevine", inputs.pe, 21),
+    ("sha2signcode", inputs.pe, 21),
+    ("jar", inputs.jar(), 9),
+    ("apk", inputs.apk(), 9),
+)
 TOOL_GOAL = 1.5
 
 
