@@ -140,7 +140,7 @@ def run() -> tuple[dict[str, Any], bool]:
     )
     tool_ratios = {fmt: t["hsm"] / t["file"] for fmt, t in tools.items()}
     tools_passed = all(r <= TOOL_GOAL for r in tool_ratios.values())
-    print("\n## Tool formats, key in SoftHSM vs key file (one signature through the server)\n")
+    print("\n## Per format, key in SoftHSM vs key file (one signature through the server)\n")
     print(
         table(
             [
