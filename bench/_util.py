@@ -6,9 +6,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sealbox.deploy.local import ServerProcess
 
 
 def median_time(fn: Callable[[int], object], n: int) -> float:
@@ -104,5 +109,124 @@ def small_file_throughput(hostspec: str, ca: Path, folder: Path, token_file: Pat
     base = ["-H", hostspec, "-c", str(ca), "-t", str(token_file)]
     t = time.perf_counter()
     cmd = [str(BIN / "sealbox"), "sign", *base, "-j", "8", "-f", "gpg", str(folder)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return files / (time.perf_counter() - t)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"sealbox sign exited {done.returncode}: {(done.stderr or done.stdout)[-2000:]}")
+    return files / elapsed
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live children (the signing
+    workers), from ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo += [int(c) for c in children]
+    return total
+
+
+@dataclass
+class Paired:
+    """Small-file throughput of two warm servers (``base`` and ``test``) in ABBA order."""
+
+    base: str
+    test: str
+    #: files/s per run, by mode, in the order run
+    rates: dict[str, list[float]]
+    #: server CPU (server + signing workers) per file, ms, by mode, in the order run
+    cpu_ms: dict[str, list[float]]
+    #: the 1-minute load average before and after the runs (other work on the machine)
+    load: tuple[float, float]
+
+    @property
+    def ratios(self) -> list[float]:
+        """test / base of each adjacent pair: both runs within seconds of each other."""
+        return [t / b for b, t in zip(self.rates[self.base], self.rates[self.test], strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """First and third quartile of the pair ratios: wide when the machine was loaded."""
+        q1, _, q3 = statistics.quantiles(self.ratios, n=4)
+        return q1, q3
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Median over pairs of the server CPU per file, test / base."""
+        pairs = zip(self.cpu_ms[self.base], self.cpu_ms[self.test], strict=True)
+        return statistics.median(t / b for b, t in pairs)
+
+    def method(self) -> str:
+        return (
+            f"method: both servers started once, warmed up, then {len(self.ratios)} adjacent pairs "
+            f"in ABBA order ({self.base}, {self.test}, {self.test}, {self.base}, ...), fresh files "
+            "each run; the ratio is the median of the per-pair ratios (drift between pairs cancels). "
+            "Second measure: the server's CPU time (its process and signing workers, /proc) per "
+            "file. No instruction counts: `perf stat -e instructions` is not supported on this "
+            "VM (no PMU) and callgrind slows a server 50-fold. "
+            f"Load average {self.load[0]:.1f} before, {self.load[1]:.1f} after; pair ratios' "
+            f"quartiles {self.spread[0]:.3f} .. {self.spread[1]:.3f}"
+            + (" (wide: a loaded machine; the CPU figure drifts less)." if self._wide else ".")
+        )
+
+    @property
+    def _wide(self) -> bool:
+        q1, q3 = self.spread
+        return q3 - q1 > 0.1
+
+    def rows(self, goal: str) -> list[tuple[str, ...]]:
+        """Table rows: each mode's median and runs, the pair ratios, the CPU per file."""
+        out: list[tuple[str, ...]] = [
+            (
+                mode,
+                f"{statistics.median(self.rates[mode]):.0f} files/s",
+                f"{statistics.median(self.cpu_ms[mode]):.2f} ms CPU/file",
+                ", ".join(f"{x:.0f}" for x in self.rates[mode]),
+            )
+            for mode in (self.base, self.test)
+        ]
+        out.append(
+            (
+                f"{self.test} / {self.base}",
+                f"{self.ratio:.3f} (median of pairs)",
+                f"CPU/file {self.cpu_ratio:.3f}",
+                goal + "; pairs: " + ", ".join(f"{x:.3f}" for x in self.ratios),
+            )
+        )
+        return out
+
+
+def paired_throughput(
+    servers: Mapping[str, ServerProcess], base: str, test: str, folder: Path, pairs: int, files: int = 500
+) -> Paired:
+    """Run :func:`small_file_throughput` on two already started servers in ABBA order, ``pairs``
+    pairs after one untimed warm-up run each; CPU per file read around each run."""
+    tokens = {}
+    for mode, sp in servers.items():
+        tokens[mode] = folder / f"token-{mode}"
+        tokens[mode].write_text(sp.token(duration=3600))
+        small_file_throughput(sp.hostspec, sp.deployment.ca, folder / f"warm-{mode}", tokens[mode], 50)
+    rates: dict[str, list[float]] = {base: [], test: []}
+    cpu: dict[str, list[float]] = {base: [], test: []}
+    load = os.getloadavg()[0]
+    for i in range(pairs):
+        for mode in (base, test) if i % 2 == 0 else (test, base):
+            sp = servers[mode]
+            before = _process_tree_cpu(sp.proc.pid)
+            run = folder / f"run{i}-{mode}"
+            rates[mode].append(small_file_throughput(sp.hostspec, sp.deployment.ca, run, tokens[mode], files))
+            cpu[mode].append((_process_tree_cpu(sp.proc.pid) - before) / files * 1000)
+            shutil.rmtree(run, ignore_errors=True)
+    return Paired(base, test, rates, cpu, (load, os.getloadavg()[0]))

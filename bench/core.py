@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,23 @@ from sealbox.deploy.local import BIN, Deployment, start_server
 
 ENV = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
 THROUGHPUT_RUNS = 5
+BIG_RUNS = 3
+
+
+def _ms(runs: list[float]) -> str:
+    return ", ".join(f"{x * 1000:.0f}" for x in runs)
+
+
+def _openssl_rsa3072() -> float:
+    """What the same cores sign in RSA-3072 alone: ``openssl speed``, one process per core."""
+    res = subprocess.run(
+        ["openssl", "speed", "-seconds", "3", "-multi", str(os.cpu_count() or 1), "rsa3072"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(x for x in res.stdout.splitlines() if x.startswith("rsa 3072 bits"))
+    return float(line.split()[5])  # rsa 3072 bits <sign s> <verify s> <sign/s> <verify/s>
 
 
 def run() -> tuple[dict[str, Any], bool]:
@@ -82,16 +100,26 @@ def run() -> tuple[dict[str, Any], bool]:
             res["throughput_500x1k_j8_runs"] = [round(r, 1) for r in rates]
             res["throughput_500x1k_j8_files_per_s"] = rates[len(rates) // 2]
 
-            big = random_file(tmp / "big.bin", 100 * 1024 * 1024)
-            t = time.perf_counter()
-            gpg_sign(big)
-            res["gpg_local_100m_s"] = time.perf_counter() - t
+            res["openssl_rsa3072_signs_per_s"] = _openssl_rsa3072()
+            res["small_files_over_rsa_only"] = (
+                res["throughput_500x1k_j8_files_per_s"] / res["openssl_rsa3072_signs_per_s"]
+            )
+            # 100 MiB, three times each way, alternated, fresh bytes each time (the server
+            # keeps results by hash); medians compared.
+            ours, theirs = [], []
             with server.client() as client:
-                t = time.perf_counter()
-                out = client.sign(big, ["gpg"], tmp / "big-out.bin")
-                res["ours_100m_s"] = time.perf_counter() - t
-                assert out.ok, out.error
-            big.unlink()
+                for i in range(BIG_RUNS):
+                    big = random_file(tmp / f"big{i}.bin", 100 * 1024 * 1024)
+                    t = time.perf_counter()
+                    gpg_sign(big)
+                    theirs.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    out = client.sign(big, ["gpg"])  # big.bin.asc beside it, as gpg writes its own
+                    ours.append(time.perf_counter() - t)
+                    assert out.ok, out.error
+                    big.unlink()
+            res["gpg_local_100m_runs_s"], res["ours_100m_runs_s"] = theirs, ours
+            res["gpg_local_100m_s"], res["ours_100m_s"] = statistics.median(theirs), statistics.median(ours)
     finally:
         server.stop()
 
@@ -102,7 +130,7 @@ def run() -> tuple[dict[str, Any], bool]:
         before = peak_rss_mib(server.proc.pid)
         with server.client() as client:
             t = time.perf_counter()
-            out = client.sign(huge, ["gpg"], tmp / "huge-out.bin")
+            out = client.sign(huge, ["gpg"])
             res["ours_1g_s"] = time.perf_counter() - t
         assert out.ok, out.error
         res["server_rss_at_start_mib"] = before
@@ -120,7 +148,12 @@ def run() -> tuple[dict[str, Any], bool]:
             "info",
         ),
         ("500 x 1 KiB, -j 8 (files/s, median)", res["throughput_500x1k_j8_files_per_s"], ">= 200"),
-        ("100 MiB end to end / local gpg", res["ours_100m_s"] / res["gpg_local_100m_s"], "<= 3"),
+        ("100 MiB end to end / local gpg (medians)", res["ours_100m_s"] / res["gpg_local_100m_s"], "<= 1.5"),
+        (
+            "500 x 1 KiB files/s / `openssl speed -multi` RSA-3072 signs/s",
+            res["small_files_over_rsa_only"],
+            ">= 0.7",
+        ),
         ("server peak RSS, 1 GiB upload+sign (MiB)", res["server_peak_rss_1g_mib"], "< 150"),
     ]
     passed = True
@@ -142,8 +175,18 @@ def run() -> tuple[dict[str, Any], bool]:
                     f"{res['throughput_500x1k_j8_files_per_s']:.0f} files/s "
                     f"({', '.join(f'{r:.0f}' for r in res['throughput_500x1k_j8_runs'])})",
                 ),
-                ("100 MiB end to end, sealbox", f"{res['ours_100m_s'] * 1000:.0f} ms"),
-                ("100 MiB, local `gpg --detach-sign`", f"{res['gpg_local_100m_s'] * 1000:.0f} ms"),
+                (
+                    f"RSA-3072 signatures alone (`openssl speed -multi {os.cpu_count()} rsa3072`)",
+                    f"{res['openssl_rsa3072_signs_per_s']:.0f} signs/s",
+                ),
+                (
+                    "100 MiB end to end, sealbox (median; runs)",
+                    f"{res['ours_100m_s'] * 1000:.0f} ms ({_ms(res['ours_100m_runs_s'])})",
+                ),
+                (
+                    "100 MiB, local `gpg --detach-sign` (median; runs)",
+                    f"{res['gpg_local_100m_s'] * 1000:.0f} ms ({_ms(res['gpg_local_100m_runs_s'])})",
+                ),
                 ("1 GiB end to end, sealbox", f"{res['ours_1g_s']:.1f} s"),
                 ("server peak RSS during the 1 GiB job", f"{res['server_peak_rss_1g_mib']:.0f} MiB"),
             ],

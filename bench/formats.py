@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +218,39 @@ def openssl_pss(keys: PlainKeys) -> Direct:
     return run
 
 
+def openssl_ecdsa(keys: PlainKeys) -> Direct:
+    key = keys.key_pem("sigstore")
+
+    def run(src: Path, out: Path) -> None:
+        _run(["openssl", "dgst", "-sha256", "-sign", str(key), "-out", str(out), str(src)])
+
+    return run
+
+
+def gpg_tool(home: str, tool: str) -> Direct:
+    """The raw tools with the bench's throwaway gpg key (``GNUPGHOME``): rpmsign (its default
+    gpg hook), debsigs, gpg --clearsign / -abs (what signs an APT Release by hand)."""
+    env = {**os.environ, "GNUPGHOME": home}
+    uid = "Bench <bench@example.invalid>"
+
+    def run(src: Path, out: Path) -> None:
+        if tool in ("rpmsign", "debsigs"):
+            shutil.copyfile(src, out)
+        gpg = ["gpg", "--batch", "--yes", "--digest-algo", "SHA256"]
+        rpmsign = ["rpmsign", "--addsign", "--define", "__gpg /usr/bin/gpg"]
+        argv = {
+            "rpmsign": [*rpmsign, "--define", f"_gpg_name {uid}"],
+            "debsigs": ["debsigs", "--sign=origin", "-k", uid],
+            "clearsign": [*gpg, "--clearsign", "-o", str(out)],
+            "detach": [*gpg, "-abs", "-o", str(out)],
+        }[tool] + [str(out if tool in ("rpmsign", "debsigs") else src)]
+        res = subprocess.run(argv, env=env, capture_output=True, check=False, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {res.stderr.decode(errors='replace').strip()[-300:]}")
+
+    return run
+
+
 def apple_codesign(keys: PlainKeys, tarball: bool) -> Direct:
     """apple-platform-py (rcodesign) as a caller would use it on the same input, with what sealbox
     asks for (hardened runtime on every Mach-O, SHA-256, no timestamp): for a tar.gz, unpack it,
@@ -258,7 +291,7 @@ def apple_codesign(keys: PlainKeys, tarball: bool) -> Direct:
     return tree if tarball else one
 
 
-def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
+def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None], gpg_home: str = "") -> list[Case]:
     mib = inputs.MIB
     pe = "PE32+, pip t64.exe"
     return [
@@ -268,6 +301,14 @@ def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
              osslsigncode(keys, False), "osslsigncode sign -certs -key", 15, 160),
         Case("sha2signcodestub", "sha2signcodestub", pe, inputs.pe,
              osslsigncode(keys, True), "osslsigncode sign ... -ac", 15, 160),
+        Case("sha2signcode (cab)", "sha2signcode", "gcab cabinet, 256 KiB", inputs.cab,
+             osslsigncode(keys, False), "osslsigncode sign -certs -key", 15, 160),
+        Case("sha2signcode (cat)", "sha2signcode", "catalog, 200 members", inputs.cat,
+             osslsigncode(keys, False), "osslsigncode sign -certs -key", 15, 160),
+        Case("sha2signcode (msix)", "sha2signcode", "minimal MSIX package", inputs.appx,
+             osslsigncode(keys, False), "osslsigncode sign -certs -key", 15, 160),
+        Case("sha2signcode (ps1)", "sha2signcode", "PowerShell script, 100 bytes", inputs.ps1,
+             osslsigncode(keys, False), "osslsigncode sign -certs -key", 15, 160),
         Case("mar", "mar", "complete MAR, 1 MiB payload", inputs.mar(),
              mardor(keys, "mar"), "mardor add_signature_block x2 + cryptography", 15, 160),
         Case("mar_sha384", "mar_sha384", "complete MAR, 1 MiB payload", inputs.mar(),
@@ -289,6 +330,16 @@ def _cases(keys: PlainKeys, gpg_sign: Callable[[Path], None]) -> list[Case]:
              apple_codesign(keys, True), "apple-platform-py: untar + sign + tar.gz", 9, 32),
         Case("macho", "macho", "universal executable (ninja)", inputs.macho,
              apple_codesign(keys, False), "apple-platform-py sign", 15, 120),
+        Case("sigstore", "sigstore", "container image simple-signing payload", inputs.sigstore_payload,
+             openssl_ecdsa(keys), "openssl dgst -sha256 -sign (EC P-256)", 20, 300),
+        Case("rpm", "rpm", "small noarch RPM (rpmbuild)", inputs.rpm,
+             gpg_tool(gpg_home, "rpmsign"), "rpmsign --addsign (gpg, own RSA-3072 key)", 10, 60),
+        Case("deb", "deb", "small .deb (dpkg-deb)", inputs.deb,
+             gpg_tool(gpg_home, "debsigs"), "debsigs --sign=origin (gpg, own RSA-3072 key)", 10, 120),
+        Case("apt-inrelease", "apt-inrelease", "APT Release, 100 indexes", inputs.release,
+             gpg_tool(gpg_home, "clearsign"), "gpg --clearsign (own RSA-3072 key)", 20, 200),
+        Case("apt-release-gpg", "apt-release-gpg", "APT Release, 100 indexes", inputs.release,
+             gpg_tool(gpg_home, "detach"), "gpg -abs (own RSA-3072 key)", 20, 200),
     ]  # fmt: skip
 
 
@@ -396,7 +447,8 @@ def _row(r: dict[str, Any], label: str) -> tuple[str, ...]:
     )
 
 
-def run() -> dict[str, Any]:
+def run(only: Sequence[str] = ()) -> dict[str, Any]:
+    """Every case, or those whose label or wire name is in ``only``."""
     load = os.getloadavg()
     print(f"\n## Per-format signing\n\nload average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"({os.cpu_count()} CPUs)", flush=True)  # fmt: skip
@@ -407,8 +459,8 @@ def run() -> dict[str, Any]:
         dep = Deployment.create(tmp / "dep", "dep")
         keys = PlainKeys(dep, tmp / "plain-keys")
         with ExitStack() as stack:
-            _, gpg_sign = stack.enter_context(local_gpg())
-            cases = _cases(keys, gpg_sign)
+            gpg_home, gpg_sign = stack.enter_context(local_gpg())
+            cases = [c for c in _cases(keys, gpg_sign, gpg_home) if not only or {c.label, c.fmt} & set(only)]
             server = start_server(dep)
             stack.callback(server.stop)
             clients = [stack.enter_context(server.client(timeout=300)) for _ in range(CLIENTS)]

@@ -64,8 +64,15 @@ def test_the_client_plan_follows_the_table() -> None:
         assert wire_name(name) == (row.alias_of or name)
         assert detached_suffix(name) == row.detached_suffix
     # the values the client had before the table (signtool's)
-    assert plan.DETACHED == {"gpg": ".asc", "widevine": ".sig", "widevine_blessed": ".sig"}
-    assert plan.LAST == ("widevine", "widevine_blessed", "macapp", "dmg", "gpg")
+    signtool_names = ("gpg", "widevine", "widevine_blessed")
+    assert {n: plan.DETACHED[n] for n in signtool_names} == {
+        "gpg": ".asc",
+        "widevine": ".sig",
+        "widevine_blessed": ".sig",
+    }
+    assert plan.DETACHED["sigstore"] == ".sig"  # a container image's payload signature
+    assert plan.DETACHED["apt-release-gpg"] == ".gpg"  # an APT Release's Release.gpg
+    assert plan.LAST == ("widevine", "widevine_blessed", "macapp", "dmg", "gpg", "apt-release-gpg")
     asked = ["gpg", "dmgv2", "macapp", "sha2signcode", "widevine", "gpg", "jar"]
     assert order_formats(asked) == ["dmgv2", "sha2signcode", "jar", "widevine", "macapp", "gpg"]
 
@@ -78,6 +85,7 @@ def test_the_task_packaging_follows_the_table() -> None:
     assert behaviours.WIDEVINE == names("widevine") == {"widevine", "widevine_blessed"}
     assert behaviours.MACAPP == {n for n in ROWS if wire_name(n) == "dmg"} == {"macapp", "dmg", "dmgv2"}
     assert behaviours.APK_FORMATS == names("android") == {"jar", "focus-jar", "apk", "focus-apk"}
+    assert behaviours.APT == names("apt") == {"apt-inrelease", "apt-release-gpg"}
     assert behaviours.APK_WIRE_NAMES == {"jar": "apk", "focus-jar": "focus-apk"}
     # the Android signer gives each APK name the key of the classic name that travels as it
     assert {apk: classic for classic, apk in behaviours.APK_WIRE_NAMES.items()} == ANDROID_APK_NAMES

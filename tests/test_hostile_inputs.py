@@ -132,6 +132,30 @@ def _macho(d: Path) -> bytes:
     return macos.binary("ninja").read_bytes()
 
 
+def _rpm(d: Path) -> bytes:
+    from sealbox.samples import linuxpkg
+
+    return linuxpkg.write_rpm(d).read_bytes()
+
+
+def _deb(d: Path) -> bytes:
+    from sealbox.samples import linuxpkg
+
+    return linuxpkg.write_deb(d).read_bytes()
+
+
+def _release(d: Path) -> bytes:
+    from sealbox.samples import linuxpkg
+
+    return linuxpkg.write_release(d).read_bytes()
+
+
+def _payload(d: Path) -> bytes:
+    from sealbox.samples import sigstore
+
+    return sigstore.write_payload(d).read_bytes()
+
+
 BAD_LFANEW = functools.partial(_patched, at=0x3C, value=(0x7FFFFFF0).to_bytes(4, "little"))
 FAMILIES: dict[str, Family] = {
     "gpg": Family("input.bin", _pe, BAD_LFANEW, signs_anything=True),
@@ -147,6 +171,17 @@ FAMILIES: dict[str, Family] = {
     "apk": Family("app.apk", lambda d: android.write_apk(d).read_bytes(), bogus_directory_offset),
     "dmg": Family("App.tar.gz", _app_tgz, functools.partial(_patched, at=3, value=b"\xff")),  # gzip flags
     "macho": Family("Hello", _macho, functools.partial(_patched, at=16, value=b"\xff\xff\x00\x00")),  # ncmds
+    # the signature header's index count (after the 96-byte lead and the 8-byte header magic)
+    "rpm": Family(
+        "hello.rpm", _rpm, functools.partial(_patched, at=104, value=(0x7FFFFFF0).to_bytes(4, "big"))
+    ),
+    # the first ar member's size field
+    "deb": Family("hello.deb", _deb, functools.partial(_patched, at=8 + 48, value=b"9999999999")),
+    # any UTF-8 deb822 paragraph is a Release to sign; a NUL makes it none
+    "apt": Family(
+        "Release", _release, functools.partial(_patched, at=10, value=b"\x00"), signs_anything=True
+    ),
+    "sigstore": Family("payload.json", _payload, functools.partial(_patched, at=0, value=b"[")),
 }
 FAMILY_OF = {
     "gpg": "gpg",
@@ -167,6 +202,11 @@ FAMILY_OF = {
     "focus-apk": "apk",
     "dmg": "dmg",
     "macho": "macho",
+    "rpm": "rpm",
+    "deb": "deb",
+    "apt-inrelease": "apt",
+    "apt-release-gpg": "apt",
+    "sigstore": "sigstore",
 }
 
 

@@ -839,6 +839,7 @@ def rewrite_zip(
     *,
     drop: Callable[[str], object] = lambda name: False,
     edit: Callable[[str], Editor | None] = lambda name: None,
+    align: Callable[[str], int] | None = None,
 ) -> None:
     """Write ``members`` of the zip ``src`` (as :func:`zip_members` gave them) to ``dest``.
 
@@ -849,11 +850,13 @@ def rewrite_zip(
     which ``drop(name)`` is true are checked and left out; ``edit(name)`` may give an
     :data:`Editor` for a member, called with its plain bytes (at most :data:`MAX_EDITED`),
     whose result is written with the member's compression method. An output that would need
-    zip64 (over 4 GiB or 65535 members) is refused."""
+    zip64 (over 4 GiB or 65535 members) is refused. With ``align``, the data of each STORED
+    member starts at a multiple of ``align(name)``, padded by Android's alignment extra field
+    (what ``zipalign`` checks, and what apksig reads and keeps when it signs)."""
     with _zip_refusals():
         size = src.stat().st_size
         with src.open("rb") as f, dest.open("wb") as out:
-            writer = _ZipCopier(out)
+            writer = _ZipCopier(out, align)
             for m in members:
                 info = m.info
                 chunks = _member_chunks(f, m, size)
@@ -878,18 +881,33 @@ def rewrite_zip(
             writer.finish()
 
 
-class _ZipCopier:
-    """Writes members without extra fields, comments or data descriptors (no zip64)."""
+#: Android's zip extra field saying to what multiple a member's data is aligned (apksig's)
+ALIGNMENT_EXTRA_ID = 0xD935
 
-    def __init__(self, f: IO[bytes]) -> None:
+
+class _ZipCopier:
+    """Writes members without extra fields (but an alignment one), comments or data
+    descriptors (no zip64)."""
+
+    def __init__(self, f: IO[bytes], align: Callable[[str], int] | None = None) -> None:
         self._f = f
+        self._align = align
         self._central: list[bytes] = []
+
+    def _alignment_extra(self, m: ZipMember, method: int, offset: int) -> bytes:
+        if self._align is None or method != zipfile.ZIP_STORED or m.is_dir:
+            return b""
+        multiple = self._align(m.name)
+        data_start = offset + 30 + len(m.raw_name) + 6  # the extra field's smallest size
+        padding = -data_start % multiple
+        return struct.pack("<HHH", ALIGNMENT_EXTRA_ID, 2 + padding, multiple) + bytes(padding)
 
     def add(
         self, m: ZipMember, crc: int, method: int, csize: int, usize: int, chunks: Iterable[bytes]
     ) -> None:
         offset = self._f.tell()
-        if offset + 30 + len(m.raw_name) + csize > _U32 or len(self._central) >= 0xFFFF:
+        extra = self._alignment_extra(m, method, offset)
+        if offset + 30 + len(m.raw_name) + len(extra) + csize > _U32 or len(self._central) >= 0xFFFF:
             raise FormatRejected("archive too large to sign (zip64 output is not supported)")
         y, mo, d, h, mi, s = m.info.date_time
         dos_date = ((max(y, 1980) - 1980) << 9) | (mo << 5) | d
@@ -898,7 +916,8 @@ class _ZipCopier:
         common = struct.pack(
             "<HHHHIIIH", flags, method, dos_time, dos_date, crc, csize, usize, len(m.raw_name)
         )
-        self._f.write(b"PK\x03\x04" + struct.pack("<H", 20) + common + struct.pack("<H", 0) + m.raw_name)
+        head = b"PK\x03\x04" + struct.pack("<H", 20) + common + struct.pack("<H", len(extra))
+        self._f.write(head + m.raw_name + extra)
         for chunk in chunks:
             self._f.write(chunk)
         external = 0x10 if m.is_dir else 0

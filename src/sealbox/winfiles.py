@@ -1,5 +1,6 @@
-"""Windows file rules: which names may be Authenticode-signed, PE and MSI recognition, and
-whether a file is already signed.
+"""Windows file rules: which names may be Authenticode-signed, which kind of file the bytes are
+(PE, MSI, CAB, security catalog, APPX/MSIX package, PowerShell script), and whether a file is
+already signed.
 
 Shared by the Authenticode signer (:mod:`sealbox.formats.authenticode`, which re-exports these)
 and the task runner, which applies them to zip members on build workers without importing the
@@ -8,17 +9,24 @@ signer and its key handling.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import os
 import struct
+import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from .errors import FormatRejected
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
     "BLOCKLIST",
+    "KIND_EXTENSIONS",
     "OLE_MAGIC",
+    "PE_MSI_EXTENSIONS",
+    "Kind",
+    "authenticode_kind",
     "check_pe",
     "is_msi_bytes",
     "is_pe_bytes",
@@ -30,8 +38,24 @@ __all__ = [
     "read_head",
 ]
 
-#: extensions (of the uploaded filename) Authenticode signs
-ALLOWED_EXTENSIONS = (".exe", ".dll", ".sys", ".msi")
+#: extensions of PE and MSI files: what the task runner signs (single files, zip members)
+PE_MSI_EXTENSIONS = (".exe", ".dll", ".sys", ".msi")
+#: extensions (of the uploaded filename) the server's Authenticode formats accept; which kind
+#: of file it is, is decided by the bytes (:func:`authenticode_kind`), never by the name
+ALLOWED_EXTENSIONS = (*PE_MSI_EXTENSIONS, ".cab", ".cat", ".appx", ".msix", ".ps1", ".psm1", ".psd1")
+
+#: what Authenticode signs here, as told by the bytes
+Kind = Literal["PE", "MSI", "CAB", "catalog", "APPX", "script"]
+#: the extension a kind is handed to osslsigncode under (it tells scripts by the name alone;
+#: .ps1, .psm1 and .psd1 are signed alike: the same comment syntax and SIP)
+KIND_EXTENSIONS: dict[Kind, str] = {
+    "PE": ".exe",
+    "MSI": ".msi",
+    "CAB": ".cab",
+    "catalog": ".cat",
+    "APPX": ".msix",
+    "script": ".ps1",
+}
 #: names already signed by Microsoft that must never be re-signed (fnmatch, case-insensitive)
 BLOCKLIST = ("msvc*.dll", "d3dcompiler_42.dll", "d3dcompiler_43.dll", "d3dx9_42.dll", "d3dx9_43.dll")
 
@@ -45,11 +69,11 @@ def _basename(filename: str) -> str:
     return PurePosixPath(filename.replace("\\", "/")).name
 
 
-def name_problem(filename: str) -> str | None:
+def name_problem(filename: str, extensions: tuple[str, ...] = ALLOWED_EXTENSIONS) -> str | None:
     """What is wrong with the name (the name itself not repeated), or None."""
     lower = _basename(filename).lower()
-    if not lower.endswith(ALLOWED_EXTENSIONS):
-        return f"does not end in {', '.join(ALLOWED_EXTENSIONS)}"
+    if not lower.endswith(extensions):
+        return f"does not end in {', '.join(extensions)}"
     for pattern in BLOCKLIST:
         if fnmatch.fnmatchcase(lower, pattern):
             return f"is on the blocklist of Microsoft-signed files ({pattern})"
@@ -57,13 +81,14 @@ def name_problem(filename: str) -> str | None:
 
 
 def name_rejection(filename: str) -> str | None:
-    """Why ``filename`` may not be Authenticode-signed, or None if it may."""
-    problem = name_problem(filename)
+    """Why the task runner will not Authenticode-sign ``filename`` (a PE or MSI name), or None."""
+    problem = name_problem(filename, PE_MSI_EXTENSIONS)
     return None if problem is None else f"'{_basename(filename)}' {problem}"
 
 
 def is_signable_name(filename: str) -> bool:
-    """True if the name has a signable extension and is not blocklisted (``msvc*.dll`` ...)."""
+    """True if the name has a PE or MSI extension and is not blocklisted (``msvc*.dll`` ...):
+    the task runner's rule for single files and zip members."""
     return name_rejection(filename) is None
 
 
@@ -158,3 +183,136 @@ def is_signed(path: Path) -> bool:
                     return True
                 tail = chunk[-len(_MSI_SIGNATURE_STREAM) :]
     return False
+
+
+# -- which kind of file: CAB, security catalog, APPX/MSIX, script --------------------------------
+_CAB_MAGIC = b"MSCF"
+_OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.2
+_OID_CTL = bytes.fromhex("06092b0601040182370a01")  # 1.3.6.1.4.1.311.10.1 (certificate trust list)
+_APPX_PARTS = ("AppxManifest.xml", "AppxBlockMap.xml", "[Content_Types].xml")
+_ZIP_MAGIC = b"PK\3\4"
+# C0 controls a text script may hold: tab, line feed, vertical tab, form feed, carriage return
+_TEXT_CONTROLS = frozenset("\t\n\v\f\r")
+
+
+def _cab_problem(head: bytes, size: int) -> str | None:
+    """What is wrong with a cabinet's CFHEADER (MSCF), or None."""
+    if len(head) < 36:
+        return "truncated CAB: the header is cut off"
+    cabinet, files_at = struct.unpack_from("<I4xI", head, 8)
+    minor, major, folders, files = struct.unpack_from("<BBHH", head, 24)
+    if (major, minor) != (1, 3):
+        return f"malformed CAB: version {major}.{minor}, not 1.3"
+    if cabinet > size:
+        return f"truncated CAB: the header says {cabinet} bytes, the file has {size}"
+    if not folders or not files or not 36 <= files_at < cabinet:
+        return f"malformed CAB: {folders} folders, {files} files, file table at {files_at}"
+    return None
+
+
+def _der_header(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, offset of the contents, length of the contents) of the DER element at ``at``."""
+    if at + 2 > len(data):
+        raise ValueError("cut off")
+    tag, first = data[at], data[at + 1]
+    if first < 0x80:
+        return tag, at + 2, first
+    n = first & 0x7F
+    if not 1 <= n <= 4 or at + 2 + n > len(data):
+        raise ValueError("bad length")
+    return tag, at + 2 + n, int.from_bytes(data[at + 2 : at + 2 + n], "big")
+
+
+def _is_pkcs7_signed(head: bytes) -> bool:
+    """True if ``head`` starts a DER ContentInfo of type SignedData (as osslsigncode tells a catalog)."""
+    try:
+        tag, body, _ = _der_header(head, 0)
+    except ValueError:
+        return False
+    return tag == 0x30 and head[body : body + len(_OID_SIGNED_DATA)] == _OID_SIGNED_DATA
+
+
+def _catalog_problem(head: bytes, size: int) -> str | None:
+    """What is wrong with a DER SignedData that should hold a certificate trust list, or None."""
+    try:
+        _, body, length = _der_header(head, 0)
+        if body + length > size:
+            return f"truncated catalog: its DER says {body + length} bytes, the file has {size}"
+        if body + length < size:
+            return f"malformed catalog: {size - body - length} bytes after its DER"
+        tag, at, _ = _der_header(head, body + len(_OID_SIGNED_DATA))  # [0] EXPLICIT
+        tag2, at, _ = _der_header(head, at)  # SignedData
+        if (tag, tag2) != (0xA0, 0x30):
+            return "malformed catalog: no SignedData"
+        for expected in (0x02, 0x31):  # version, digestAlgorithms
+            tag, inner, n = _der_header(head, at)
+            if tag != expected:
+                return "malformed catalog: unexpected SignedData layout"
+            at = inner + n
+        tag, at, _ = _der_header(head, at)  # encapContentInfo
+    except ValueError as e:
+        return f"malformed catalog: bad DER ({e})"
+    if tag != 0x30 or head[at : at + len(_OID_CTL)] != _OID_CTL:
+        return "a PKCS#7 SignedData whose content is not a catalog (certificate trust list)"
+    return None
+
+
+def _appx_problem(path: Path) -> str | None:
+    """What keeps a zip from being an APPX/MSIX package osslsigncode signs, or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"malformed zip (APPX/MSIX package): {e}"
+    missing = [p for p in _APPX_PARTS if p not in names]
+    if missing:
+        return f"a zip, not an APPX/MSIX package (no {', '.join(missing)})"
+    return None
+
+
+def _is_script_text(path: Path) -> bool:
+    """True if the file is text a script can be: UTF-8 (a BOM or not) or UTF-16LE with its BOM,
+    without NUL or other control characters but line breaks and tabs."""
+    with path.open("rb") as f:
+        first = f.read(2)
+        f.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-16-le" if first == b"\xff\xfe" else "utf-8")()
+        try:
+            while chunk := f.read(1 << 20):
+                text = decoder.decode(chunk)
+                if any(c < " " and c not in _TEXT_CONTROLS for c in text) or "\x7f" in text:
+                    return False
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def authenticode_kind(path: Path) -> Kind:
+    """Which kind of file Authenticode signs ``path`` as, told by its bytes alone.
+
+    Raises :class:`FormatRejected` naming what is malformed, or saying it is none of them."""
+    head, size = read_head(path)
+    if is_msi_bytes(head):
+        return "MSI"
+    if is_pe_bytes(head):
+        pe_cert_table(head, size)  # raises naming the inconsistency
+        return "PE"
+    problem: str | None
+    if head[:4] == _CAB_MAGIC:
+        kind: Kind = "CAB"
+        problem = _cab_problem(head, size)
+    elif _is_pkcs7_signed(head):
+        kind, problem = "catalog", _catalog_problem(head, size)  # its header lies in the head
+    elif head[:4] == _ZIP_MAGIC:
+        kind, problem = "APPX", _appx_problem(path)
+    elif size and _is_script_text(path):
+        return "script"
+    else:
+        raise FormatRejected(
+            "not a PE, MSI, CAB, catalog, APPX/MSIX package or PowerShell script (no MZ/PE, OLE, "
+            "MSCF, PKCS#7 or zip header, and not UTF-8 or UTF-16 text)"
+        )
+    if problem is not None:
+        raise FormatRejected(problem)
+    return kind

@@ -32,9 +32,21 @@ __all__ = [
 ]
 
 #: a signer module under ``sealbox/formats/``
-Family = Literal["gpg", "authenticode", "mar", "android", "emevoucher", "widevine", "macos"]
+Family = Literal[
+    "gpg",
+    "authenticode",
+    "mar",
+    "android",
+    "emevoucher",
+    "widevine",
+    "macos",
+    "sigstore",
+    "rpm",
+    "deb",
+    "apt",
+]
 #: what the task runner does around the signing (:mod:`sealbox.task.behaviours`)
-Packaging = Literal["authenticode", "widevine", "macapp", "apk"]
+Packaging = Literal["authenticode", "widevine", "macapp", "apk", "apt"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,15 @@ TABLE: tuple[Format, ...] = (
     Format("macapp", "macos", _TOOL, last=3, task="macapp", alias_of="dmg"),
     # keeps its place in a chain: signtool moves only macapp and dmg last
     Format("dmgv2", "macos", _TOOL, task="macapp", alias_of="dmg"),
+    # a container image's simple-signing payload (built by `sealbox sign-image`) -> DER ECDSA
+    Format("sigstore", "sigstore", _IN_PROCESS, detached_suffix=".sig"),
+    # Linux packages: an RPM's header signature (rpmsign), a .deb's debsigs origin signature
+    Format("rpm", "rpm", _TOOL),
+    Format("deb", "deb", _IN_PROCESS),
+    # an APT repository's Release: the clear-signed InRelease, the detached Release.gpg (the
+    # task runner writes both beside the Release)
+    Format("apt-inrelease", "apt", _IN_PROCESS, task="apt"),
+    Format("apt-release-gpg", "apt", _IN_PROCESS, detached_suffix=".gpg", last=6, task="apt"),
 )
 
 _BY_NAME = {f.name: f for f in TABLE}

@@ -28,9 +28,10 @@ from sealbox.deploy import pki
 from sealbox.deploy.dev import init_dev
 from sealbox.errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from sealbox.formats import FormatSettings, SignRequest, authenticode, signer_class
+from sealbox.formats._msi import write_msi
 from sealbox.formats.authenticode import AuthenticodeSigner
 from sealbox.keys import PassphraseSource, UnlockedKey, load_key
-from sealbox.samples.pe import launcher_path, write_dll, write_large_pe, write_pe
+from sealbox.samples.pe import launcher_path, write_dll, write_pe
 from sealbox.server.config import load_config
 from tests.servers import exec_image, refusing_port
 
@@ -191,7 +192,7 @@ def test_other_osslsigncode_builds(deployment: Deployment, tmp_path: Path, tool:
             "set SEALBOX_TEST_OSSLSIGNCODE to other osslsigncode binaries (e.g. Debian 2.5) to run this"
         )
     signer = deployment.signer("sha2signcodestub", osslsigncode=tool)
-    src = write_pe(tmp_path)
+    src = write_msi(tmp_path)  # osslsigncode signs MSI; a PE is signed in-process
     out = sign(signer, tmp_path, src)
     AuthenticodeSigner.verify("sha2signcodestub", out, src, deployment.public_dir)
 
@@ -244,7 +245,7 @@ def _truncated(tmp_path: Path) -> Path:
 
 def _text(tmp_path: Path) -> Path:
     p = tmp_path / "notes.exe"
-    p.write_bytes(b"This is not a program.\n" * 100)
+    p.write_bytes(b"This is not a program.\0\n" * 100)
     return p
 
 
@@ -290,7 +291,7 @@ BAD_NAMES = [
     "setup.txt",
     "setup.exe.zip",
     "README",
-    "setup.msix",
+    "setup.msixbundle",
     "x.EXE.bak",
 ]
 
@@ -300,7 +301,7 @@ def test_refused_names(deployment: Deployment, filename: str) -> None:
     # A rule on names, applied at upload (never by sign(), never remembered); the reason does
     # not echo the name (it goes into a response header).
     fixed = [f"is on the blocklist of Microsoft-signed files ({p})" for p in authenticode.BLOCKLIST]
-    fixed.append("does not end in .exe, .dll, .sys, .msi")
+    fixed.append(f"does not end in {', '.join(authenticode.ALLOWED_EXTENSIONS)}")
     reason = deployment.signer("sha2signcode").refuse_name(filename)
     assert reason in [f"sha2signcode: the file name {text}" for text in fixed]
     assert authenticode.name_rejection(filename) is not None
@@ -315,7 +316,7 @@ def test_accepted_names(deployment: Deployment, filename: str) -> None:
     "maker,filename,reason",
     [
         (_truncated, "setup.exe", "truncated PE"),
-        (_text, "setup.exe", "not a PE"),
+        (_text, "setup.dll", "not a PE"),  # NUL bytes: not a script (text is one, by content)
         (_random, "setup.dll", "not a PE"),
         (_mz_garbage, "setup.exe", "not a PE"),
         (_bad_lfanew, "setup.exe", "not a PE"),
@@ -532,11 +533,12 @@ def test_password_never_in_child_argv_or_env(
     poller = threading.Thread(target=poll_children, daemon=True)
     poller.start()
     try:
-        src = write_large_pe(tmp_path, "big-setup.exe", 48 * 1024 * 1024)  # keeps the child alive a while
+        # MSI: osslsigncode signs it with the key handed over (a PE is signed in-process)
+        src = write_msi(tmp_path, "big-setup.msi", os.urandom(48 * 1024))
         out = sign(deployment.signer("sha2signcodestub-v2"), tmp_path, src)
         second = tmp_path / "second"
         second.mkdir()
-        sign(deployment.signer("sha2signcode"), second, write_pe(second))
+        sign(deployment.signer("sha2signcode"), second, write_msi(second))
     finally:
         stop.set()
         poller.join()

@@ -200,9 +200,10 @@ def test_a_lost_token_fails_retryably_and_its_return_is_picked_up(token: Token) 
 
 
 def test_tool_formats_sign_with_a_token_key_and_macos_still_refuses(token: Token, tmp_path: Path) -> None:
-    """osslsigncode (OpenSSL's pkcs11 engine) and jarsigner (Java's SunPKCS11) sign with a key in
-    the token, checked by their verifiers; the macOS library cannot and refuses, and a hand-off
-    a tool cannot use stops start-up: each naming the format and key. A key is never exported."""
+    """osslsigncode (OpenSSL's pkcs11 engine) and apksig (its JVM asks the server, which signs in
+    the token) sign with a key in the token, checked by their verifiers; the macOS library
+    cannot and refuses, and a hand-off a tool cannot use stops start-up: each naming the format
+    and key. A key is never exported."""
     from sealbox.formats.android import TRUSTSTORE_PASSWORD, AndroidSigner
     from sealbox.formats.authenticode import CA_FILE, AuthenticodeSigner
     from sealbox.formats.macos import MacSigner
@@ -243,8 +244,13 @@ def test_tool_formats_sign_with_a_token_key_and_macos_still_refuses(token: Token
         signer.verify(fmt, tmp_path / f"signed-{src.name}", src, public_dir)
     with pytest.raises(ConfigError, match="format 'macho': key 'tool' is in a PKCS#11 token"):
         MacSigner(settings("macho", "tool", timestamp_url="none"), keys.__getitem__)
-    with pytest.raises(ConfigError, match="format 'jar': the JVM cannot sign with key 'bare'"):
-        AndroidSigner(settings("jar", "bare"), keys.__getitem__)
+    # apksig's JVM never reaches the token (the server signs its digests): a key without its
+    # certificate on the token ("bare": the chain file has it) signs too
+    bare_jar, bare_work = write_jar(tmp_path, "bare.jar"), tmp_path / "work-bare"
+    bare_work.mkdir()
+    AndroidSigner(settings("jar", "bare"), keys.__getitem__).sign(
+        SignRequest(bare_jar, tmp_path / "signed-bare.jar", bare_jar.name, bare_work)
+    )
     # an osslsigncode that cannot load OpenSSL's pkcs11 engine (libengine-pkcs11-openssl missing)
     no_engine = tmp_path / "osslsigncode"
     tool = shutil.which("osslsigncode")

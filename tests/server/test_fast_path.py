@@ -14,6 +14,7 @@ import httpx
 import psutil
 
 from sealbox.client import AsyncSigningClient, SigningClient
+from sealbox.formats import signer_class
 from tests.servers import Deployment, ServerProcess, gpg_verify, start_server
 
 
@@ -27,12 +28,16 @@ def _form(server: ServerProcess, data: bytes, name: str = "f.bin") -> dict[str, 
 
 
 def _post(
-    server: ServerProcess, data: bytes, headers: dict[str, str] | None = None, name: str = "f.bin"
+    server: ServerProcess,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    name: str = "f.bin",
+    fmt: str = "gpg",
 ) -> httpx.Response:
     ctx = ssl.create_default_context(cafile=str(server.deployment.ca))
     with httpx.Client(verify=ctx, timeout=60) as c:
         return c.post(
-            f"{server.server.url}/sign/gpg",
+            f"{server.server.url}/sign/{fmt}",
             data=_form(server, data, name),
             files={"filedata": (name, data)},
             headers=headers or {},
@@ -186,7 +191,6 @@ def _get(server: ServerProcess, fmt: str, sha1: str) -> httpx.Response:
 
 
 def test_content_held_for_one_format_signs_in_others_without_upload(tmp_path: Path) -> None:
-    from sealbox.formats import signer_class
     from sealbox.samples import pe
 
     d = Deployment.create(tmp_path / "held", "dep", ["gpg", "sha2signcode", "widevine"])
@@ -194,21 +198,45 @@ def test_content_held_for_one_format_signs_in_others_without_upload(tmp_path: Pa
     try:
         small = pe.write_pe(tmp_path)  # ~100 KiB: the worker path, kept as a row
         big = pe.write_large_pe(tmp_path, size=1024 * 1024)  # the thread path, kept as a file
-        for src in (small, big):
+        # a big file goes up for widevine: gpg keeps no big input (see the test below)
+        for src, sent in ((small, "gpg"), (big, "widevine")):
             data = src.read_bytes()
             sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-            r = _post(sp, data, {"X-Sealbox-Wait": "30"}, src.name)  # uploaded for gpg only
+            r = _post(sp, data, {"X-Sealbox-Wait": "30"}, src.name, sent)  # uploaded for one format
             assert r.status_code == 200, r.text
-            for fmt in ("widevine", "sha2signcode"):  # never uploaded for these
+            for fmt in {"gpg", "widevine", "sha2signcode"} - {sent}:  # never uploaded for these
                 got = _get(sp, fmt, sha1)
                 assert got.status_code == 200, (fmt, got.status_code, got.headers)
-                suffix = ".sig" if fmt == "widevine" else ""
+                suffix = {"widevine": ".sig", "gpg": ".asc"}.get(fmt, "")
                 out = tmp_path / f"{src.stem}-{fmt}{suffix or '.exe'}"
                 out.write_bytes(got.content)
                 signer_class(fmt).verify(fmt, out, src if suffix else None, d.public)
         uploads = [
             e for e in sp.log_lines() if e.get("method") == "POST" and str(e["path"]).startswith("/sign/")
         ]
-        assert len(uploads) == 2  # one upload per file, for gpg; the other formats needed none
+        assert len(uploads) == 2  # one upload per file; the other formats needed none
+    finally:
+        sp.stop()
+
+
+def test_big_gpg_upload_keeps_its_digests_not_its_bytes(tmp_path: Path) -> None:
+    """gpg signs the SHA-256 taken as a big upload arrives: its bytes are never written to the
+    store (one pass over them on the server), and another format asked for them later
+    answers unknown (404), so the client uploads them again: nothing is signed from nothing."""
+    d = Deployment.create(tmp_path / "digests", "dep", ["gpg", "widevine"])
+    sp = start_server(d)
+    try:
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(3 * 1024 * 1024))
+        data = src.read_bytes()
+        sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        r = _post(sp, data, {"X-Sealbox-Wait": "30"}, src.name)
+        assert r.status_code == 200, r.text
+        sig = tmp_path / "big.bin.asc"
+        sig.write_bytes(r.content)
+        signer_class("gpg").verify("gpg", sig, src, d.public)
+        held = [p for p in (d.root / "data").rglob(f"{sha1}*") if "signed" not in p.parts]
+        assert held == []  # the signature is stored (signed/gpg/<sha1>), the input is not
+        assert _get(sp, "widevine", sha1).status_code == 404  # unknown: upload it
     finally:
         sp.stop()

@@ -23,7 +23,7 @@ from sealbox.server.health import KEY_CHECK_TTL
 from tests.servers import Deployment, ServerProcess, start_server
 
 CAP = 60.0  # bound of every wait
-CHECKS = {"keys", "data_dir", "workers", "certificates", "signing_log"}
+CHECKS = {"keys", "data_dir", "workers", "certificates", "signing_log", "formats"}
 
 
 def _deployment(root: Path, **server: Any) -> Deployment:

@@ -17,7 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sealbox.formats.authenticode import AuthenticodeSigner, is_msi_bytes, is_pe_bytes, is_signed
+from sealbox.formats.authenticode import (
+    ALLOWED_EXTENSIONS,
+    AuthenticodeSigner,
+    is_msi_bytes,
+    is_pe_bytes,
+    is_signed,
+)
 from sealbox.samples.msi import write_msi
 from sealbox.samples.pe import launcher_path
 from tests.servers import Deployment, ServerProcess, start_server
@@ -101,7 +107,7 @@ def reason(r: httpx.Response) -> str:
 @pytest.mark.parametrize(
     "bad, good, why",
     [
-        ("setup.bin", "setup.exe", "does not end in .exe, .dll, .sys, .msi"),
+        ("setup.bin", "setup.exe", "does not end in " + ", ".join(ALLOWED_EXTENSIONS)),
         ("msvcp140.dll", "app.dll", "is on the blocklist of Microsoft-signed files (msvc*.dll)"),
     ],
 )
@@ -155,12 +161,20 @@ def test_type_is_decided_by_content(box: Box, tmp_path: Path, kind: str, names: 
         assert r.content == out.read_bytes()
 
 
-def test_neither_pe_nor_msi_says_what_it_is_not(box: Box) -> None:
-    data = b"This is not a program.\n" * 100
+def test_no_kind_says_what_it_is_not(box: Box) -> None:
+    data = b"This is not a program.\x00\x01\n" * 100  # binary, and no kind's header
     r = box.upload(data, "notes.exe")
     assert r.status_code == 404, (r.status_code, r.text)
-    assert reason(r).startswith(f"signing failed: {FMT}: not a PE or MSI file"), reason(r)
+    assert reason(r).startswith(f"signing failed: {FMT}: not a PE, MSI, CAB"), reason(r)
     assert "notes.exe" not in reason(r)
+
+
+def test_text_is_signed_as_a_script_whatever_its_name(box: Box) -> None:
+    """A kind is told by the bytes: UTF-8 text is a PowerShell script, under any allowed name."""
+    data = b"Write-Output 'not a program'\r\n" * 10
+    r = box.upload(data, "notes.exe")
+    assert r.status_code == 200, (r.status_code, r.text)
+    assert r.content.startswith(data) and b"# SIG # Begin signature block" in r.content
 
 
 # -- content the server already holds under another name: signed by a GET, no name rules -------
@@ -174,7 +188,6 @@ def test_held_content_signs_like_an_upload(box: Box, tmp_path: Path) -> None:
     r = box.upload(data, "setup.exe")  # an upload of the same bytes gets the same output
     assert r.status_code == 200 and r.content == out.read_bytes()
     refused = box.upload(data, "setup.bin")  # the name rule applies to uploads still
-    assert (
-        refused.status_code == 400
-        and reason(refused) == f"{FMT}: the file name does not end in .exe, .dll, .sys, .msi"
-    )
+    assert refused.status_code == 400 and reason(
+        refused
+    ) == f"{FMT}: the file name does not end in " + ", ".join(ALLOWED_EXTENSIONS)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sealbox.client import SignOutcome
-from sealbox.samples.pe import write_pe
+from sealbox.samples.msi import write_msi
 from tests.servers import Deployment, ServerProcess, start_server
 
 CAP = 120.0  # generous bound on every wait: a broken server fails the test instead of hanging it
@@ -23,6 +23,7 @@ CAP = 120.0  # generous bound on every wait: a broken server fails the test inst
 # only in case the test died without doing so), then runs the real tool.
 BLOCKING_TOOL = """\
 #!/bin/sh
+[ "$1" = "--version" ] && exec {real} --version  # start-up asks the version: not a job
 echo started >> {marks}
 i=0
 while [ ! -e {release} ] && [ $i -lt 12000 ]; do /bin/sleep 0.05; i=$((i + 1)); done
@@ -84,7 +85,7 @@ def _lines(marks: Path) -> list[str]:
 
 def test_slow_job_times_out_with_a_reason(tmp_path: Path) -> None:
     with _server_with_blocking_authenticode(tmp_path, job_timeout=2.0) as (sp, marks):
-        src = write_pe(tmp_path)
+        src = write_msi(tmp_path)
         t, outcome = _sign_in_thread(sp, src, tmp_path / "out" / src.name)
         t.join(CAP)
         assert not t.is_alive()
@@ -96,7 +97,7 @@ def test_slow_job_times_out_with_a_reason(tmp_path: Path) -> None:
 
 def test_other_formats_keep_going_while_a_slow_job_runs(tmp_path: Path) -> None:
     with _server_with_blocking_authenticode(tmp_path, job_timeout=None) as (sp, marks):
-        src = write_pe(tmp_path)
+        src = write_msi(tmp_path)
         t, outcome = _sign_in_thread(sp, src, tmp_path / "out" / src.name)
         _until(lambda: "started" in _lines(marks))  # the slow job is running now
         with sp.client() as c:

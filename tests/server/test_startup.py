@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,15 +105,24 @@ def test_sigterm_finishes_in_flight_jobs(tmp_path: Path) -> None:
     from sealbox.samples.android import write_jar
 
     d = Deployment.create(tmp_path / "drain", "dep", ["jar"])
-    # The job's JVM (jarsigner) creates this file and waits at start-up until it is gone: the job
-    # is in flight for certain when SIGTERM comes, and ends only after the server saw it.
+    # The job's JVM (apksig's, started by the first job) creates this file and waits at start-up
+    # until it is gone: the job is in flight for certain when SIGTERM comes, and ends only after
+    # the server saw it.
     paused = tmp_path / "jvm-paused"
     pause = ["-XX:+UnlockDiagnosticVMOptions", "-XX:+PauseAtStartup", f"-XX:PauseAtStartupFile={paused}"]
     options = json.dumps([*DEFAULT_JAVA_OPTIONS, *pause])
     d.config.write_text(
         d.config.read_text().replace("[formats.jar]\n", f"[formats.jar]\njava_options = {options}\n")
     )
+
+    def let_start_up_prove() -> None:  # start-up's test signature runs (then stops) such a JVM too
+        _until(paused.exists)
+        paused.unlink()
+
+    prover = threading.Thread(target=let_start_up_prove, daemon=True)
+    prover.start()
     sp = start_server(d)
+    prover.join()
     jar = write_jar(tmp_path, "lib.jar", extra_size=4096)
     digest = hashlib.sha1(jar.read_bytes(), usedforsecurity=False).hexdigest()
     try:

@@ -20,6 +20,7 @@ _COMMANDS = {
     "task": ("sealbox.cli.task", "task"),
     "cot": ("sealbox.cli.cot", "cot"),
     "log": ("sealbox.cli.log", "log"),
+    "sign-image": ("sealbox.cli.sign_image", "sign_image"),
 }
 
 

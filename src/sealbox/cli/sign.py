@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..wire import KNOWN
-from ._common import fail
+from ._common import fail, server_options
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,16 +41,7 @@ def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequenc
 
 
 @click.command()
-@click.option("-H", "--host", "hosts", multiple=True, required=True, help="[fmt:...]host:port, repeatable.")
-@click.option(
-    "-c",
-    "--server-cert",
-    "ca",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="CA bundle (PEM) that verifies the servers.",
-)
-@click.option("-t", "--token-file", type=click.Path(path_type=Path), required=True)
+@server_options
 @click.option(
     "-n",
     "--nonce-file",

@@ -21,6 +21,10 @@ a 4xx), :class:`TokenRefused` (the issuer would not mint a token, or a server re
     except (SigningRefused, TokenRefused) as e:
         ...  # will not work as asked: report e
 
+``sign_image(client, "registry.example/app:1.0")`` signs a container image in its registry
+(format ``sigstore``) and pushes the signature as a cosign attachment (:class:`RegistryError`
+for the registry's part).
+
 ``sign`` and ``sign_many`` never raise for a file: its :class:`SignOutcome` carries the
 message (``error``) and the exception (``exception``), e.g.
 ``isinstance(outcome.exception, ServerUnavailable)``.
@@ -30,13 +34,17 @@ from ._aio import AsyncSigningClient, SignOutcome, describe_error
 from ._core import SigningClient, request_token
 from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from ._hosts import Server, parse_host
+from ._images import ImageRef, ImageSignature, RegistryError, sign_image, sign_image_async
 from ._logproof import LogProof, load_log_key
 from ._plan import detached_suffix, order_formats, wire_name
 
 __all__ = [
     "AsyncSigningClient",
     "ClientError",
+    "ImageRef",
+    "ImageSignature",
     "LogProof",
+    "RegistryError",
     "Server",
     "ServerUnavailable",
     "SignOutcome",
@@ -49,5 +57,7 @@ __all__ = [
     "order_formats",
     "parse_host",
     "request_token",
+    "sign_image",
+    "sign_image_async",
     "wire_name",
 ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -40,11 +41,11 @@ import secrets
 import shutil
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import aiohttp
 import multipart
@@ -74,6 +75,8 @@ _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its hos
 #: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
 WAIT_HEADER = "X-Sealbox-Wait"
 UPLOAD_WAIT = 30.0
+#: a big file is read (and hashed) this much at a time as it is sent
+STREAM_CHUNK = 1024 * 1024
 USER_AGENT = "sealbox-client"
 _serial = itertools.count()
 
@@ -182,16 +185,86 @@ class _File:
     digest: str
 
     @classmethod
-    async def read(cls, source: Path, fmt: str, dest: Path) -> _File:
+    async def read(cls, source: Path, fmt: str, dest: Path, hash_big: bool) -> _File:
+        """``hash_big``: hash a big file now (to look it up before uploading it); else its
+        digest is "" until an upload takes it on the way (one pass over the file)."""
         with source.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             data = f.read() if size <= SMALL_FILE else None  # read once: hashed, uploaded from memory
         if data is not None:
             size = len(data)
             digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-        else:  # hashing a big file here would hold up every other transfer on this loop
+        elif hash_big:  # hashing a big file here would hold up every other transfer on this loop
             digest = await asyncio.to_thread(hash_file, source)
+        else:
+            digest = ""
         return cls(source, fmt, wire_name(fmt), dest, data, size, digest)
+
+
+class _StreamedForm:
+    """A big file's multipart/form-data body, read from disk as it is sent. When its SHA-1 is
+    not known yet it is taken on the way (the one pass over the file) and the ``sha1`` field
+    follows ``filedata``: sealbox servers take it there, classic ones read the whole form first.
+    Iterate it once per upload; :attr:`sha1` is set once the file has gone."""
+
+    def __init__(self, fields: dict[str, str], job: _File) -> None:
+        self.job = job
+        self.boundary = secrets.token_hex(16)
+        self.sha1 = job.digest
+        head = "".join(
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in fields.items()
+            if name != "sha1" or job.digest
+        )
+        head += (
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="filedata"; '
+            f"filename={multipart.content_disposition_quote(job.source.name)}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        self.head = head.encode()
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        self.length = len(self.head) + job.size + len(self._tail("0" * 40))
+
+    def _tail(self, sha1: str) -> bytes:
+        late = (
+            ""
+            if self.job.digest
+            else (f'--{self.boundary}\r\nContent-Disposition: form-data; name="sha1"\r\n\r\n{sha1}\r\n')
+        )
+        return f"\r\n{late}--{self.boundary}--\r\n".encode()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        hasher = None if self.job.digest else hashlib.sha1(usedforsecurity=False)
+
+        def read(f: BinaryIO, n: int) -> bytes:
+            chunk = f.read(n)
+            if hasher is not None:
+                hasher.update(chunk)
+            return chunk
+
+        yield self.head
+        with self.job.source.open("rb") as f:
+            left = self.job.size
+            # Read and hashed in a thread, one chunk ahead: the next is read while this one is
+            # encrypted and sent, and the loop goes on serving the other transfers.
+            ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, STREAM_CHUNK)))
+            try:
+                while left:
+                    chunk = await ahead
+                    if not chunk:
+                        raise OSError(errno.EIO, f"{self.job.source} shrank while it was being sent")
+                    left -= len(chunk)
+                    if left:
+                        ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, STREAM_CHUNK)))
+                    yield chunk
+            finally:
+                if not ahead.done():
+                    await asyncio.wait({ahead})  # the thread is done with the file before it closes
+                if not ahead.cancelled():
+                    ahead.exception()  # retrieved: an abandoned read's error is not logged
+        if hasher is not None:
+            self.sha1 = hasher.hexdigest()
+        yield self._tail(self.sha1)
 
 
 @dataclass
@@ -447,7 +520,7 @@ class AsyncSigningClient:
 
     async def _sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool, list[LogProof]]:
         """:meth:`sign_one`, and the signing log proof of the result (with ``log_proof``)."""
-        job = await _File.read(source, fmt, dest)
+        job = await _File.read(source, fmt, dest, self.cache_dir is not None or self.token is None)
         if self._from_cache(job.wire, job.digest, dest):
             return "", True, []
         servers = self._servers_for(job.wire)
@@ -535,9 +608,13 @@ class AsyncSigningClient:
 
     async def _exchange(self, job: _File, att: _Attempts, server: Server) -> str:
         """Poll or upload (then poll) once: "done", "pending", "unknown" or "failed:<reason>"."""
-        # Small files go up at once (POST, then one long-poll GET): a round trip less than
-        # asking first. Large files are asked about first, so a server that has them saves the upload.
-        if self.token is not None and job.data is not None and server.url not in att.uploaded:
+        # Small files go up at once (POST, answered with the result): a round trip less than
+        # asking first. Large files already hashed (for the cache, or without a token) are asked
+        # about first, so a server that has them saves the upload.
+        # A big file not hashed yet goes up at once too: the upload hashes it.
+        if self.token is not None and (
+            not job.digest or (job.data is not None and server.url not in att.uploaded)
+        ):
             att.uploaded.add(server.url)
             state = await self._watch(server, self._upload(server, job, att.deadline))
         else:
@@ -613,43 +690,39 @@ class AsyncSigningClient:
             with contextlib.suppress(OSError):
                 nonce = self.nonce_file.read_text()
         fields = {"sha1": job.digest, "filename": source.name, "token": self.token, "nonce": nonce}
-        with contextlib.ExitStack() as stack:
-            body: Any
-            if data is not None:
-                # A small form is built in one piece (one TLS record, not one per part line);
-                # aiohttp's FormData machinery cost ~0.7 ms of CPU per small file.
-                content_type, body = _small_form(fields, source.name, data)
-                headers = {"Content-Type": content_type, WAIT_HEADER: str(int(UPLOAD_WAIT))}
-            else:  # a big file is streamed from disk
-                form = aiohttp.FormData(fields)
-                form.add_field(
-                    "filedata",
-                    stack.enter_context(source.open("rb")),
-                    filename=source.name,
-                    content_type="application/octet-stream",
-                )
-                body = form()
-                headers = {"Content-Type": body.content_type}
-            # Sending takes time proportional to the size; allow ~20 MB/s at worst.
-            read = max(60.0, size / 20e6) + (UPLOAD_WAIT if data is not None else 0)
-            async with self._http().post(
-                self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
-            ) as r:
-                if self.nonce_file is not None and "X-Nonce" in r.headers:
-                    with contextlib.suppress(OSError):
-                        self.nonce_file.write_text(r.headers["X-Nonce"])
-                if r.status == 200 and "X-SHA1-Digest" in r.headers:
-                    await self._receive(r, dest, r.headers["X-SHA1-Digest"].lower())
-                    return "done"
-                await r.read()
-                reason = r.headers.get("X-Sealbox-Error")
-                if r.status == 404 and reason:  # the job failed (answer of a waited upload)
-                    return "failed:" + reason
-                if r.status >= 500:
-                    raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
-                if r.status >= 400:
-                    raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
-                return "pending"
+        body: Any
+        streamed: _StreamedForm | None = None
+        if data is not None:
+            # A small form is built in one piece (one TLS record, not one per part line);
+            # aiohttp's FormData machinery cost ~0.7 ms of CPU per small file.
+            content_type, body = _small_form(fields, source.name, data)
+            headers = {"Content-Type": content_type}
+        else:  # a big file is streamed from disk
+            body = streamed = _StreamedForm(fields, job)
+            headers = {"Content-Type": streamed.content_type, "Content-Length": str(streamed.length)}
+        headers[WAIT_HEADER] = str(int(UPLOAD_WAIT))
+        # Sending takes time proportional to the size; allow ~20 MB/s at worst.
+        read = max(60.0, size / 20e6) + UPLOAD_WAIT
+        async with self._http().post(
+            self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
+        ) as r:
+            if streamed is not None:
+                job.digest = streamed.sha1  # the file went whole: its digest names it from now on
+            if self.nonce_file is not None and "X-Nonce" in r.headers:
+                with contextlib.suppress(OSError):
+                    self.nonce_file.write_text(r.headers["X-Nonce"])
+            if r.status == 200 and "X-SHA1-Digest" in r.headers:
+                await self._receive(r, dest, r.headers["X-SHA1-Digest"].lower())
+                return "done"
+            await r.read()
+            reason = r.headers.get("X-Sealbox-Error")
+            if r.status == 404 and reason:  # the job failed (answer of a waited upload)
+                return "failed:" + reason
+            if r.status >= 500:
+                raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
+            if r.status >= 400:
+                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
+            return "pending"
 
     def _upload_url(self, server: Server, wire: str) -> yarl.URL:
         # Parsed once: URL parsing is a noticeable part of a small upload's client CPU.

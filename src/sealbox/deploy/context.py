@@ -8,11 +8,11 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..keys import FileKey, PrivateKey, SigningKey, encrypt_pem
@@ -61,33 +61,44 @@ class DevContext:
         name: str,
         bits: int = 2048,
         *,
+        algorithm: Literal["rsa", "ec", "ed25519"] = "rsa",
         certificate: str | None = None,
         ekus: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CODE_SIGNING,),
+        token: SoftToken | None = None,
     ) -> SigningKey:
-        """A new RSA key ``name``: in the deployment's token with ``--hsm``, else an encrypted
-        key file. With ``certificate`` (a common name) it gets a certificate under the level's
-        code-signing root, and the chain [certificate, root]; else :meth:`add_chain` may give
-        it one. Returns the key as the server will hold it."""
+        """A new RSA key ``name`` (``algorithm="ec"``: an EC P-256 key, ``"ed25519"``: an Ed25519
+        key, ``bits`` unused): in the deployment's token with ``--hsm``, else an encrypted key
+        file. With ``certificate`` (a common name; RSA only) it gets a certificate under the
+        level's code-signing root, and the chain [certificate, root]; else :meth:`add_chain` may
+        give it one. With ``--hsm`` and ``token`` (from :meth:`extra_token`), the key is made
+        there instead. Returns the key as the server will hold it."""
         key: SigningKey
         if self.token is None:
-            private = pki.new_rsa(bits)
+            private: PrivateKey = (
+                ec.generate_private_key(ec.SECP256R1())
+                if algorithm == "ec"
+                else ed25519.Ed25519PrivateKey.generate()
+                if algorithm == "ed25519"
+                else pki.new_rsa(bits)
+            )
             self.add_key(name, private)
             key = FileKey(name, private)
         else:
             from ..keys import load_key
 
+            token = token or self.token
             key_id = bytes([len(self.keys) + 1])
-            generate_key(self.token, self._pin, name, key_id, "rsa", bits)
+            generate_key(token, self._pin, name, key_id, algorithm, bits)
             self.keys[name] = {
                 "kind": "pkcs11",
-                "module": str(self.token.module),
-                "module_env": dict(self.token.env),
-                "token": self.token.label,
+                "module": str(token.module),
+                "module_env": dict(token.env),
+                "token": token.label,
                 "label": name,
                 "id": key_id.hex(),
             }
             self.passphrases[name] = self._pin.decode()
-            key = load_key(self.token.spec(name, name, key_id), self._pin)
+            key = load_key(token.spec(name, name, key_id), self._pin)
         if certificate is None:
             return key
         public = key.public_key
@@ -96,6 +107,13 @@ class DevContext:
         return self.add_chain(
             key, [pki.certify(ca, f"{certificate} ({self.level})", public, ekus=ekus), ca.cert]
         )
+
+    def extra_token(self, suffix: str) -> SoftToken | None:
+        """With ``--hsm``, another token beside the deployment's (same SoftHSM directory and PIN),
+        labelled ``sealbox-LEVEL-SUFFIX``, for keys the signing tools must not see; else None."""
+        if self.token is None:
+            return None
+        return create_token(self.dir / "hsm", f"{self.token.label}-{suffix}", self._pin)
 
     def add_chain(self, key: SigningKey, chain: Sequence[x509.Certificate]) -> SigningKey:
         """Give a key made by :meth:`signing_key` its certificate chain (leaf first): a chain

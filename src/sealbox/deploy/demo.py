@@ -41,7 +41,7 @@ class Row:
 
 
 def _inputs() -> dict[str, Callable[[Path], Path]]:
-    from ..samples import android, macos, mar, pe
+    from ..samples import android, linuxpkg, macos, mar, pe, sigstore, windows
 
     def text(d: Path) -> Path:
         p = d / "SHA256SUMS"
@@ -61,6 +61,12 @@ def _inputs() -> dict[str, Callable[[Path], Path]]:
         "sha2signcodestub-v2": lambda d: pe.write_pe(d, "stub-v2.exe"),
         "signcode": lambda d: pe.write_pe(d, "legacy.exe"),
         "osslsigncode": lambda d: pe.write_pe(d, "legacy2.exe"),
+        # more rows of one wire name: "name (what)"; Authenticode tells the kind by the bytes
+        "sha2signcode (msi)": lambda d: windows.write_wixl_msi(d, "setup.msi"),
+        "sha2signcode (cab)": lambda d: windows.write_cab(d, "files.cab"),
+        "sha2signcode (cat)": lambda d: windows.write_cat(d, "files.cat"),
+        "sha2signcode (msix)": lambda d: windows.write_appx(d, "app.msix"),
+        "sha2signcode (ps1)": lambda d: windows.write_ps1(d, "tool.ps1"),
         "mar": lambda d: mar.write_mar(d, "update.mar", channel="firefox-mozilla-release", size=256 * 1024),
         "mar_sha384": lambda d: mar.write_mar(
             d, "update384.mar", channel="firefox-mozilla-release", size=256 * 1024
@@ -75,6 +81,13 @@ def _inputs() -> dict[str, Callable[[Path], Path]]:
         "widevine_blessed": lambda d: pe.write_pe(d, "plugin-container.exe"),
         "dmg": macos.write_app_tarball,
         "macho": lambda d: macos.write_macho(d, "ninja"),
+        # the payload `sealbox sign-image` builds for an image (registry push: docs/formats/container.md)
+        "sigstore": sigstore.write_payload,
+        "rpm": linuxpkg.write_rpm,
+        "deb": linuxpkg.write_deb,
+        # a repository's Release: its InRelease, and its Release.gpg
+        "apt-inrelease": linuxpkg.write_release,
+        "apt-release-gpg": linuxpkg.write_release,
     }
 
 
@@ -161,8 +174,9 @@ def run(root: Path) -> int:
         for level in LEVELS:
             served = [f for f in all_formats() if f in (root / level / "sealbox.toml").read_text()]
             for fmt in served:
-                work = Path(tempfile.mkdtemp(prefix=f"{fmt}-", dir=root / level))
-                rows.append(_sign_and_verify(servers[level], fmt, inputs[fmt], work))
+                for row in (k for k in inputs if k.partition(" (")[0] == fmt):
+                    work = Path(tempfile.mkdtemp(prefix=f"{fmt}-", dir=root / level))
+                    rows.append(_sign_and_verify(servers[level], fmt, inputs[row], work))
         rows.append(_cross_level(servers, root))
         _print(rows, _key_places(root))
         task_ok = _task(root, servers)

@@ -11,12 +11,13 @@ Layout::
                           signlog.pub: the signing log's checkpoint key (``sealbox log verify``)
     DIR/passphrases       key-name:passphrase (0600), for unattended dev start only
 
-With ``--hsm`` (``init_dev(..., hsm=True)``) the formats' keys are generated inside a SoftHSM
-token instead, sensitive and non-extractable, and never written to a file:
-``DIR/hsm/softhsm2.conf`` and its token directory ``DIR/hsm/tokens``; the token's PIN is each
-such key's line in ``DIR/passphrases``. Authenticode, APK and JAR reach their keys there
-through their tools' own PKCS#11 support; only macOS signing, whose library has no PKCS#11,
-keeps an encrypted key file (the config says so beside it).
+With ``--hsm`` (``init_dev(..., hsm=True)``) the formats' keys and the signing log's Ed25519
+key (in a token of its own) are generated inside SoftHSM tokens instead, sensitive and
+non-extractable, and never written to a file: ``DIR/hsm/softhsm2.conf`` and its token
+directory ``DIR/hsm/tokens``; the tokens' PIN is each such key's line in ``DIR/passphrases``.
+Authenticode, APK and JAR reach their keys there through their tools' own PKCS#11 support;
+only macOS signing, whose library has no PKCS#11, keeps an encrypted key file (the config says
+so beside it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import tomli_w
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ConfigError
 from ..server.credentials import hash_password
@@ -89,12 +90,15 @@ def init_dev(
             if formats is None or name in formats:
                 format_sections[name] = section
 
-    # The signing log's checkpoint key: a key file like the others, unlocked at start-up.
-    log_key = Ed25519PrivateKey.generate()
-    ctx.add_key(LOG_KEY, log_key)
+    # The signing log's checkpoint key, unlocked and proven at start-up like the others: with
+    # --hsm generated in a token (the server signs checkpoints there, CKM_EDDSA), else a file. A
+    # token of its own: libp11 (osslsigncode's engine) cannot load any key from a token that
+    # also holds an Ed25519 key.
+    log_key = ctx.signing_key(LOG_KEY, algorithm="ed25519", token=ctx.extra_token("log"))
+    assert isinstance(log_key.public_key, Ed25519PublicKey)
     ctx.write_public(
         "signlog.pub",
-        (public_key_text(log_key.public_key()) + "\n").encode(),
+        (public_key_text(log_key.public_key) + "\n").encode(),
         "sealbox log verify data/log --public public/signlog.pub   (the signing log, offline)",
     )
 
@@ -143,7 +147,7 @@ def _with_key_notes(text: str, ctx: DevContext) -> str:
         "# sensitive and non-extractable; its PIN is each such key's line in 'passphrases'.\n"
     )
     for name, entry in ctx.keys.items():
-        if entry["kind"] != "pkcs11" and name != LOG_KEY:  # the log key signs in the server itself
+        if entry["kind"] != "pkcs11":
             text = text.replace(
                 f"[keys.{name}]\n",
                 f"# a key FILE, not in the token: what uses '{name}' cannot use a PKCS#11 key\n"

@@ -18,7 +18,7 @@ __all__ = ["FormatSettings", "KeyResolver", "SignRequest", "Signer", "all_format
 _REGISTRY: dict[str, Family] = {f.name: f.family for f in TABLE if f.alias_of is None}
 
 
-def _import(family: Family) -> type[Signer]:
+def _import(family: Family) -> type[Signer]:  # noqa: PLR0911 (one return per family)
     """The signer class of ``family``; its module is imported on first use (a server loads
     only the families it serves)."""
     match family:
@@ -50,6 +50,22 @@ def _import(family: Family) -> type[Signer]:
             from .macos import MacSigner
 
             return MacSigner
+        case "sigstore":
+            from .sigstore import SigstoreSigner
+
+            return SigstoreSigner
+        case "rpm":
+            from .rpm import RpmSigner
+
+            return RpmSigner
+        case "deb":
+            from .deb import DebSigner
+
+            return DebSigner
+        case "apt":
+            from .apt import AptSigner
+
+            return AptSigner
         case _:
             assert_never(family)
 

@@ -198,3 +198,31 @@ def public_key_block(key: SigningKey, user_id: str, created: int) -> bytes:
     )
     sig = _signature(key, pub, SIG_POSITIVE_CERT, h, "sha256", created, extra)
     return armor("PUBLIC KEY BLOCK", _packet(TAG_PUBLIC_KEY, pub.body) + _packet(TAG_USER_ID, uid) + sig)
+
+
+SIG_TEXT = 0x01
+_HASH_HEADER = {"sha256": "SHA256", "sha384": "SHA384", "sha512": "SHA512"}
+
+
+def signature_packet(
+    key: SigningKey, pub: PublicKey, hash_state: Any, hash_name: HashName, created: int
+) -> bytes:
+    """A binary (unarmoured) detached binary-document signature packet, as ``gpg -b`` writes
+    it; ``hash_state`` covers the signed bytes."""
+    return _signature(key, pub, SIG_BINARY, hash_state, hash_name, created)
+
+
+def clearsigned(key: SigningKey, pub: PublicKey, text: str, hash_name: HashName, created: int) -> bytes:
+    """``text`` in the cleartext signature framework (RFC 4880 section 7), as ``gpg --clearsign``
+    writes it: a canonical-text signature (type 0x01) over the lines with trailing spaces and tabs
+    stripped, joined by CRLF, without the line ending before the signature; lines starting with
+    ``-`` dash-escaped. ``text`` has ``\\n`` line endings; one final ``\\n`` is not part of it
+    (the framework cannot tell a text with one from a text without)."""
+    body = text[:-1] if text.endswith("\n") else text
+    lines = body.split("\n")
+    signed = "\r\n".join(line.rstrip(" \t") for line in lines).encode("utf-8")
+    h = hashlib.new(hash_name, signed)
+    sig = armor("SIGNATURE", _signature(key, pub, SIG_TEXT, h, hash_name, created))
+    escaped = "".join(("- " + line if line.startswith("-") else line) + "\n" for line in lines)
+    head = f"-----BEGIN PGP SIGNED MESSAGE-----\nHash: {_HASH_HEADER[hash_name]}\n\n"
+    return (head + escaped).encode("utf-8") + sig

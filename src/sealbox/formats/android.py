@@ -12,23 +12,20 @@ rewrite drops the old signature files
 APK Signing Block, extra fields and comments, and copies the compressed bytes of every member
 unchanged. An APK is a zip with a compiled (binary XML) ``AndroidManifest.xml`` at its root.
 
-* ``apk``/``focus-apk``: APKs only. ``zipalign -p -f 4`` first, then ``apksigner sign`` with
-  v1, v2 and v3 (never the other way round: zipalign drops the v2/v3 signing block).
-* ``jar``/``focus-jar`` on an APK: ``zipalign -p -f 4``, then ``apksigner sign`` v1 only,
-  without the v1 claim of v2/v3. Classic signing-task clients run ``zipalign 4`` on what these
-  names return; that is safe after v1 only. An APK that Android accepts only with v2+ (target
-  SDK >= 30) is refused with a pointer to the ``apk`` names.
-* ``jar``/``focus-jar`` on anything else (JAR, AAR, zip): ``jarsigner`` SHA-256 / SHA256withRSA.
+* ``apk``/``focus-apk``: APKs only, signed v1, v2 and v3 by apksig, which also aligns the
+  archive (4 bytes, ``.so`` files to a page) as ``zipalign -p 4`` would.
+* ``jar``/``focus-jar`` on an APK: v1 only, without the v1 claim of v2/v3. Classic
+  signing-task clients run ``zipalign 4`` on what these names return; that is safe after v1
+  only. An APK that Android accepts only with v2+ (target SDK >= 30) is refused with a pointer
+  to the ``apk`` names (apksig's own verification of the v1 output says so).
+* ``jar``/``focus-jar`` on anything else (JAR, AAR, zip): v1 (JAR signing) with SHA-256 digests
+  and SHA256withRSA, as ``jarsigner -digestalg SHA-256 -sigalg SHA256withRSA`` would.
 
-A key file's key reaches the JVM as a one-time PKCS#12 keystore, encrypted with a random
-password, through a pipe (``/dev/fd/N``); the password goes through a second pipe. A key in a
-PKCS#11 token stays there: the JVM opens the token through Java's SunPKCS11 provider (a config
-file in the job's folder names the module and slot, no secret) and finds the key by its label
-(the alias), which the certificate on the token beside it must share; the PIN goes through a
-pipe (``--ks-pass file:`` / ``-storepass:file``). Start-up proves that hand-off with one
-signature. The tools run through :func:`~sealbox.formats.base.run_tool`: a minimal environment
-(plus the variables a PKCS#11 module needs, e.g. ``SOFTHSM2_CONF``), their process group
-killed on timeout.
+Signing runs in one long-lived JVM driving apksig (:mod:`sealbox.formats._apksig`): no JVM
+start per file. The key never goes there: apksig's signatures come back over the JVM's pipe
+as digests, signed here through the key interface (a key file in memory, or a PKCS#11 token),
+so no keystore, key or PIN reaches the JVM. Start-up proves that path with a sample APK and
+JAR, then stops the JVM (signing workers are forked afterwards); the first job starts it again.
 """
 
 from __future__ import annotations
@@ -36,13 +33,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,41 +47,39 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL, PARSE_ERRORS, Editor, rewrite_zip, zip_members
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from ..keys import FileHandoff, Pkcs11Handoff, ToolSecrets
-from ..procs import ToolResult, tool_reason
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
+from ..keys import HashName
+from ..procs import tool_reason
+from ._apksig import APKSIG_JAR, V1, V2, V3, JvmSettings, jvm_for
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
 
 #: store password of the public truststores (a truststore holds no secret)
 TRUSTSTORE_PASSWORD = "changeit"  # noqa: S105
-ALIAS = "signer"
-TOOLS = ("java", "jarsigner", "apksigner", "zipalign")
+#: what signing needs (verifying needs apksigner, zipalign and jarsigner)
+TOOLS = ("java", "javac")
 #: the classic names: v1 only (callers may zipalign the result), JARs and APKs
 CLASSIC_FORMATS = ("jar", "focus-jar")
 #: the APK-only names (v1+v2+v3, zipaligned) and the classic name whose key each shares
 APK_FORMATS = {"apk": "jar", "focus-apk": "focus-jar"}
 
 DEFAULT_TIMEOUT = 300.0
-#: JVM options: no hsperfdata file in /tmp, a private tmpdir is added per job
+#: JVM options: no hsperfdata file in /tmp (a private tmpdir is added)
 DEFAULT_JAVA_OPTIONS = ("-XX:-UsePerfData", "-XX:+UseSerialGC", "-Xmx1024m")
+#: a JVM takes at most this many jobs, and new ones for at most this many seconds
+DEFAULT_JVM_JOBS = 2000
+DEFAULT_JVM_LIFETIME = 3600.0
+#: the minimum SDK apksig is told for a JAR (no AndroidManifest to read it from): >= 18 gives
+#: SHA-256 digests and SHA256withRSA, what jarsigner -digestalg SHA-256 gives
+JAR_MIN_SDK = 24
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
-#: Java 17 keeps SunPKCS11 in a module apksigner's --provider-class cannot reach without this
-_EXPORT_SUNPKCS11 = "--add-exports=jdk.crypto.cryptoki/sun.security.pkcs11=ALL-UNNAMED"
 
 _SIGNATURE_FILE = re.compile(r"^META-INF/(?:[^/]+\.(?:SF|RSA|DSA|EC)|SIG-[^/]*)$", re.IGNORECASE)
 _MANIFEST = "META-INF/MANIFEST.MF"
 _AXML_MAGIC = b"\x03\x00\x08\x00"
-#: apksigner errors that mean "this APK can never be signed" rather than a tool failure
-_APK_FORMAT_ERRORS = ("ApkFormatException", "MinSdkVersionException", "ZipFormatException")
-#: apksigner verify: the APK's target SDK needs a signature scheme newer than v1
+#: apksig's verification: the APK's target SDK needs a signature scheme newer than v1
 _V2_REQUIRED = re.compile(r"Target SDK version (\d+) requires a minimum of signature scheme (v\d+)")
-
-
-def _one_time_password() -> str:
-    """The password protecting one job's keystore (a function so tests can observe it)."""
-    return secrets.token_urlsafe(32)
 
 
 # -- the input: checked and rewritten under the archive rules (sealbox.archives) ---------------
@@ -145,6 +138,11 @@ def _safe(text: str, limit: int = 120) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")
 
 
+def _alignment(name: str) -> int:
+    """``zipalign -p 4``'s rule for STORED members: native libraries to a page, the rest to 4."""
+    return 4096 if name.endswith(".so") else 4
+
+
 def _prepare(
     src_path: Path, dest: Path, max_members: int, max_uncompressed: int, require_apk: bool = False
 ) -> _Prepared:
@@ -168,7 +166,8 @@ def _prepare(
             return look
         return _clean_manifest if name.upper() == _MANIFEST else None
 
-    rewrite_zip(src_path, dest, members, drop=_SIGNATURE_FILE.match, edit=editor)
+    # aligned as zipalign -p 4 would (apksig keeps the alignment it finds): JARs too, harmlessly
+    rewrite_zip(src_path, dest, members, drop=_SIGNATURE_FILE.match, edit=editor, align=_alignment)
     if not_apk is None and axml_head != _AXML_MAGIC:
         not_apk = "AndroidManifest.xml is not compiled binary XML"
     if require_apk and not_apk is not None:
@@ -188,26 +187,11 @@ def is_apk_file(path: Path) -> bool:
 # -- the signer ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _JobKey:
-    """How one job's JVM tool reaches the key: what its pipes carry, the options naming the
-    keystore (given the pipes' paths), the key's alias, and what the JVM needs besides."""
-
-    pipes: tuple[bytes, ...]
-    apksigner: Callable[[list[str]], list[str]]
-    jarsigner: Callable[[list[str]], list[str]]
-    alias: str
-    jvm: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
-def _sunpkcs11_config(fmt: str, key: Pkcs11Handoff) -> str:
-    """The SunPKCS11 provider's config: the module and the slot of the key's token (no secret)."""
-    if any(c in key.module for c in '"\\\n'):
-        raise ConfigError(
-            f"format '{fmt}': the PKCS#11 module path {key.module!r} cannot go into a Java config"
-        )
-    return f'name = sealbox\nlibrary = "{key.module}"\nslot = {key.slot}\n'
+def _seconds_option(settings: FormatSettings, name: str, default: float) -> float:
+    value = settings.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"format '{settings.name}': '{name}' must be a positive number of seconds")
+    return float(value)
 
 
 def _int_option(settings: FormatSettings, name: str, default: int, low: int, high: int) -> int:
@@ -233,37 +217,32 @@ class AndroidSigner(Signer):
             raise ConfigError(
                 f"format '{settings.name}': the certificate of key '{settings.key}' is not its own"
             )
-        # the tools get a key file's key as a PKCS#12 keystore over a pipe, a token's through SunPKCS11
-        self._key = key.tool_handoff()
-        self._sunpkcs11 = ""
-        if isinstance(self._key, Pkcs11Handoff):
-            if self._key.label is None:
-                raise ConfigError(
-                    f"format '{settings.name}': key '{settings.key}' needs a 'label': Java finds a "
-                    "PKCS#11 key by the label it shares with its certificate on the token"
-                )
-            self._sunpkcs11 = _sunpkcs11_config(settings.name, self._key)
+        # apksig gets the certificates; the key stays behind the key interface, in this process
+        self._key = key
+        self._chain = [c.public_bytes(serialization.Encoding.DER) for c in key.chain]
         # the archive rules' limits; the rewrite writes no zip64, hence at most 0xFFFF members
         self._max_members = _int_option(settings, "max_members", DEFAULT_MAX_MEMBERS, 1, 0xFFFF)
         self._max_uncompressed = _int_option(settings, "max_uncompressed_size", DEFAULT_MAX_TOTAL, 1, 1 << 40)
-        timeout = settings.get("timeout", DEFAULT_TIMEOUT)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise ConfigError(f"format '{settings.name}': 'timeout' must be a positive number of seconds")
-        self._timeout = float(timeout)
+        self._timeout = _seconds_option(settings, "timeout", DEFAULT_TIMEOUT)
         java_options = settings.get("java_options", list(DEFAULT_JAVA_OPTIONS))
         if not isinstance(java_options, list) or not all(
             isinstance(o, str) and o.startswith("-") for o in java_options
         ):
             raise ConfigError(f"format '{settings.name}': 'java_options' must be a list of JVM options")
-        self._java_options: list[str] = java_options
-        if isinstance(self._key, Pkcs11Handoff):
-            self._prove_pkcs11()
+        lifetime = _seconds_option(settings, "jvm_lifetime", DEFAULT_JVM_LIFETIME)
+        jobs = _int_option(settings, "jvm_jobs", DEFAULT_JVM_JOBS, 1, 1 << 30)
+        # formats with the same JVM settings share one JVM (usually all four names)
+        self._jvm = jvm_for(JvmSettings(tuple(java_options), jobs, lifetime))
+        if not self._jvm.proven:
+            self._prove()
 
     @classmethod
     def available(cls) -> str | None:
         missing = [t for t in TOOLS if shutil.which(t) is None]
+        if not APKSIG_JAR.is_file():
+            missing.append(str(APKSIG_JAR))
         if missing:
-            return f"missing tools: {', '.join(missing)} (Debian: openjdk-17-jdk-headless apksigner zipalign)"
+            return f"missing: {', '.join(missing)} (Debian: openjdk-17-jdk-headless libapksig-java)"
         return None
 
     # -- signing --------------------------------------------------------------------------------
@@ -275,130 +254,56 @@ class AndroidSigner(Signer):
             request.input, work / "unsigned.zip", self._max_members, self._max_uncompressed, apk_only
         )
         signed = work / ("signed.apk" if prepared.is_apk else "signed.jar")
-        tmp = work / "jvm-tmp"
-        tmp.mkdir(exist_ok=True)
-        jvm = list(self._java_options)
-        if not any(c.isspace() for c in str(tmp)):  # the apksigner launcher word-splits -J options
-            jvm.append(f"-Djava.io.tmpdir={tmp}")
-        key = self._job_key(work)
-        jvm += key.jvm
         if prepared.is_apk:
-            aligned = work / "aligned.apk"
-            self._run(["zipalign", "-p", "-f", "4", str(prepared.path), str(aligned)], None, "zipalign", work)
-            with ToolSecrets(*key.pipes) as sec:
-                self._run(
-                    [
-                        "apksigner",
-                        *(f"-J{o[1:]}" for o in jvm),
-                        "sign",
-                        *key.apksigner(sec.paths),
-                        "--ks-key-alias",
-                        key.alias,
-                        "--v1-signing-enabled",
-                        "true",
-                        # classic callers zipalign what they get, which drops a v2/v3 block
-                        # (and a v1 claiming v2/v3 would then fail): v1 only for them
-                        "--v2-signing-enabled",
-                        "true" if apk_only else "false",
-                        "--v3-signing-enabled",
-                        "true" if apk_only else "false",
-                        "--v4-signing-enabled",
-                        "false",
-                        "--out",
-                        str(signed),
-                        str(aligned),
-                    ],
-                    sec,
-                    "apksigner",
-                    work,
-                    key.env,
-                )
-            if not apk_only and signed.is_file():
-                self._check_v1_only(signed, jvm, work)
+            # classic callers zipalign what they get, which drops a v2/v3 block (and a v1
+            # claiming v2/v3 would then fail): v1 only for them
+            self._apksig(prepared.path, signed, V1 | V2 | V3 if apk_only else V1, None)
+            if not apk_only:
+                self._check_v1_only(signed)
         else:
-            with ToolSecrets(*key.pipes) as sec:
-                self._run(
-                    [
-                        "jarsigner",
-                        *(f"-J{o}" for o in jvm),
-                        *key.jarsigner(sec.paths),
-                        "-digestalg",
-                        "SHA-256",
-                        "-sigalg",
-                        "SHA256withRSA",
-                        "-signedjar",
-                        str(signed),
-                        str(prepared.path),
-                        key.alias,
-                    ],
-                    sec,
-                    "jarsigner",
-                    work,
-                    key.env,
-                )
+            self._apksig(prepared.path, signed, V1, JAR_MIN_SDK)
         if not signed.is_file() or signed.stat().st_size == 0:
-            raise SigningFailed(f"{'apksigner' if prepared.is_apk else 'jarsigner'} wrote no output")
+            raise SigningFailed("apksig wrote no output")
         shutil.copyfile(signed, request.output)
 
-    def _job_key(self, work: Path) -> _JobKey:
-        """This job's way to the key: a key file's key as a PKCS#12 keystore under a one-time
-        password (~190 bits of entropy, so a light KDF is enough); a token's key through
-        SunPKCS11, whose config goes into ``work``, with the PIN for the pipe."""
-        key = self._key
-        if isinstance(key, Pkcs11Handoff):
-            assert key.label is not None  # checked at start-up
-            config = work / "sunpkcs11.cfg"
-            config.write_text(self._sunpkcs11)
-            return _JobKey(
-                pipes=(key.pin + b"\n",),
-                apksigner=lambda paths: [
-                    "--provider-class", "sun.security.pkcs11.SunPKCS11", "--provider-arg", str(config),
-                    "--ks", "NONE", "--ks-type", "PKCS11", "--ks-pass", f"file:{paths[0]}",
-                ],
-                jarsigner=lambda paths: [
-                    "-keystore", "NONE", "-storetype", "PKCS11", "-addprovider", "SunPKCS11",
-                    "-providerArg", str(config), "-storepass:file", paths[0],
-                ],
-                alias=key.label,
-                jvm=(_EXPORT_SUNPKCS11,),
-                env=key.env,
-            )  # fmt: skip
-        password = _one_time_password().encode()
-        return _JobKey(
-            pipes=(_keystore(key, password), password + b"\n"),
-            apksigner=lambda p: ["--ks", p[0], "--ks-type", "PKCS12", "--ks-pass", f"file:{p[1]}"],
-            jarsigner=lambda p: ["-keystore", p[0], "-storetype", "PKCS12", "-storepass:file", p[1]],
-            alias=ALIAS,
-        )
+    def _apksig(self, src: Path, dest: Path, flags: int, min_sdk: int | None) -> None:
+        self._jvm.sign(src, dest, flags, min_sdk, self._chain, self._sign_digest, self._timeout)
 
-    def _prove_pkcs11(self) -> None:
-        """Sign a small sample once (an APK for the APK names, else a JAR): a token key the JVM
-        cannot reach (no certificate beside it, a wrong label or slot) stops start-up here
-        rather than failing every job."""
+    def _sign_digest(self, hash_name: HashName, digest: bytes) -> bytes:
+        """A signature apksig asked for, made through the key interface and checked before it
+        goes back (a faulty one never reaches an output)."""
+        signature = self._key.sign_digest(digest, hash_name, "pkcs1v15")
+        if not self._key.verifies(signature, digest, hash_name, "pkcs1v15"):
+            raise SigningFailed(f"key '{self._key.name}' made a signature that does not verify")
+        return signature
+
+    def _prove(self) -> None:
+        """Sign a small APK (v1+v2+v3) and a JAR once: a JVM or an apksig that cannot sign stops
+        start-up here rather than failing every job. Then the JVM stops: signing workers are
+        forked after start-up and must inherit no pipe to it (the first job starts it again)."""
         from ._apk import write_apk, write_jar
 
         with tempfile.TemporaryDirectory(prefix="sealbox-probe-") as tmp:
             work = Path(tmp)
-            src = write_apk(work) if self.format in APK_FORMATS else write_jar(work)
-            job = work / "job"
-            job.mkdir()
             try:
-                self.sign(SignRequest(src, work / "signed", src.name, job))
+                apk, jar = write_apk(work), write_jar(work)
+                self._apksig(apk, work / "signed.apk", V1 | V2 | V3, None)
+                self._apksig(jar, work / "signed.jar", V1, JAR_MIN_SDK)
             except (SigningFailed, FormatRejected) as e:
                 raise ConfigError(
-                    f"format '{self.format}': the JVM cannot sign with key '{self.settings.key}' in its "
-                    f"PKCS#11 token: {e}"
+                    f"format '{self.format}': apksig cannot sign with key '{self.settings.key}': {e}"
                 ) from None
+            finally:
+                self._jvm.stop()
+        self._jvm.proven = True
 
-    def _check_v1_only(self, signed: Path, jvm: list[str], work: Path) -> None:
+    def _check_v1_only(self, signed: Path) -> None:
         """Refuse an APK that a v1 signature alone cannot make valid: Android wants v2+ for a
         target SDK >= 30, which the classic names cannot give (their callers zipalign)."""
-        argv = ["apksigner", *(f"-J{o[1:]}" for o in jvm), "verify", str(signed)]
-        res = self._run(argv, None, "apksigner verify", work, check=False)
-        code, text = res.returncode, res.output
-        if code == 0:
+        verdict = self._jvm.verify(signed, self._timeout)
+        if verdict.verified:
             return
-        need = _V2_REQUIRED.search(text)
+        need = _V2_REQUIRED.search(verdict.text)
         if need is not None:
             apk_name = next(n for n, classic in APK_FORMATS.items() if classic == self.format)
             raise FormatRejected(
@@ -406,26 +311,8 @@ class AndroidSigner(Signer):
                 f"Scheme {need.group(2)} or later; '{self.format}' signs v1 only (its classic callers "
                 f"zipalign the result, which strips v2/v3): sign it as '{apk_name}'"
             )
-        if "DOES NOT VERIFY" in text:  # apksigner's verdict on these bytes: it will not change
-            raise FormatRejected(f"the v1-signed APK does not verify: {_safe(res.reason, 300)}")
-        raise SigningFailed(f"apksigner verify failed (exit {code}): {res.reason}")
-
-    def _run(
-        self,
-        argv: list[str],
-        sec: ToolSecrets | None,
-        what: str,
-        work: Path,
-        env: Mapping[str, str] | None = None,
-        check: bool = True,
-    ) -> ToolResult:
-        """Run a tool in ``work`` (killed on timeout) with the minimal environment plus ``env``;
-        with ``check``, a non-zero exit raises, as FormatRejected when apksigner says the APK
-        is malformed."""
-        malformed = _APK_FORMAT_ERRORS if what == "apksigner" else ()
-        return run_tool(argv, what=what, timeout=self._timeout, cwd=work, secrets=sec,
-                        env={**child_env(work, _CHILD_PATH), **(env or {})}, malformed=malformed,
-                        check=check)  # fmt: skip
+        # apksig's verdict on these bytes: it will not change
+        raise FormatRejected(f"the v1-signed APK does not verify: {_safe(tool_reason(verdict.text), 300)}")
 
     # -- dev keys and verification ----------------------------------------------------------------
     @classmethod
@@ -475,11 +362,6 @@ class AndroidSigner(Signer):
         if is_apk_file(signed):  # by content, as the signer decides
             return _verify_classic_apk(fmt, signed, public_dir)
         return _verify_jar(fmt, signed, public_dir)
-
-
-def _keystore(key: FileHandoff, password: bytes) -> bytes:
-    """A key file's key and certificate as a PKCS#12 keystore under a one-time password."""
-    return key.pkcs12(ALIAS.encode(), _pkcs12_encryption(password))
 
 
 def _pkcs12_encryption(password: bytes) -> serialization.KeySerializationEncryption:

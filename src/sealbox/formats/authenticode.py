@@ -1,4 +1,5 @@
-"""``sha2signcode`` family: SHA-256 Authenticode signatures of Windows PE and MSI files.
+"""``sha2signcode`` family: SHA-256 Authenticode signatures of Windows PE and MSI files,
+cabinets (CAB), security catalogs (CAT), APPX/MSIX packages and PowerShell scripts.
 
 Wire names: ``sha2signcode`` (aliases ``signcode``, ``osslsigncode``), ``sha2signcodestub``
 (adds the configured extra certificate, osslsigncode ``-ac``), and the ``-v2`` variants of both,
@@ -15,7 +16,10 @@ PIN in it), the chain as ``-certs /dev/fd/N`` and the token's PIN as ``-readpass
 start-up proves that hand-off with one signature.
 
 Name rules (extension, blocklist) are :meth:`AuthenticodeSigner.refuse_name`, applied at
-upload and never remembered; signing decides MSI or PE from the bytes alone.
+upload and never remembered; signing decides the kind of file from the bytes alone
+(:func:`~sealbox.winfiles.authenticode_kind`) and hands it to osslsigncode under that kind's
+extension. APPX/MSIX needs osslsigncode 2.7, scripts 2.8 (:data:`MIN_VERSION`): an older tool
+leaves those kinds refused, as start-up and the heartbeat say (:meth:`AuthenticodeSigner.unserved`).
 
 The Windows file rules (names, PE/MSI recognition, :func:`is_signed`) live in
 :mod:`sealbox.winfiles`, shared with the task runner, and are re-exported here.
@@ -23,9 +27,12 @@ The Windows file rules (names, PE/MSI recognition, :func:`is_signed`) live in
 
 from __future__ import annotations
 
+import functools
+import re
 import secrets
 import shutil
 import struct
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +46,10 @@ from ..keys import FileHandoff, Pkcs11Handoff, ToolSecrets
 from ..winfiles import (  # the Windows file rules live apart; re-exported (__all__)
     ALLOWED_EXTENSIONS,
     BLOCKLIST,
+    KIND_EXTENSIONS,
     OLE_MAGIC,
+    Kind,
+    authenticode_kind,
     check_pe,
     is_msi_bytes,
     is_pe_bytes,
@@ -50,6 +60,7 @@ from ..winfiles import (  # the Windows file rules live apart; re-exported (__al
     pe_cert_table,
     read_head,
 )
+from ._pe import pe_layout, request_timestamp, sign_pe, signed_data
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
@@ -59,6 +70,8 @@ __all__ = [
     "ALLOWED_EXTENSIONS",
     "BLOCKLIST",
     "CA_FILE",
+    "KIND_NAMES",
+    "MIN_VERSION",
     "OLE_MAGIC",
     "TSA_CA_FILE",
     "AuthenticodeSigner",
@@ -91,6 +104,42 @@ _INPUT_ERRORS = (
 #: osslsigncode messages that say why a PKCS#11 key could not be used, in order of priority
 _PKCS11_ERRORS = ("engine", "PIN", "private key", "certificate")
 _PKCS12_ROUNDS = 2048  # the password is 192 random bits: key stretching buys nothing
+
+#: the osslsigncode release a kind needs (NEWS.md: APPX came in 2.7, PowerShell in 2.8); PE,
+#: MSI, CAB and catalogs sign with every release Debian ships (2.5 and on)
+MIN_VERSION: dict[Kind, tuple[int, int]] = {"APPX": (2, 7), "script": (2, 8)}
+#: verifying a catalog needs 2.8 (2.5 signs them but cannot verify them)
+_VERIFY_MIN_VERSION: dict[Kind, tuple[int, int]] = {"catalog": (2, 8)}
+#: each kind as reasons name it
+KIND_NAMES: dict[Kind, str] = {
+    "PE": "PE images",
+    "MSI": "MSI packages",
+    "CAB": "cabinets (CAB)",
+    "catalog": "security catalogs (CAT)",
+    "APPX": "APPX/MSIX packages",
+    "script": "PowerShell scripts",
+}
+
+
+@functools.lru_cache(maxsize=8)
+def osslsigncode_version(tool: str) -> tuple[int, int] | None:
+    """(major, minor) of the osslsigncode at ``tool`` (``--version``), None if it cannot tell."""
+    try:
+        res = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL, env=child_env(), check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"osslsigncode (\d+)\.(\d+)", res.stdout + res.stderr)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def kind_problem(kind: Kind, version: tuple[int, int] | None) -> str | None:
+    """Why an osslsigncode of ``version`` cannot sign ``kind``, or None if it can."""
+    need = MIN_VERSION.get(kind)
+    if need is None or (version is not None and version >= need):
+        return None
+    have = f"osslsigncode {version[0]}.{version[1]}" if version else "an osslsigncode of unknown version"
+    return f"{KIND_NAMES[kind]} need osslsigncode {need[0]}.{need[1]} or later; this host has {have}"
 
 
 def signature_pkcs7(path: Path) -> bytes:
@@ -147,23 +196,28 @@ class AuthenticodeSigner(Signer):
             raise ConfigError(
                 f"format '{fmt}': key '{settings.key}' needs its certificate chain (leaf first)"
             )
-        # osslsigncode gets a key file's key as PKCS#12, a token's key as a PKCS#11 URI (pipes both)
+        if key.algorithm == "ed25519":
+            raise ConfigError(f"format '{fmt}': key '{settings.key}' must be an RSA or EC key")
+        self._signing_key = key  # PE images are signed in-process, through the key interface
+        # osslsigncode (MSI) gets a key file's key as PKCS#12, a token's as a PKCS#11 URI (pipes both)
         self._key = key.tool_handoff()
         self._chain_pem = b"".join(c.public_bytes(Encoding.PEM) for c in key.chain)
         tool = settings.get("osslsigncode") or shutil.which("osslsigncode")
         if not tool:
             raise ConfigError(f"format '{fmt}': osslsigncode is not installed")
         self._tool = str(tool)
+        self._version = osslsigncode_version(self._tool)
         self._description: str | None = settings.get("description")
         self._url: str | None = settings.get("url")
         self._timeout = float(settings.get("timeout", 120))
         self._extra_cert: Path | None = None
+        self._certificates = list(key.chain)  # what an in-process signature carries, leaf first
         if fmt in _STUB:
             self._extra_cert = settings.path("extra_cert")
             assert self._extra_cert is not None
             self._extra_cert = self._extra_cert.absolute()
             try:
-                x509.load_pem_x509_certificates(self._extra_cert.read_bytes())
+                self._certificates += x509.load_pem_x509_certificates(self._extra_cert.read_bytes())
             except (OSError, ValueError) as e:
                 raise ConfigError(f"format '{fmt}': extra_cert {self._extra_cert}: {e}") from None
         self._timestamp_url: str | None = settings.get("timestamp_url")
@@ -187,24 +241,24 @@ class AuthenticodeSigner(Signer):
         problem = name_problem(filename)
         return None if problem is None else f"{self.format}: the file name {problem}"
 
-    def check_input(self, request: SignRequest) -> str:
-        """Apply the content rules; return the extension to sign under (``.msi`` or ``.exe``).
+    def unserved(self) -> dict[str, str]:
+        """The kinds this host's osslsigncode is too old for, with why."""
+        return {KIND_NAMES[k]: why for k in MIN_VERSION if (why := kind_problem(k, self._version))}
 
-        MSI or PE is decided by the bytes, never by the name: a result belongs to
+    def check_input(self, request: SignRequest) -> str:
+        """Apply the content rules; return the extension to sign under (``.exe`` for PE,
+        ``.msi``, ``.cab``, ``.cat``, ``.msix``, ``.ps1``: :data:`~sealbox.winfiles.KIND_EXTENSIONS`).
+
+        The kind is decided by the bytes, never by the name: a result belongs to
         (format, sha1), and the reason of a refusal is replayed to uploads under any name."""
-        head, size = read_head(request.input)
-        if is_msi_bytes(head):
-            return ".msi"
-        if not is_pe_bytes(head):
-            raise FormatRejected(
-                f"{self.format}: not a PE or MSI file (no MZ header with a PE signature at "
-                "e_lfanew, no OLE compound-file header of version 3 or 4)"
-            )
         try:
-            pe_cert_table(head, size)
+            kind = authenticode_kind(request.input)
         except FormatRejected as e:
             raise FormatRejected(f"{self.format}: {e}") from None
-        return ".exe"
+        problem = kind_problem(kind, self._version)
+        if problem is not None:
+            raise FormatRejected(f"{self.format}: {problem}")
+        return KIND_EXTENSIONS[kind]
 
     def _key_pipes(self, key: FileHandoff | Pkcs11Handoff) -> tuple[bytes, bytes]:
         """What osslsigncode reads from its two pipes: a key file's key as a one-time PKCS#12
@@ -263,10 +317,17 @@ class AuthenticodeSigner(Signer):
 
     def sign(self, request: SignRequest) -> None:
         ext = self.check_input(request)  # -out is named by the content's type, never the upload's name
+        if ext == ".exe":
+            self._sign_pe(request)
+            return
         # Already signed? osslsigncode without -nest replaces the signature: the output carries ours only.
         work_dir = request.work_dir.absolute()  # the child runs in work_dir: no relative paths
         tmp_out = work_dir / f"authenticode-signed{ext}"
         tmp_out.unlink(missing_ok=True)  # osslsigncode 2.5 refuses to overwrite
+        # osslsigncode tells a script by its name alone: it reads the input under the kind's name
+        tmp_in = work_dir / f"authenticode-input{ext}"
+        tmp_in.unlink(missing_ok=True)
+        tmp_in.symlink_to(request.input.absolute())
         options: list[str] = []
         if self._description:
             options += ["-n", self._description]
@@ -276,10 +337,47 @@ class AuthenticodeSigner(Signer):
             options += ["-ac", str(self._extra_cert)]
         if self._timestamp_url:
             options += ["-ts", self._timestamp_url]
-        failed = self._osslsigncode(request.input.absolute(), tmp_out, work_dir, options)
+        try:
+            failed = self._osslsigncode(tmp_in, tmp_out, work_dir, options)
+        finally:
+            tmp_in.unlink(missing_ok=True)
         if failed is not None:
             self._raise_failure(failed)
         shutil.move(str(tmp_out), str(request.output))
+
+    def _sign_pe(self, request: SignRequest) -> None:
+        """A PE image, signed in-process (:mod:`._pe`): the key signs through its interface,
+        a key file's and a token's alike. An old signature is replaced, as osslsigncode does."""
+        try:
+            layout = pe_layout(*read_head(request.input))
+        except FormatRejected as e:
+            raise FormatRejected(f"{self.format}: {e}") from None
+        key = self._signing_key
+        ecdsa = key.algorithm == "ec"
+        url = self._timestamp_url
+
+        def signature(image_digest: bytes) -> bytes:
+            return signed_data(
+                image_digest,
+                self._certificates,
+                lambda data: key.sign(data, "sha256", "ecdsa" if ecdsa else "pkcs1v15"),
+                ecdsa=ecdsa,
+                description=self._description,
+                url=self._url,
+                timestamp=None if url is None else lambda value: self._timestamp(url, value),
+            )
+
+        try:
+            sign_pe(request.input, request.output, layout, signature)
+        except BaseException:
+            request.output.unlink(missing_ok=True)
+            raise
+
+    def _timestamp(self, url: str, signature: bytes) -> bytes:
+        try:
+            return request_timestamp(url, signature, self._timeout)
+        except SigningFailed as e:
+            raise SigningFailed(f"{self.format}: {e}") from None
 
     def _raise_failure(self, text: str) -> None:
         timestamp_trouble = self._timestamp_url and any(
@@ -319,11 +417,25 @@ class AuthenticodeSigner(Signer):
         tool = shutil.which("osslsigncode")
         if tool is None:
             raise VerificationFailed("osslsigncode is not installed")
+        try:
+            kind = authenticode_kind(signed)
+        except FormatRejected as e:
+            raise VerificationFailed(f"{signed.name}: {e}") from None
+        need = _VERIFY_MIN_VERSION.get(kind) or MIN_VERSION.get(kind)
+        version = osslsigncode_version(tool)
+        if need is not None and (version is None or version < need):
+            raise VerificationFailed(f"verifying {KIND_NAMES[kind]} needs osslsigncode {need[0]}.{need[1]}")
         argv = [tool, "verify", "-CAfile", str(public_dir / CA_FILE)]
         if (public_dir / TSA_CA_FILE).is_file():
             argv += ["-TSA-CAfile", str(public_dir / TSA_CA_FILE)]
+        with tempfile.TemporaryDirectory(prefix="sealbox-verify-") as tmp:
+            # under its kind's extension: osslsigncode tells a script by its name
+            named = Path(tmp) / f"signed{KIND_EXTENSIONS[kind]}"
+            named.symlink_to(signed.absolute())
+            res = run_verifier(
+                [*argv, "-in", str(named)], "osslsigncode verify", 120, child_env(signed.parent)
+            )
         argv += ["-in", str(signed)]
-        res = run_verifier(argv, "osslsigncode verify", 120, child_env(signed.parent))
         text = res.stdout.decode(errors="replace") + "\n" + res.stderr.decode(errors="replace")
         ok = (
             res.returncode == 0

@@ -176,8 +176,13 @@ class Signer(ABC):
     in_process: ClassVar[bool] = False
     #: one-line description of the independent verifier, for docs and the demo table
     verifier: ClassVar[str] = ""
-    #: False for signers that never touch ``request.work_dir`` (it is then not created)
-    uses_work_dir: ClassVar[bool] = True
+    #: False for signers that never touch ``request.work_dir`` (it is then not created: a
+    #: folder made and removed per job costs milliseconds on some file systems); a signer may
+    #: set it per instance, for the names it serves
+    uses_work_dir: bool = True
+    #: True: signs the SHA-256 of its input alone (from :meth:`SignRequest.hash_state`), so the
+    #: server keeps a big upload's digests, taken as it arrives, and not its bytes
+    digest_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -214,6 +219,11 @@ class Signer(ABC):
     def available(cls) -> str | None:
         """None if this format can run on this host, else why not (shown at start-up)."""
         return None
+
+    def unserved(self) -> Mapping[str, str]:
+        """Kinds of input this format signs elsewhere but not on this host (its tool is too
+        old), each with why; they are refused. Start-up logs them, the heartbeat warns."""
+        return {}
 
     @classmethod
     @abstractmethod

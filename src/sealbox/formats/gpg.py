@@ -25,6 +25,7 @@ class GpgSigner(Signer):
     family = "gpg"
     verifier = "gpg --verify FILE.asc FILE (key: public/gpg.asc)"
     uses_work_dir = False
+    digest_only = True  # a detached signature over the SHA-256 taken as the upload arrived
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)

@@ -164,6 +164,8 @@ class MacSigner(Signer):
             raise ConfigError(f"format '{fmt}': 'identifier_prefix' must be like 'org.example.'")
         self._prefix: str | None = prefix
         self._entitlements = self._read_entitlements(settings)
+        # a lone Mach-O needs a scratch folder only to hand the library its entitlements
+        self.uses_work_dir = fmt != "macho" or bool(self._entitlements)
         self._max_total = _positive_int(settings, "max_unpacked_size", DEFAULT_MAX_TOTAL)
         self._max_members = _positive_int(settings, "max_members", DEFAULT_MAX_MEMBERS)
         self._key_pem = self._key_blob(keys, settings.require_key())
@@ -263,10 +265,10 @@ class MacSigner(Signer):
                 "macho: the file carries no identifier (no existing signature, no dylib install name); "
                 "sign it inside a tar.gz with 'macapp' so its file name can serve"
             )
-        work = request.work_dir.absolute()
-        work.mkdir(parents=True, exist_ok=True)
-        options = self._options(".", work)
-        # straight to the output: the server discards it unless signing succeeds
+        options = self._options(".", request.work_dir.absolute())
+        # Straight to the output: the server discards it unless signing succeeds. (The library's
+        # in-memory call adds no SHA-1 code directory for old deployment targets, as codesign
+        # and its path call do: older macOS needs one.)
         self._call(request.input.absolute(), request.output.absolute(), "the Mach-O file",
                    self._prefixed(identifier), options)  # fmt: skip
 
@@ -335,7 +337,7 @@ class MacSigner(Signer):
             return None
         path = work / "entitlements" / f"{hashlib.sha256(data).hexdigest()[:16]}.plist"
         if not path.exists():
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         return str(path)
 

@@ -298,6 +298,7 @@ def _mar_cli() -> Path | None:
 class MarSigner(Signer):
     family = "mar"
     verifier = "mar -v FILE -k public/mar.pem (mar_sha384: public/mar_sha384.pem)"
+    uses_work_dir = False
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
@@ -327,7 +328,7 @@ class MarSigner(Signer):
     def sign(self, request: SignRequest) -> None:
         info = parse_mar(request.input, self._max_entries)
         self._check_channel(info.channel)
-        tmp = request.work_dir / "mar-signing.tmp"
+        tmp = request.output  # written in place: the server discards it unless signing succeeds
         try:
             digest = self._rewrite(request.input, tmp, info)
             hash_name = _HASHLIB[self._algo_id]
@@ -338,11 +339,8 @@ class MarSigner(Signer):
             with tmp.open("r+b") as f:
                 f.seek(SIGNATURE_OFFSET)
                 f.write(signature)
-            os.replace(tmp, request.output)
         except OSError as e:
             raise SigningFailed(f"cannot write the signed MAR: {e.strerror}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _rewrite(self, src: Path, dst: Path, info: MarInfo) -> bytes:
         """Write ``src`` with one zeroed signature of this format (mardor's layout, as

@@ -1,4 +1,5 @@
-"""The PKCS#11 backend: keys that sign inside a token (an HSM, a smartcard, SoftHSM) and never leave it.
+"""The PKCS#11 backend: keys that sign inside a token (an HSM, a smartcard, SoftHSM) and never leave it:
+RSA, EC and Ed25519 (CKM_EDDSA, PKCS#11 3.0; SoftHSM 2.6 has it).
 
 One library (module) is loaded once per process with the environment it needs (SoftHSM reads
 ``SOFTHSM2_CONF`` when it initialises); keys on one token share one logged-in session. All use
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
@@ -156,24 +157,43 @@ def after_fork() -> None:
             module.fresh()
 
 
+def _ed25519_public(pub: Any, name: str) -> ed25519.Ed25519PublicKey:
+    """An Edwards public key object's point: PKCS#11 3.0 wraps it in a DER OCTET STRING (SoftHSM
+    does), some tokens give the raw 32 bytes."""
+    point = bytes(pub[Attribute.EC_POINT])
+    if len(point) == 34 and point[:2] == b"\x04\x20":
+        point = point[2:]
+    if len(point) != 32:
+        raise ConfigError(f"key '{name}': an Edwards key that is not Ed25519 ({len(point)}-byte point)")
+    return ed25519.Ed25519PublicKey.from_public_bytes(point)
+
+
 def _public_key(session: Any, spec: Pkcs11Spec, priv: Any, chain: tuple[x509.Certificate, ...]) -> PublicKey:
     """The public half: an RSA key's modulus and exponent, read from its private key object; an
-    EC key's public key object on the token, else its certificate."""
+    EC or Ed25519 key's public key object on the token, else its certificate."""
     if priv.key_type == KeyType.RSA:
         n = int.from_bytes(priv[Attribute.MODULUS], "big")
         e = int.from_bytes(priv[Attribute.PUBLIC_EXPONENT], "big")
         return rsa.RSAPublicNumbers(e, n).public_key()
+    edwards = priv.key_type == KeyType.EC_EDWARDS
+    want: type[ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey] = (
+        ed25519.Ed25519PublicKey if edwards else ec.EllipticCurvePublicKey
+    )
     try:
         pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY, **spec.search())
-        key = serialization.load_der_public_key(pkcs11.util.ec.encode_ec_public_key(pub))
+        key: Any = (
+            _ed25519_public(pub, spec.name)
+            if edwards
+            else serialization.load_der_public_key(pkcs11.util.ec.encode_ec_public_key(pub))
+        )
     except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned):
         if not chain:
             raise ConfigError(
                 f"key '{spec.name}': no public key or certificate for it on the token"
             ) from None
         key = chain[0].public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ConfigError(f"key '{spec.name}': its public key is not an EC key")
+    if not isinstance(key, want):
+        raise ConfigError(f"key '{spec.name}': its public key is not an {'Ed25519' if edwards else 'EC'} key")
     return key
 
 
@@ -250,6 +270,10 @@ class Pkcs11Key(SigningKey):
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         )
 
+    def _sign_message(self, data: bytes) -> bytes:
+        """Ed25519 (CKM_EDDSA without parameters: pure Ed25519, the message itself)."""
+        return self._with_key(lambda k: bytes(k.sign(data, mechanism=Mechanism.EDDSA)))
+
     def tool_handoff(self) -> Pkcs11Handoff:
         """The module, the key's PKCS#11 URI and label, the slot its token is in now and the
         PIN, for a tool that speaks PKCS#11 (SigningFailed if the token cannot be reached)."""
@@ -276,8 +300,8 @@ def load_pkcs11_key(spec: Pkcs11Spec, pin: bytes) -> Pkcs11Key:
         try:
             session = module.session(spec.token, pin, spec.name)
             priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, **spec.search())
-            if priv.key_type not in (KeyType.RSA, KeyType.EC):
-                raise ConfigError(f"{where}: only RSA and EC keys are supported")
+            if priv.key_type not in (KeyType.RSA, KeyType.EC, KeyType.EC_EDWARDS):
+                raise ConfigError(f"{where}: only RSA, EC and Ed25519 keys are supported")
             chain = load_certificates(spec.chain) if spec.chain else _token_certificate(session, spec)
             public = _public_key(session, spec, priv, chain)
         except pkcs11.NoSuchToken:

@@ -109,10 +109,11 @@ def generate_key(
     pin: bytes,
     label: str,
     key_id: bytes,
-    algorithm: Literal["rsa", "ec"] = "rsa",
+    algorithm: Literal["rsa", "ec", "ed25519"] = "rsa",
     bits: int = 2048,
 ) -> None:
-    """A key pair generated inside the token: the private half sensitive and non-extractable."""
+    """A key pair generated inside the token: the private half sensitive and non-extractable
+    (``bits`` only for RSA; EC is P-256)."""
     import pkcs11
     from pkcs11 import Attribute, KeyType
 
@@ -125,9 +126,13 @@ def generate_key(
         Attribute.UNWRAP: False,
     }
     with _rw_session(token, pin) as session:
-        if algorithm == "ec":
-            curve = pkcs11.util.ec.encode_named_curve_parameters("secp256r1")
-            params = session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True)
+        if algorithm in ("ec", "ed25519"):
+            # Ed25519 by its OID (1.3.101.112), the form SoftHSM 2.6 takes
+            kind, curve = (
+                (KeyType.EC, "secp256r1") if algorithm == "ec" else (KeyType.EC_EDWARDS, "1.3.101.112")
+            )
+            der = pkcs11.util.ec.encode_named_curve_parameters(curve)
+            params = session.create_domain_parameters(kind, {Attribute.EC_PARAMS: der}, local=True)
             params.generate_keypair(store=True, label=label, id=key_id, private_template=private)
         else:
             session.generate_keypair(

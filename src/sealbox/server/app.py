@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -35,12 +38,17 @@ from .credentials import check_password
 from .health import Health, version_info
 from .jobs import TRANSIENT_FAILURE_TTL, JobManager
 from .metrics import Metrics
-from .storage import Input, Result, Storage
+from .storage import NOT_KEPT, Input, Result, Storage
 
 log = logging.getLogger("sealbox.http")
 
 MULTIPART_OVERHEAD = 64 * 1024  # room for the small form fields around filedata
 NONCE = {"X-Nonce": "UNUSED"}
+#: chunks of a big upload (aiohttp hands them over ~256 KiB at a time) waiting for its spooling
+#: thread at most: what an upload may hold in memory beyond the socket buffers
+SPOOL_AHEAD = 16
+#: a big upload's first bytes hashed and written on the event loop, the rest in a thread
+SPOOL_INLINE = 4 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -297,23 +305,78 @@ async def _parts(
             pass
 
 
-class _Upload:
-    """``filedata`` as it arrives, hashed in the same pass: kept in memory while small, and
-    spooled to a temp file past :data:`~sealbox.wire.SMALL_FILE` bytes, so memory stays bounded.
-    A spooled file's SHA-256 is taken on the way too, for the signers that need one: reading
-    a big file again costs; a small one is hashed once, by the signer that needs it."""
+class _Spool:
+    """A big upload's bytes hashed (SHA-1, SHA-256) and, when kept, written to a temp file: the
+    one pass over them here. Its first :data:`SPOOL_INLINE` bytes are taken on the event loop
+    (a thread costs more than that much hashing); the rest in a thread of its own while the
+    loop goes on receiving, with at most :data:`SPOOL_AHEAD` chunks waiting for it."""
 
-    def __init__(self, storage: Storage, limit: int) -> None:
+    def __init__(self, storage: Storage | None) -> None:
+        self.sha1 = hashlib.sha1(usedforsecurity=False)
+        self.sha256 = hashlib.sha256()
+        self.path: Path | None = None
+        self.file: BinaryIO | None = None
+        if storage is not None:
+            self.path, self.file = storage.temp_file()
+        self._inline = SPOOL_INLINE
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    def _take(self, chunk: bytes) -> None:
+        self.sha1.update(chunk)
+        self.sha256.update(chunk)
+        if self.file is not None:
+            self.file.write(chunk)
+
+    async def feed(self, chunk: bytes) -> None:
+        if self._thread is None:
+            if len(chunk) <= self._inline:
+                self._inline -= len(chunk)
+                self._take(chunk)
+                return
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sealbox-spool")
+        self._ahead.append(self._thread.submit(self._take, chunk))
+        while len(self._ahead) > SPOOL_AHEAD or (self._ahead and self._ahead[0].done()):
+            await asyncio.wrap_future(self._ahead.popleft())  # raises what the thread raised
+
+    async def finish(self) -> None:
+        """Wait for the thread to take every chunk; the file is then closed and whole."""
+        while self._ahead:
+            await asyncio.wrap_future(self._ahead.popleft())
+        if self._thread is not None:
+            self._thread.shutdown()
+        if self.file is not None:
+            self.file.close()
+
+    def discard(self) -> None:
+        """Stop (the chunks not yet taken are dropped) and remove the file."""
+        for future in self._ahead:
+            future.cancel()
+        if self._thread is not None:
+            self._thread.shutdown()  # waits for the chunk in hand: the file is not written after
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class _Upload:
+    """``filedata`` as it arrives, hashed in the same pass: kept in memory while small; past
+    :data:`~sealbox.wire.SMALL_FILE` bytes handed to a :class:`_Spool`, which also takes its
+    SHA-256 (the signers that need one get it, and no one reads the file again). A format that
+    signs a digest alone (``keep`` false: gpg) gets a big upload's digests, not its bytes."""
+
+    def __init__(self, storage: Storage, limit: int, keep: bool = True) -> None:
         self.storage = storage
         self.limit = limit
+        self.keep = keep
         self.size = 0
-        self.sha1 = hashlib.sha1(usedforsecurity=False)
-        self.sha256 = hashlib.sha256()  # fed once spooled
+        self.sha1 = ""  # hex, once read
         self.data = bytearray()
-        self.file: BinaryIO | None = None
-        self.path: Path | None = None
+        self.spool: _Spool | None = None
         self.seen = False
         self.known = False  # the server already has this file: not read
+        self.late = False  # the sha1 field follows filedata
 
     async def consume(self, chunks: AsyncIterator[bytes]) -> bool:
         """Read the part; False if it is over the limit (the rest is not stored)."""
@@ -322,35 +385,38 @@ class _Upload:
             self.size += len(chunk)
             if self.size > self.limit:
                 return False
-            self.sha1.update(chunk)
-            if self.file is None and self.size > SMALL_FILE:
-                self.path, self.file = self.storage.temp_file()
-                self.file.write(self.data)
-                self.sha256.update(self.data)
+            if self.spool is not None:
+                await self.spool.feed(chunk)
+                continue
+            self.data += chunk
+            if self.size > SMALL_FILE:
+                self.spool = _Spool(self.storage if self.keep else None)
+                await self.spool.feed(bytes(self.data))
                 self.data = bytearray()
-            if self.file is not None:
-                self.file.write(chunk)
-                self.sha256.update(chunk)
-            else:
-                self.data += chunk
-        if self.file is not None:
-            self.file.close()
+        if self.spool is not None:
+            await self.spool.finish()
+            self.sha1 = self.spool.sha1.hexdigest()
+        else:
+            self.sha1 = hashlib.sha1(self.data, usedforsecurity=False).hexdigest()
         return True
 
     def take(self, sha1: str, filename: str) -> Input:
-        """The verified upload as its job's input: its bytes, or its file, moved into the store."""
-        if self.path is None:
+        """The verified upload as its job's input: its bytes, or its file, moved into the store,
+        or (not kept) its digests alone."""
+        spool = self.spool
+        if spool is None:
             return Input(bytes(self.data), self.size, sha1=sha1, filename=filename)
-        spooled = Input(self.path, self.size, sha1=sha1, filename=filename, digests={"sha256": self.sha256})
+        digests = {"sha256": spool.sha256}
+        if spool.path is None:
+            return Input(NOT_KEPT, self.size, sha1=sha1, filename=filename, digests=digests, kept=False)
+        spooled = Input(spool.path, self.size, sha1=sha1, filename=filename, digests=digests)
         item = self.storage.put_input(spooled)
-        self.path = None  # the store's now
+        spool.path = None  # the store's now
         return item
 
     def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        if self.spool is not None:
+            self.spool.discard()
 
 
 def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
@@ -381,7 +447,7 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     if boundary is None:
         return refuse(400, "expected multipart/form-data with a boundary", refusal="malformed")
     fields: dict[str, str] = {}
-    data = _Upload(storage, limit)
+    data = _Upload(storage, limit, keep=not (known and jobs.signers[fmt].digest_only))
     try:
         try:
             async with contextlib.aclosing(_parts(request, boundary, cfg.server.body_timeout)) as parts:
@@ -398,23 +464,32 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             return refused
         if data.known:
             return await _accepted(request, fmt, fields["sha1"], "File is pending")
-        if not data.seen:
-            bad = _check_fields(request, fields, fmt, known)
-            return bad or refuse(400, "File too small: no filedata", NONCE, "malformed")
-        sha1 = fields["sha1"]
-        if data.size < cfg.server.min_filesize:
-            why = f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}"
-            return refuse(400, why, NONCE, "size")
-        if data.sha1.hexdigest() != sha1:
-            return refuse(
-                400, "Hash mismatch: filedata does not match the sha1 field", NONCE, "hash_mismatch"
-            )
-        request.app[METRICS].upload(fmt, data.size)
-        storage.clear_failure(fmt, sha1)
-        jobs.submit(fmt, sha1, data.take(sha1, fields["filename"]), _upload_context(request, fields))
-        return await _accepted(request, fmt, sha1, "Accepted")
+        return await _submit(request, fields, data, fmt, known)
     finally:
         data.discard()
+
+
+async def _submit(
+    request: web.Request, fields: dict[str, str], data: _Upload, fmt: str, known: bool
+) -> web.StreamResponse:
+    """The form is read: check what is left to check, queue the job, answer."""
+    cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
+    if not data.seen or data.late:
+        bad = _check_fields(request, fields, fmt, known)
+        if bad is not None or not data.seen:
+            return bad or refuse(400, "File too small: no filedata", NONCE, "malformed")
+    sha1 = fields["sha1"]
+    if data.size < cfg.server.min_filesize:
+        why = f"File too small: {data.size} bytes, minimum {cfg.server.min_filesize}"
+        return refuse(400, why, NONCE, "size")
+    if data.sha1 != sha1:
+        return refuse(400, "Hash mismatch: filedata does not match the sha1 field", NONCE, "hash_mismatch")
+    request.app[METRICS].upload(fmt, data.size)
+    if data.late and (storage.result(fmt, sha1) is not None or jobs.pending(fmt, sha1)):
+        return await _accepted(request, fmt, sha1, "File is pending")  # sent twice at once
+    storage.clear_failure(fmt, sha1)
+    jobs.submit(fmt, sha1, data.take(sha1, fields["filename"]), _upload_context(request, fields))
+    return await _accepted(request, fmt, sha1, "Accepted")
 
 
 async def _read_form(
@@ -428,14 +503,20 @@ async def _read_form(
     """Read the form into ``fields`` and ``data``; a response if the upload is refused on the way.
 
     The fields come first (as signtool sends them), so the token is checked before any of
-    ``filedata`` is read, and a file the server already has is not read at all."""
+    ``filedata`` is read, and a file the server already has is not read at all. A ``sha1``
+    field may also follow ``filedata`` (a client that hashes a big file while sending it, in
+    one pass): the token must still come first; the rest is checked once the form is read."""
     storage, jobs = request.app[STORAGE], request.app[JOBS]
     async for name, chunks in parts:
         if name == "filedata" and not data.seen:
-            bad = _check_fields(request, fields, fmt, known)
+            data.late = "sha1" not in fields
+            check = _check_token if data.late else functools.partial(_check_fields, fmt=fmt)
+            bad = check(request, fields, known=known)
             if bad is not None:
                 return bad
-            if storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"]):
+            if not data.late and (
+                storage.result(fmt, fields["sha1"]) is not None or jobs.pending(fmt, fields["sha1"])
+            ):
                 data.known = True  # the server has it: the rest need not be read
                 return None
             if not await data.consume(chunks):
@@ -476,8 +557,10 @@ def _upload_context(request: web.Request, fields: dict[str, str]) -> RequestCont
     return RequestContext("upload", peer_ip(request), fields["filename"], request.get(TOKEN), issuer)
 
 
-def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
-    cfg, storage = request.app[CONFIG], request.app[STORAGE]
+def _check_token(request: web.Request, fields: dict[str, str], known: bool) -> web.Response | None:
+    """Who asks, and for a format served here: checked before any of ``filedata`` is read."""
+    if TOKEN in request:
+        return None  # checked already (before a late sha1 field)
     if "token" not in fields:
         return refuse(400, "Missing token", refusal="token_missing")
     secrets: list[bytes] = request.app[SECRETS]
@@ -486,7 +569,15 @@ def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known:
     except TokenError as e:
         return refuse(400, f"Invalid token: {e}", refusal=f"token_{e.kind}")
     if not known:
-        return refuse(400, f"unknown format '{fmt}'", NONCE, "format")
+        return refuse(400, f"unknown format '{request.match_info['fmt']}'", NONCE, "format")
+    return None
+
+
+def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
+    cfg, storage = request.app[CONFIG], request.app[STORAGE]
+    refused = _check_token(request, fields, known)
+    if refused is not None:
+        return refused
     for name in ("sha1", "filename"):
         if name not in fields:
             return refuse(400, f"missing field {name}", NONCE, "malformed")

@@ -17,6 +17,9 @@ Each check answers ``{"status": "ok" | "warning" | "error", "message": ..., ...}
 - ``signing_log``: a page written and fsync'ed beside the signing log's segments; an error
   while the log cannot record (disk full, unwritable, or an fsync failed: until a restart),
   since no signature is released unrecorded. Ok when the log is off.
+- ``formats``: never an error. A warning for each kind of input a configured format refuses on
+  this host because its tool is too old (e.g. APPX/MSIX with osslsigncode before 2.7),
+  listed in ``unserved`` (format -> kind -> why).
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ class Health:
         self.expiry = {name: k.chain[0].not_valid_after_utc for name, k in keys.items() if k.chain}
         tls = load_certificates(cfg.resolve(cfg.tls.cert))
         self.tls_expiry = tls[0].not_valid_after_utc if tls else None
+        #: format -> kind of input -> why this host cannot sign it (:meth:`Signer.unserved`)
+        self.unserved: dict[str, dict[str, str]] = {}
         self._keys_started = 0.0
         self._keys_check: asyncio.Future[Check] | None = None
 
@@ -108,7 +113,15 @@ class Health:
             "workers": self._workers(),
             "certificates": self._certificates(),
             "signing_log": signing_log,
+            "formats": self._formats(),
         }
+
+    def _formats(self) -> Check:
+        unserved = {fmt: dict(sorted(kinds.items())) for fmt, kinds in sorted(self.unserved.items())}
+        if not unserved:
+            return _check("ok", "every format signs every kind of input it knows", unserved={})
+        told = [f"{fmt}: {why}" for fmt, kinds in unserved.items() for why in kinds.values()]
+        return _check("warning", "; ".join(told), unserved=unserved)
 
     async def _keys(self) -> Check:
         """The cached key check, or a fresh one (shared by every heartbeat meanwhile)."""

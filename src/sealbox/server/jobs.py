@@ -276,35 +276,39 @@ class JobManager:
         if output.body is None:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._publish_file, job, item, output)
-        durable = self._record(job, item, output)
+        durable, digest = self._record(job, item, output)
         if durable is not None:
             await asyncio.wrap_future(durable)
-        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt))
+        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt), digest)
 
     def _publish_file(self, job: _Job, item: Input, output: Blob) -> Result:
         """:meth:`_publish` of a file, in a job thread."""
         try:
-            durable = self._record(job, item, output)
+            durable, digest = self._record(job, item, output)
             if durable is not None:
                 durable.result()  # in the job's thread: wait until the entry is durable
         except BaseException:
             _discard(output)
             raise
-        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt))
+        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt), digest)
 
     def _also_input(self, fmt: str) -> bool:
         """Whether ``fmt``'s output is kept as an input too: it replaces the file, so chaining
         another format needs none (a detached signature is not something anyone signs next)."""
         return not self.signers[fmt].detached_suffix.get(fmt)
 
-    def _record(self, job: _Job, item: Input, output: Blob) -> concurrent.futures.Future[int] | None:
-        """Append the entry of the signature about to be published to the signing log (None:
-        the log is off). The result must not be published before the future resolves: it
-        does once the entry is durable, or raises :class:`~sealbox.signlog.LogUnavailable`
-        (the attempt then fails as retryable and nothing is published). Called right before
-        publication, from the event loop or a job thread."""
+    def _record(
+        self, job: _Job, item: Input, output: Blob
+    ) -> tuple[concurrent.futures.Future[int] | None, str | None]:
+        """Append the entry of the signature about to be published to the signing log; the
+        future of its append (None: the log is off) and the output's SHA-1 taken on the way
+        (so publishing does not read the output again). The result must not be published
+        before the future resolves: it does once the entry is durable, or raises
+        :class:`~sealbox.signlog.LogUnavailable` (the attempt then fails as retryable and
+        nothing is published). Called right before publication, from the event loop or a job
+        thread."""
         if self.recorder is None:
-            return None
+            return None, None
         state = item.digests.get("sha256")
         if state is None:  # not hashed on its way in: small, or a stored file
             with item.open() as f:
@@ -331,7 +335,7 @@ class JobManager:
             "filename": sent or item.filename,
         }
         entry = self.recorder.entry(job.fmt, job.context, source, out, job.ran_in)
-        return self.recorder.log.append(entry)
+        return self.recorder.log.append(entry), str(out["sha1"])
 
     def log_index(self, fmt: str, sha1: str) -> int | None:
         """The signing log's index of the result of (fmt, sha1), if the log knows it."""

@@ -141,6 +141,9 @@ def load_signers(cfg: ServerConfig, passphrases: PassphraseSource) -> Signers:
         if settings.key is not None:
             resolve(settings.key)
         signers[fmt] = cls(settings, resolve)
+        for kind, why in signers[fmt].unserved().items():
+            fields = {"event": "format_limited", "format": fmt, "kind": kind, "reason": why}
+            log.warning(f"{fmt}: cannot sign {kind}: {why}", extra={"fields": fields})
     if cfg.log.enabled and cfg.log.key is not None:
         resolve(cfg.log.key)  # the signing log's checkpoint key: the same passphrase sources
     return signers
@@ -246,6 +249,7 @@ async def serve(
         storage, signers, cfg.server.concurrency, cfg.server.job_timeout, workers, metrics, recorder=recorder
     )
     health = Health(cfg, signers.unlocked, storage, workers, prove_key, recorder.log if recorder else None)
+    health.unserved = {fmt: dict(why) for fmt, s in signers.items() if (why := s.unserved())}
     metrics.watch(jobs, workers, health.expiry, health.tls_expiry)
     app = build_app(cfg, jobs, storage, cfg.token_secrets(), health, metrics)
     requests = _Requests()

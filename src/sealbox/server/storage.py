@@ -59,6 +59,9 @@ FAILURE_ENTRIES = 100_000
 XATTR = "user.sealbox."
 TOUCH_EVERY = 60.0  # refresh a result's age on disk at most this often
 GONE = "the input is no longer on the server; upload it again"
+#: the content of an input whose bytes were not kept: a path that can never exist, so a read
+#: fails (a signer must never sign other bytes than the upload's)
+NOT_KEPT = Path("/dev/null/sealbox-not-kept")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class Input(Blob):
     #: known to hash to ``sha1`` (an upload, a row read back); a stored file is not until
     #: :meth:`Storage.checked` has hashed it
     checked: bool = True
+    #: False: only ``digests`` were kept (a big upload for a format that signs its SHA-256
+    #: alone); ``content`` is then :data:`NOT_KEPT`, which no one can read
+    kept: bool = True
 
 
 @dataclass(kw_only=True)
@@ -230,6 +236,8 @@ class Storage:
         """``item``, known to hash to its SHA-1. A stored file no one has hashed since it
         arrived is hashed now (and its SHA-256 kept for the signer), in one pass; a corrupt one
         is dropped: a corrupt copy must never be signed. Reads the file: never on the loop."""
+        if not item.kept:
+            return item  # its digests were taken as it arrived
         if isinstance(item.content, Path) and not item.content.is_file():
             raise FormatRejected(GONE)
         if item.checked:
@@ -286,22 +294,25 @@ class Storage:
             self._rows.touch(fmt, sha1, now)
         return Result(body, len(body), digest=digest, in_row=True, touched=now)
 
-    def put_result(self, fmt: str, item: Input, output: Blob, also_input: bool) -> Result:
+    def put_result(
+        self, fmt: str, item: Input, output: Blob, also_input: bool, digest: str | None = None
+    ) -> Result:
         """Publish ``output`` as the result of signing ``item`` with ``fmt``, with ``item`` if
         it is held in memory (an upload is stored with its result; a row read back is
         refreshed). ``also_input`` (an output that replaces the file): keep the output as an
         input too, so chaining another format needs no upload, and as its own result with
-        ``fmt``, so signing it again returns it unchanged."""
+        ``fmt``, so signing it again returns it unchanged. ``digest``: the output's SHA-1, when
+        the caller took it already (the output is not read again for it)."""
         now = time.time()
         if isinstance(output.content, bytes):  # a signing worker's: rows, in one commit
             body = output.content
-            digest = _sha1(body)
+            digest = digest or _sha1(body)
             self._rows.write(fmt, item.sha1, item.filename, item.body, digest, body, also_input, now)
             found = Result(body, len(body), digest=digest, in_row=True, touched=now)
         else:
             if item.body is not None:
                 self._rows.write_input(item.sha1, item.filename, item.body, now)
-            found = self._files.put_result(fmt, item.sha1, output.content, output.size, now)
+            found = self._files.put_result(fmt, item.sha1, output.content, output.size, now, digest)
             if also_input and found.digest != item.sha1:
                 self._keep_as_input(fmt, found.digest, item.filename, self._files.result_path(fmt, item.sha1))
         with self._mutex:
@@ -500,7 +511,9 @@ class _Files:
         if not self.xattrs:
             os.utime(path.with_name(f"{path.name}.sha1"), (now, now))
 
-    def put_result(self, fmt: str, sha1: str, output: Path, size: int | None, now: float) -> Result:
+    def put_result(
+        self, fmt: str, sha1: str, output: Path, size: int | None, now: float, digest: str | None = None
+    ) -> Result:
         """Publish ``output`` (in ``tmp/``) as the result of (fmt, sha1).
 
         The metadata (digest and size) goes first, then the result is renamed into place:
@@ -513,7 +526,7 @@ class _Files:
             if size is None:
                 size = output.stat().st_size
             body = output.read_bytes() if size <= SMALL_FILE else None
-            digest = hash_file(output) if body is None else _sha1(body)
+            digest = digest or (hash_file(output) if body is None else _sha1(body))
             self._publish(output, final, {"sha1": f"{digest} {size}"})
         except BaseException:
             output.unlink(missing_ok=True)

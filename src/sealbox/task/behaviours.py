@@ -38,6 +38,9 @@ AUTHENTICODE = for_task("authenticode")
 WIDEVINE = for_task("widevine")
 MACAPP = for_task("macapp")
 APK_FORMATS = for_task("apk")
+#: an APT repository's ``Release``: InRelease and Release.gpg written beside it
+APT = for_task("apt")
+APT_RELEASE = "Release"
 #: an ``.apk`` asked for under a classic name travels under the APK name with the same key:
 #: the classic names sign v1 only (for callers that zipalign), the APK names v1+v2+v3
 APK_WIRE_NAMES = {f.name: f.apk_as for f in TABLE if f.apk_as is not None}
@@ -332,6 +335,17 @@ def sign_widevine_archive(
         repack_tar(tree, out, compression)
     _replace(out, path)
     return [m for m, _, _ in plan.targets], precomplete_diff(label, member, old, new)
+
+
+# -- APT repository metadata ----------------------------------------------------------------------
+
+
+def apt_output(path: str, fmt: str) -> str:
+    """Where ``fmt`` puts the signed form of the ``Release`` at ``path``: ``InRelease`` in the
+    same folder, or the detached ``Release.gpg`` beside it."""
+    if fmt == "apt-inrelease":
+        return str(PurePosixPath(path).with_name("InRelease"))
+    return path + ".gpg"
 
 
 # -- macOS: dmg -> tar.gz -------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def _plan_item(config: WorkerConfig, item: Item, claims: _Claims) -> None:
         claims.claim(item.output + ".asc", item.path)
     if fmts & bh.WIDEVINE and kind is None:
         claims.claim(item.output + ".sig", item.path)
+    for fmt in sorted(fmts & bh.APT):
+        claims.claim(bh.apt_output(item.output, fmt), item.path)
 
 
 def _set_output(config: WorkerConfig, item: Item, name: str, fmts: set[str]) -> bh.ArchiveKind | None:
@@ -133,6 +135,10 @@ def _check_formats_apply(item: Item, name: str, fmts: set[str], kind: bh.Archive
         )
     if fmts & bh.MACAPP and not name.lower().endswith((".dmg", ".tar.gz", ".tgz")):
         raise TaskFailure(EXIT_MALFORMED, f"{item.path}: macapp signs a .dmg or a .tar.gz of an .app")
+    if fmts & bh.APT and name != bh.APT_RELEASE:
+        raise TaskFailure(
+            EXIT_MALFORMED, f"{item.path}: the apt formats sign a repository's {bh.APT_RELEASE} file"
+        )
     if len(fmts & bh.WIDEVINE) > 1 and kind is None:
         raise TaskFailure(
             EXIT_MALFORMED, f"{item.path}: widevine and widevine_blessed would both write {item.path}.sig"

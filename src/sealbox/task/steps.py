@@ -189,6 +189,8 @@ def _step_for(fmt: str) -> Step:
         return _widevine
     if fmt == "gpg":
         return _gpg
+    if fmt in bh.APT:
+        return _apt
     return _in_place
 
 
@@ -221,6 +223,15 @@ def _gpg(w: _Work, fmt: str, step: Path) -> None:
     asc = w.current.with_name(w.current.name + ".asc")
     w.sign_one(w.current, fmt, asc)
     w.outputs[w.rel + ".asc"] = asc
+
+
+def _apt(w: _Work, fmt: str, step: Path) -> None:
+    """InRelease or Release.gpg beside the Release, which is published unchanged."""
+    rel = bh.apt_output(w.rel, fmt)
+    dest = step / PurePosixPath(rel).name
+    step.mkdir(parents=True, exist_ok=True)
+    w.sign_one(w.current, fmt, dest)
+    w.outputs[rel] = dest
 
 
 def _in_place(w: _Work, fmt: str, step: Path) -> None:

@@ -1,0 +1,332 @@
+"""Container image signing: resolve an image in an OCI registry, have its simple-signing
+payload signed by a sealbox server (format ``sigstore``, through the normal signing client),
+and push the signature as a cosign attachment (``sha256-<hex>.sig``), as ``cosign sign`` and
+``skopeo copy --sign-by-sigstore-private-key`` store it. See docs/formats/container.md.
+
+Only the few OCI distribution API calls this needs: GET a manifest or a blob, a blob upload
+(POST then PUT), a manifest PUT. Registries that ask for credentials are not supported yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import yarl
+
+from .. import __version__
+from ..simplesigning import (
+    ATTACHMENT_SUFFIX,
+    PAYLOAD_MEDIA_TYPE,
+    SIGNATURE_ANNOTATION,
+    PayloadError,
+    build,
+    check_digest,
+    check_reference,
+)
+from ._aio import USER_AGENT, describe_error
+from ._errors import ClientError
+
+if TYPE_CHECKING:
+    from ._aio import AsyncSigningClient
+    from ._core import SigningClient
+
+__all__ = ["ImageRef", "ImageSignature", "RegistryError", "sign_image", "sign_image_async"]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+#: what an image reference may resolve to (schema 1 manifests, long deprecated, are refused)
+IMAGE_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
+#: manifests and attachment configs are small; a larger answer is not one
+MAX_DOCUMENT = 4 * 1024 * 1024
+REGISTRY_TIMEOUT = 60.0
+FORMAT = "sigstore"
+
+_REF = re.compile(r"(?P<name>[^@]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[^@]+))?")
+
+
+class RegistryError(ClientError):
+    """The registry refused a request, did not answer, or holds something unexpected."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """``registry/repository`` with a tag, a digest or both (the digest wins)."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ImageRef:
+        """``host[:port]/path:tag``, ``host[:port]/path@sha256:...`` (or both); the registry
+        must be named (a host with a dot or a port, or ``localhost``)."""
+        m = _REF.fullmatch(text.strip())
+        if m is None or (m.group("tag") is None and m.group("digest") is None):
+            raise ClientError(
+                f"image '{text}': expected REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:..."
+            )
+        name, tag, digest = m.group("name"), m.group("tag"), m.group("digest")
+        try:
+            check_reference(name)
+            if digest is not None:
+                check_digest(digest)
+        except PayloadError as e:
+            raise ClientError(f"image '{text}': {e}") from None
+        registry, _, repository = name.partition("/")
+        return cls(registry, repository, tag, digest)
+
+    @property
+    def name(self) -> str:
+        """``registry/repository``."""
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+@dataclass(frozen=True)
+class ImageSignature:
+    """What :func:`sign_image_async` did."""
+
+    image: ImageRef
+    #: the manifest digest signed
+    digest: str
+    #: the docker-reference in the payload (the identity a policy checks)
+    identity: str
+    #: ``registry/repository:sha256-<hex>.sig``
+    attachment: str
+    payload: bytes
+    #: DER ECDSA signature over ``payload``
+    signature: bytes
+    #: False: the attachment already held this very signature, nothing was pushed
+    added: bool
+    #: the signing server that signed it ('' for a result from the client's cache)
+    server: str
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _Registry:
+    """The distribution API calls of one repository."""
+
+    def __init__(self, session: aiohttp.ClientSession, image: ImageRef, insecure: bool) -> None:
+        self._session = session
+        self._base = yarl.URL(f"{'http' if insecure else 'https'}://{image.registry}/v2/{image.repository}")
+        self._where = image.name
+
+    async def _request(
+        self, method: str, url: yarl.URL, ok: tuple[int, ...], **kw: Any
+    ) -> tuple[int, bytes, Any]:
+        """(status, body, headers); a status outside ``ok`` (and not 404 when 404 is in ``ok``)
+        raises RegistryError."""
+        try:
+            async with self._session.request(method, url, **kw) as r:
+                body = await r.content.read(MAX_DOCUMENT + 1)
+                if len(body) > MAX_DOCUMENT:
+                    raise RegistryError(
+                        f"{self._where}: {method} {url.path}: answer larger than {MAX_DOCUMENT} bytes"
+                    )
+                if r.status not in ok:
+                    raise RegistryError(self._refusal(method, url, r.status, body, r.headers))
+                return r.status, body, r.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise RegistryError(f"{self._where}: {method} {url.path}: {describe_error(e)}") from None
+
+    def _refusal(self, method: str, url: yarl.URL, status: int, body: bytes, headers: Any) -> str:
+        if status == 401:
+            challenge = headers.get("WWW-Authenticate", "")[:200]
+            return (
+                f"{self._where}: the registry asks for credentials ({challenge}),"
+                " which sign-image does not send yet"
+            )
+        try:
+            errors = json.loads(body)["errors"]
+            detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)[:300]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            detail = body[:200].decode(errors="replace")
+        return f"{self._where}: {method} {url.path}: {status} {detail}".rstrip()
+
+    async def manifest(self, reference: str, accept: tuple[str, ...]) -> tuple[bytes, str] | None:
+        """(manifest bytes, media type), or None if there is none under ``reference``."""
+        status, body, headers = await self._request(
+            "GET", self._base / "manifests" / reference, (200, 404), headers={"Accept": ", ".join(accept)}
+        )
+        if status == 404:
+            return None
+        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        if media_type not in accept:
+            raise RegistryError(f"{self._where}@{reference}: unexpected manifest type '{media_type[:100]}'")
+        return body, media_type
+
+    async def blob(self, digest: str) -> bytes:
+        _, body, _ = await self._request("GET", self._base / "blobs" / digest, (200,))
+        if _sha256(body) != digest:
+            raise RegistryError(f"{self._where}: blob {digest} does not match its digest")
+        return body
+
+    async def put_blob(self, data: bytes) -> str:
+        digest = _sha256(data)
+        status, _, _ = await self._request("HEAD", self._base / "blobs" / digest, (200, 404))
+        if status == 200:
+            return digest
+        _, _, headers = await self._request("POST", self._base / "blobs" / "uploads" / "", (202,))
+        location = headers.get("Location")
+        if not location:
+            raise RegistryError(f"{self._where}: the blob upload answer has no Location")
+        url = self._base.join(yarl.URL(location)).update_query(digest=digest)
+        await self._request(
+            "PUT", url, (201,), data=data, headers={"Content-Type": "application/octet-stream"}
+        )
+        return digest
+
+    async def put_manifest(self, tag: str, data: bytes, media_type: str) -> None:
+        await self._request(
+            "PUT", self._base / "manifests" / tag, (201,), data=data, headers={"Content-Type": media_type}
+        )
+
+
+async def _resolve(registry: _Registry, image: ImageRef) -> str:
+    """The digest of the image's manifest, checked against the bytes the registry holds."""
+    reference = image.digest or image.tag
+    assert reference is not None
+    found = await registry.manifest(reference, IMAGE_TYPES)
+    if found is None:
+        raise RegistryError(f"{image}: no such image in the registry")
+    digest = _sha256(found[0])
+    if image.digest is not None and digest != image.digest:
+        raise RegistryError(f"{image}: the registry's manifest does not match the digest")
+    return digest
+
+
+def _layer(payload_digest: str, size: int, signature_b64: str) -> dict[str, Any]:
+    return {
+        "mediaType": PAYLOAD_MEDIA_TYPE,
+        "size": size,
+        "digest": payload_digest,
+        "annotations": {SIGNATURE_ANNOTATION: signature_b64},
+    }
+
+
+async def _attach(registry: _Registry, tag: str, payload: bytes, signature: bytes) -> bool:
+    """Add the signature to the attachment ``tag`` (made if absent; another signature there
+    stays, as cosign does). False if this very signature is there already."""
+    layer = _layer(_sha256(payload), len(payload), base64.b64encode(signature).decode())
+    found = await registry.manifest(tag, (OCI_MANIFEST,))
+    config: dict[str, Any] = {
+        "architecture": "",
+        "os": "",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }
+    manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}
+    if found is not None:
+        try:
+            manifest = json.loads(found[0])
+            layers = manifest["layers"]
+            config = json.loads(await registry.blob(manifest["config"]["digest"]))
+            diff_ids = config["rootfs"]["diff_ids"]
+            if not isinstance(layers, list) or not isinstance(diff_ids, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError) as e:
+            raise RegistryError(
+                f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})"
+            ) from None
+        if layer in layers:
+            return False
+    await registry.put_blob(payload)
+    manifest["layers"].append(layer)
+    config["rootfs"]["diff_ids"].append(layer["digest"])  # the payload is its own uncompressed layer
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    manifest["config"] = {
+        "mediaType": OCI_CONFIG,
+        "size": len(config_bytes),
+        "digest": await registry.put_blob(config_bytes),
+    }
+    await registry.put_manifest(tag, json.dumps(manifest, separators=(",", ":")).encode(), OCI_MANIFEST)
+    return True
+
+
+def _registry_ssl(registry_ca: Path | None) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=str(registry_ca) if registry_ca else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ClientError(f"registry CA bundle {registry_ca} cannot be loaded: {e}") from None
+
+
+async def sign_image_async(
+    client: AsyncSigningClient,
+    image: str | ImageRef,
+    *,
+    identity: str | None = None,
+    insecure_registry: bool = False,
+    registry_ca: Path | None = None,
+    timeout: float = REGISTRY_TIMEOUT,
+) -> ImageSignature:
+    """Sign the image ``image`` (``REGISTRY/REPO:TAG`` or ``REGISTRY/REPO@sha256:...``) by
+    its manifest digest, with format ``sigstore`` through ``client``, and push the signature
+    to the registry as a cosign attachment.
+
+    ``identity``: the docker-reference signed (default: the image's name, with its tag if one
+    was given, as skopeo signs). ``insecure_registry``: plain HTTP (a test registry on
+    loopback). ``registry_ca``: a CA bundle for the registry's TLS (default: the system's).
+    ``timeout`` bounds each registry request. Raises :class:`RegistryError` for the registry's
+    part and the signing client's errors for the signing."""
+    ref = image if isinstance(image, ImageRef) else ImageRef.parse(image)
+    try:
+        signed_as = check_reference(identity or (f"{ref.name}:{ref.tag}" if ref.tag else ref.name))
+    except PayloadError as e:
+        raise ClientError(f"identity: {e}") from None
+    connector = aiohttp.TCPConnector(ssl=False if insecure_registry else _registry_ssl(registry_ca))
+    async with aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": USER_AGENT},
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as session:
+        registry = _Registry(session, ref, insecure_registry)
+        digest = await _resolve(registry, ref)
+        payload = build(signed_as, digest, f"sealbox {__version__}")
+        with tempfile.TemporaryDirectory(prefix="sealbox-image-") as tmp:
+            source = Path(tmp) / "payload.json"
+            source.write_bytes(payload)
+            server, _ = await client.sign_one(source, FORMAT, source.with_name("payload.json.sig"))
+            signature = source.with_name("payload.json.sig").read_bytes()
+        tag = digest.replace(":", "-") + ATTACHMENT_SUFFIX
+        added = await _attach(registry, tag, payload, signature)
+    return ImageSignature(ref, digest, signed_as, f"{ref.name}:{tag}", payload, signature, added, server)
+
+
+def sign_image(
+    client: SigningClient,
+    image: str | ImageRef,
+    *,
+    identity: str | None = None,
+    insecure_registry: bool = False,
+    registry_ca: Path | None = None,
+    timeout: float = REGISTRY_TIMEOUT,
+) -> ImageSignature:
+    """:func:`sign_image_async` for a blocking :class:`SigningClient` (run on its loop)."""
+    return client._run(
+        sign_image_async(
+            client._client,
+            image,
+            identity=identity,
+            insecure_registry=insecure_registry,
+            registry_ca=registry_ca,
+            timeout=timeout,
+        )
+    )

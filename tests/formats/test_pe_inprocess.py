@@ -1,0 +1,304 @@
+"""PE images signed in-process (:mod:`sealbox.formats._pe`): no tool runs, and the outputs pass
+``osslsigncode verify`` with the digest osslsigncode computes itself; malformed headers are
+refused naming what is wrong; a SoftHSM key signs the same way through a real server."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asn1crypto import cms  # type: ignore[import-untyped]
+
+from sealbox.deploy.dev import init_dev
+from sealbox.errors import FormatRejected
+from sealbox.formats import authenticode
+from sealbox.formats.authenticode import AuthenticodeSigner
+from sealbox.keys import PassphraseSource, UnlockedKey, load_key
+from sealbox.samples.pe import launcher_path, write_dll, write_pe
+from sealbox.server.config import load_config
+from tests.formats.test_authenticode import FORMATS, STUB, Deployment, Job, LocalTSA, make_job
+from tests.servers import Deployment as ServerDeployment
+from tests.servers import start_server
+
+OSSL = shutil.which("osslsigncode")
+pytestmark = pytest.mark.skipif(OSSL is None, reason="osslsigncode is not installed")
+CAP = 120.0
+
+OPT_MAGIC_PE32 = 0x10B
+OPT_MAGIC_PE32_PLUS = 0x20B
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    root = tmp_path_factory.mktemp("pe-inprocess") / "dep"
+    cfg = load_config(init_dev(root, "dep", formats=list(FORMATS)))
+    passphrases = PassphraseSource.from_file(root / "passphrases")
+    cache: dict[str, UnlockedKey] = {}
+
+    def resolver(name: str) -> UnlockedKey:
+        if name not in cache:
+            key = load_key(cfg.key_spec(name), passphrases.get(name))
+            assert isinstance(key, UnlockedKey)
+            cache[name] = key
+        return cache[name]
+
+    return Deployment(root, root / "public", resolver, {f: cfg.format_settings(f) for f in FORMATS})
+
+
+@contextmanager
+def no_process() -> Iterator[None]:
+    """Signing a PE starts no process: any attempt fails the test."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a process was started: {args[0] if args else kwargs}")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(subprocess, "Popen", refuse)
+        yield
+
+
+def sign(signer: AuthenticodeSigner, job: Job) -> None:
+    with no_process():
+        signer.sign(job.request)
+
+
+# -- samples -------------------------------------------------------------------------------------
+def _launcher(name: str) -> bytes:
+    path = launcher_path().parent / name  # pip's distlib ships t32.exe next to t64.exe
+    if not path.is_file():
+        pytest.skip(f"no {name} next to {launcher_path()}")
+    return path.read_bytes()
+
+
+def _pe32(d: Path) -> Path:
+    p = d / "t32.exe"
+    p.write_bytes(_launcher("t32.exe"))
+    return p
+
+
+def _pe32_unaligned_tail(d: Path) -> Path:
+    p = d / "tail.exe"
+    p.write_bytes(_launcher("t32.exe") + b"abc")  # the image does not end on 8 bytes: padded
+    return p
+
+
+def _pe32plus_overlay(d: Path) -> Path:
+    p = write_pe(d, "overlay.exe")
+    with p.open("ab") as f:
+        f.write(bytes(range(256)) * 4096 + b"12345")  # an installer's payload, 1 MiB + 5
+    return p
+
+
+SAMPLES: dict[str, Callable[[Path], Path]] = {
+    "pe32plus": lambda d: write_pe(d, "setup.exe"),
+    "pe32plus-dll": lambda d: write_dll(d, "xul.dll"),
+    "pe32": _pe32,
+    "pe32-unaligned-tail": _pe32_unaligned_tail,
+    "pe32plus-overlay": _pe32plus_overlay,
+}
+
+
+def _magic(path: Path) -> int:
+    data = path.read_bytes()[:4096]
+    (lfanew,) = struct.unpack_from("<I", data, 0x3C)
+    return int(struct.unpack_from("<H", data, lfanew + 24)[0])
+
+
+def _verify_output(dep: Deployment, fmt: str, src: Path, out: Path) -> str:
+    AuthenticodeSigner.verify(fmt, out, src, dep.public_dir)
+    assert OSSL is not None
+    res = subprocess.run(
+        [OSSL, "verify", "-CAfile", str(dep.public_dir / authenticode.CA_FILE), "-in", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0 and "Signature verification: ok" in res.stdout, res.stdout + res.stderr
+    # the checksum written is the one osslsigncode computes (else: Current/Calculated + a warning)
+    assert "PE checksum   :" in res.stdout and "invalid PE checksum" not in res.stdout, res.stdout
+    return res.stdout
+
+
+def _indirect_data(der: bytes) -> bytes:
+    """The SpcIndirectDataContent (with its [0] wrapper) of a PKCS#7 SignedData."""
+    return bytes(cms.ContentInfo.load(der)["content"]["encap_content_info"]["content"].dump())
+
+
+def _extract_data(src: Path, tmp_path: Path) -> bytes:
+    """What ``osslsigncode extract-data`` makes of ``src``: its own digest of the image."""
+    assert OSSL is not None
+    out = tmp_path / "data.p7"
+    subprocess.run(
+        [OSSL, "extract-data", "-h", "sha256", "-in", str(src), "-out", str(out)],
+        capture_output=True,
+        check=True,
+    )
+    return out.read_bytes()
+
+
+# -- signing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["sha2signcode", "sha2signcodestub"])
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_in_process_signature_verifies(dep: Deployment, tmp_path: Path, sample: str, fmt: str) -> None:
+    src = SAMPLES[sample](tmp_path)
+    assert _magic(src) == (OPT_MAGIC_PE32_PLUS if sample.startswith("pe32plus") else OPT_MAGIC_PE32)
+    job = make_job(tmp_path, src)
+    sign(dep.signer(fmt), job)
+    assert list(job.work_dir.iterdir()) == []
+    text = _verify_output(dep, fmt, src, job.output)
+    assert (
+        "Text description: sealbox dep" in text and "URL description: https://example.invalid/sealbox" in text
+    )
+    # the image digest is osslsigncode's own, and the SpcIndirectDataContent is the same bytes
+    signature = authenticode.signature_pkcs7(job.output)
+    assert _indirect_data(signature) == _indirect_data(_extract_data(src, tmp_path))
+    info = cms.ContentInfo.load(signature)["content"]
+    subjects = {c.chosen.subject.native["common_name"] for c in info["certificates"]}
+    assert any(s.startswith("sealbox stub dummy") for s in subjects) == (fmt in STUB)
+    # the image itself is untouched but for CheckSum and the certificate table entry
+    data, signed = src.read_bytes(), job.output.read_bytes()
+    (lfanew,) = struct.unpack_from("<I", data, 0x3C)
+    changed = [i for i in range(len(data)) if data[i] != signed[i]]
+    dirs = lfanew + 24 + (96 if _magic(src) == OPT_MAGIC_PE32 else 112)
+    allowed = {*range(lfanew + 88, lfanew + 92), *range(dirs + 32, dirs + 40)}
+    assert set(changed) <= allowed
+    assert len(signed) % 8 == 0
+
+
+def test_resigning_replaces_the_certificate_table(dep: Deployment, tmp_path: Path) -> None:
+    first = make_job(tmp_path, _pe32(tmp_path))
+    sign(dep.signer("sha2signcodestub"), first)
+    again = tmp_path / "again"
+    again.mkdir()
+    job = make_job(again, first.output)
+    sign(dep.signer("sha2signcode"), job)
+    text = _verify_output(dep, "sha2signcode", first.output, job.output)
+    assert "Number of verified signatures: 1" in text
+    signature = authenticode.signature_pkcs7(job.output)
+    subjects = {
+        c.chosen.subject.native["common_name"]
+        for c in cms.ContentInfo.load(signature)["content"]["certificates"]
+    }
+    assert not any(s.startswith("sealbox stub dummy") for s in subjects)  # the old signature is gone
+    # the same image as before (the old table dropped), so the same digest
+    assert _indirect_data(signature) == _indirect_data(authenticode.signature_pkcs7(first.output))
+    assert _indirect_data(signature) == _indirect_data(_extract_data(first.output, again))
+
+
+# -- refusals --------------------------------------------------------------------------------------
+def _edit(at: int, fmt: str, *values: Callable[[int], int]) -> Callable[[Path], Path]:
+    """A maker: pip's t64.exe (PE32+) with ``struct.pack(fmt, *(v(size) ...))`` written at
+    e_lfanew + ``at``."""
+
+    def make(d: Path) -> Path:
+        data = bytearray(launcher_path().read_bytes())
+        (lfanew,) = struct.unpack_from("<I", data, 0x3C)
+        struct.pack_into(fmt, data, lfanew + at, *(v(len(data)) for v in values))
+        p = d / "bad.exe"
+        p.write_bytes(bytes(data))
+        return p
+
+    return make
+
+
+_CERT_DIR = 24 + 112 + 32  # from e_lfanew to the PE32+ certificate table entry
+
+
+def _truncated_headers(d: Path) -> Path:
+    data = launcher_path().read_bytes()
+    (lfanew,) = struct.unpack_from("<I", data, 0x3C)
+    p = d / "cut.exe"
+    p.write_bytes(data[: lfanew + 24 + 40])  # cut inside the optional header
+    return p
+
+
+def _trailing_after_signature(dep: Deployment) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        job = make_job(d, write_pe(d, "signed.exe"))
+        dep.signer("sha2signcode").sign(job.request)
+        p = d / "trailing.exe"
+        p.write_bytes(job.output.read_bytes() + b"appended after the signature")
+        return p
+
+    return make
+
+
+BAD: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated-headers": (_truncated_headers, "truncated PE"),
+    "huge-number-of-sections": (_edit(6, "<H", lambda _: 0xFFFF), "malformed PE: 65535 sections"),
+    "cert-table-past-the-end": (
+        _edit(_CERT_DIR, "<II", lambda size: size - 8, lambda _: 0x10000),
+        "certificate table lies outside the file",
+    ),
+    "no-cert-table-entry": (
+        _edit(24 + 108, "<I", lambda _: 4),  # NumberOfRvaAndSizes
+        "the data directory has no certificate table entry",
+    ),
+    "cert-entry-without-size": (
+        _edit(_CERT_DIR, "<II", lambda size: size - 8, lambda _: 0),
+        "the certificate table entry has offset",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD, "data-after-signature"])
+def test_malformed_pe_is_refused_with_a_reason(dep: Deployment, tmp_path: Path, case: str) -> None:
+    if case == "data-after-signature":
+        make, reason = _trailing_after_signature(dep), "the certificate table is not at the end of the file"
+    else:
+        make, reason = BAD[case]
+    src = make(tmp_path)
+    job = make_job(tmp_path, src)
+    signer = dep.signer("sha2signcode-v2")
+    with pytest.raises(FormatRejected, match=reason) as e:
+        sign(signer, job)
+    assert str(e.value).startswith("sha2signcode-v2: ")
+    assert not job.output.exists() and list(job.work_dir.iterdir()) == []
+
+
+# -- a SoftHSM key, through a real server ----------------------------------------------------------
+def test_softhsm_key_signs_pe_in_process_through_the_server(tmp_path: Path) -> None:
+    """The token key signs through the key interface: osslsigncode (a recording wrapper) runs
+    once, at start-up, to prove the MSI hand-off, and never for a PE; the -v2 name is stamped by
+    a local TSA in-process too."""
+    fmts = ["sha2signcode", "sha2signcodestub", "sha2signcode-v2"]
+    d = ServerDeployment.create(tmp_path / "dep", "dep", fmts, hsm=True)
+    tsa = LocalTSA(tmp_path / "tsa")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    wrapper = tmp_path / "osslsigncode"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" > {runs}/$$\nexec {OSSL} "$@"\n')
+    wrapper.chmod(0o755)
+    text = d.config.read_text()
+    for fmt in fmts:
+        extra = f'osslsigncode = "{wrapper}"\n' + (
+            f'timestamp_url = "{tsa.url}"\n' if fmt.endswith("-v2") else ""
+        )
+        text = text.replace(f"[formats.{fmt}]\n", f"[formats.{fmt}]\n{extra}")
+    d.config.write_text(text)
+    (d.public / authenticode.TSA_CA_FILE).write_bytes(tsa.ca.cert_pem())
+    try:
+        sp = start_server(d)
+        try:
+            at_start = sorted(runs.iterdir())
+            assert at_start, "start-up proves the token hand-off with one osslsigncode run"
+            with sp.client(timeout=CAP) as c:
+                for fmt in fmts:
+                    (tmp_path / fmt).mkdir()
+                    src = write_pe(tmp_path / fmt)
+                    out = tmp_path / fmt / "out" / src.name
+                    res = c.sign(src, [fmt], out)
+                    assert res.ok, res.error
+                    AuthenticodeSigner.verify(fmt, out, src, d.public)
+            assert sorted(runs.iterdir()) == at_start  # no tool ran for a PE
+            assert tsa.requests == 1
+        finally:
+            sp.stop()
+    finally:
+        tsa.close()

@@ -1,0 +1,251 @@
+"""Authenticode beyond PE: MSI (wixl), CAB (gcab), security catalogs, APPX/MSIX packages and
+PowerShell scripts through a real server, each checked by ``osslsigncode verify``; the kind is
+told by the bytes, bad inputs are refused at once, an osslsigncode too old for a kind says so."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import ssl
+import stat
+import tomllib
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tomli_w
+from cryptography import x509
+
+from sealbox.formats.authenticode import AuthenticodeSigner, osslsigncode_version
+from sealbox.samples import windows
+from sealbox.winfiles import authenticode_kind, is_signable_name, name_problem
+from tests.servers import Deployment, ServerProcess, start_server
+
+OSSL = shutil.which("osslsigncode")
+pytestmark = pytest.mark.skipif(
+    OSSL is None or shutil.which("gcab") is None or shutil.which("wixl") is None,
+    reason="needs osslsigncode, gcab and wixl (scripts/bootstrap.sh installs them)",
+)
+FMT = "sha2signcode"
+Maker = Callable[[Path, str], Path]
+
+
+def _publisher(d: Deployment) -> str:
+    """The signing certificate's subject, which an APPX manifest's Publisher must equal."""
+    chain = d.root / "keys" / "authenticode.chain.pem"
+    if not chain.is_file():
+        return "CN=sealbox authenticode"
+    return x509.load_pem_x509_certificates(chain.read_bytes())[0].subject.rfc4514_string()
+
+
+def _makers(d: Deployment) -> dict[str, Callable[[Path], Path]]:
+    return {
+        "msi": lambda p: windows.write_wixl_msi(p, "setup.msi"),
+        "cab": lambda p: windows.write_cab(p, "files.cab"),
+        "cat": lambda p: windows.write_cat(p, "files.cat"),
+        "appx": lambda p: windows.write_appx(p, "app.msix", publisher=_publisher(d)),
+        "ps1": lambda p: windows.write_ps1(p, "tool.ps1"),
+        "ps1-bom-crlf": lambda p: windows.write_ps1(p, "tool.psm1", bom=True, crlf=True),
+    }
+
+
+KINDS = ["msi", "cab", "cat", "appx", "ps1", "ps1-bom-crlf"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    sp = start_server(Deployment.create(tmp_path_factory.mktemp("win") / "dep", "dep", [FMT]))
+    yield sp
+    sp.stop()
+
+
+def _sign(sp: ServerProcess, src: Path, out: Path) -> Path:
+    with sp.client(timeout=120) as c:
+        res = c.sign(src, [FMT], out)
+    assert res.ok, res.error
+    return out
+
+
+def _heartbeat(sp: ServerProcess) -> dict[str, object]:
+    ctx = ssl.create_default_context(cafile=str(sp.deployment.ca))
+    with httpx.Client(verify=ctx, timeout=60) as h:
+        body = h.get(f"{sp.server.url}/__heartbeat__").json()
+    assert isinstance(body, dict)
+    return body
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_signs_and_verifies(server: ServerProcess, tmp_path: Path, kind: str) -> None:
+    src = _makers(server.deployment)[kind](tmp_path)
+    out = _sign(server, src, tmp_path / "out" / src.name)
+    assert out.read_bytes() != src.read_bytes()
+    command = AuthenticodeSigner.verify(FMT, out, None, server.deployment.public)
+    assert command.startswith("osslsigncode verify -CAfile")
+    if kind.startswith("ps1"):  # the text stays, the signature block is appended
+        data = out.read_bytes()
+        assert data.startswith(src.read_bytes().rstrip(b"\r\n")) and b"# SIG # Begin signature block" in data
+    if kind == "appx":
+        with zipfile.ZipFile(out) as z:
+            assert "AppxSignature.p7x" in z.namelist()
+
+
+def test_heartbeat_reports_every_kind_served(server: ServerProcess) -> None:
+    assert (osslsigncode_version(str(OSSL)) or (0, 0)) >= (2, 8), (
+        "bootstrap installs osslsigncode from backports"
+    )
+    check = _heartbeat(server)["checks"]
+    assert isinstance(check, dict) and check["formats"] == {
+        "status": "ok",
+        "message": "every format signs every kind of input it knows",
+        "unserved": {},
+    }
+
+
+@pytest.mark.parametrize(("kind", "names"), [("cab", ["a.cab", "a.exe"]), ("ps1", ["t.ps1", "t.psd1"])])
+def test_same_bytes_under_two_names_give_the_same_output(
+    server: ServerProcess, tmp_path: Path, kind: str, names: list[str]
+) -> None:
+    """The kind is told by the bytes: a CAB named .exe is signed as a CAB (as an MSI named .exe
+    is signed as an MSI), and the result of (format, sha1) is the same whatever the name."""
+    (tmp_path / "src").mkdir()
+    src = _makers(server.deployment)[kind](tmp_path / "src")
+    outs = []
+    for name in names:
+        (tmp_path / name).write_bytes(src.read_bytes())
+        outs.append(_sign(server, tmp_path / name, tmp_path / "out" / name).read_bytes())
+    assert outs[0] == outs[1]
+    renamed = tmp_path / "out" / names[1]
+    assert authenticode_kind(renamed) == {"cab": "CAB", "ps1": "script"}[kind]
+    AuthenticodeSigner.verify(FMT, renamed, None, server.deployment.public)
+
+
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+def _no_manifest(path: Path) -> bytes:
+    out = path.with_name("nomanifest.msix")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            if info.filename != "AppxManifest.xml":
+                dst.writestr(info, src.read(info))
+    return out.read_bytes()
+
+
+def _not_a_catalog(path: Path) -> bytes:
+    # a PKCS#7 SignedData whose content is id-data, not a certificate trust list
+    data = path.read_bytes()
+    ctl = bytes.fromhex("06092b0601040182370a01")
+    return data.replace(ctl, bytes.fromhex("06092a864886f70d010701"), 1)
+
+
+BAD = [
+    ("cab", "x.cab", _cut, "truncated CAB: the header says"),
+    ("cat", "x.cat", _cut, "truncated catalog: its DER says"),
+    ("appx", "x.msix", _cut, "malformed zip (APPX/MSIX package)"),
+    ("appx", "x.appx", _no_manifest, "not an APPX/MSIX package (no AppxManifest.xml)"),
+    ("cat", "x.cat", _not_a_catalog, "content is not a catalog"),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "spoil", "reason"), BAD)
+def test_malformed_inputs_are_refused_naming_the_fault(
+    server: ServerProcess, tmp_path: Path, kind: str, name: str, spoil: Callable[..., bytes], reason: str
+) -> None:
+    good = _makers(server.deployment)[kind](tmp_path)
+    bad = tmp_path / name
+    bad.write_bytes(spoil(good.read_bytes()) if spoil is _cut else spoil(good))
+    with server.client(timeout=120) as c:
+        res = c.sign(bad, [FMT], tmp_path / "out" / name)
+    assert not res.ok and reason in (res.error or ""), res.error
+    # the server's reason does not name the upload: it is replayed to these bytes under any name
+    assert name not in (res.error or "").partition("signing failed: ")[2]
+    assert not (tmp_path / "out" / name).exists()
+    sha1 = hashlib.sha1(bad.read_bytes(), usedforsecurity=False).hexdigest()
+
+    def outcomes(lines: list[dict[str, object]]) -> list[object]:
+        return [e["outcome"] for e in lines if e.get("event") == "job" and e.get("sha1") == sha1]
+
+    assert set(outcomes(server.wait_log(outcomes))) == {"rejected"}  # permanent: refused at once
+
+
+def test_name_rules() -> None:
+    """The upload rule takes the new extensions (the uploads above went through it); the task
+    runner's rule for files and zip members stays PE and MSI."""
+    for name in ["a.cab", "b.CAT", "c.appx", "d.msix", "e.ps1", "f.psm1", "g.PSD1", "h.msi", "i.exe"]:
+        assert name_problem(name) is None, name
+    assert str(name_problem("b.msixbundle")).startswith("does not end in .exe, .dll, .sys, .msi, .cab")
+    assert is_signable_name("a.msi") and not is_signable_name("a.cab") and not is_signable_name("e.ps1")
+
+
+# -- an osslsigncode too old for a kind ----------------------------------------------------------
+def _old_tool(directory: Path, version: str) -> Path:
+    """An osslsigncode that says it is ``version`` and otherwise is the real one."""
+    tool = directory / "osslsigncode-old"
+    tool.write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then echo "osslsigncode {version}, using:"; exit 0; fi\n'
+        f'exec {OSSL} "$@"\n'
+    )
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    return tool
+
+
+@pytest.fixture(scope="module")
+def old_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("old")
+    d = Deployment.create(root / "dep", "dep", [FMT])
+    cfg = tomllib.loads(d.config.read_text())
+    cfg["formats"][FMT]["osslsigncode"] = str(_old_tool(root, "2.5"))
+    d.config.write_text(tomli_w.dumps(cfg))
+    sp = start_server(d)
+    yield sp
+    sp.stop()
+
+
+def test_old_osslsigncode_says_what_it_cannot_serve(old_server: ServerProcess, tmp_path: Path) -> None:
+    lines = old_server.wait_log(lambda ls: [e for e in ls if e.get("event") == "format_limited"])
+    limited = {(e["format"], e["kind"]): e["reason"] for e in lines if e.get("event") == "format_limited"}
+    assert limited == {
+        (
+            FMT,
+            "APPX/MSIX packages",
+        ): "APPX/MSIX packages need osslsigncode 2.7 or later; this host has osslsigncode 2.5",
+        (
+            FMT,
+            "PowerShell scripts",
+        ): "PowerShell scripts need osslsigncode 2.8 or later; this host has osslsigncode 2.5",
+    }
+    beat = _heartbeat(old_server)
+    checks = beat["checks"]
+    assert isinstance(checks, dict) and beat["status"] == "warning" and beat["failed"] == []
+    assert checks["formats"]["status"] == "warning"
+    assert set(checks["formats"]["unserved"][FMT]) == {"APPX/MSIX packages", "PowerShell scripts"}
+    assert "APPX/MSIX packages need osslsigncode 2.7" in checks["formats"]["message"]
+    makers = _makers(old_server.deployment)
+    with old_server.client(timeout=120) as c:
+        for kind, need in (("appx", "2.7"), ("ps1", "2.8")):
+            src = makers[kind](tmp_path)
+            res = c.sign(src, [FMT], tmp_path / "out" / src.name)
+            assert not res.ok and f"need osslsigncode {need} or later" in (res.error or ""), res.error
+        cab = makers["cab"](tmp_path)  # what 2.5 signs is still served
+        assert c.sign(cab, [FMT], tmp_path / "out" / cab.name).ok
+    AuthenticodeSigner.verify(FMT, tmp_path / "out" / cab.name, None, old_server.deployment.public)
+
+
+# -- a key in a PKCS#11 token --------------------------------------------------------------------
+def test_hsm_key_signs_every_kind(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "hsm", "dep", [FMT], hsm=True)
+    assert "pkcs11" in d.config.read_text()
+    sp = start_server(d)
+    try:
+        for kind, make in _makers(d).items():
+            if kind == "ps1-bom-crlf":
+                continue
+            (tmp_path / kind).mkdir()
+            src = make(tmp_path / kind)
+            out = _sign(sp, src, tmp_path / "out" / src.name)
+            AuthenticodeSigner.verify(FMT, out, None, d.public)
+    finally:
+        sp.stop()
