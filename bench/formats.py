@@ -435,7 +435,7 @@ def _latency(case: Case, files: _Inputs, client: SigningClient, public: Path) ->
 
 
 def _row(r: dict[str, Any], label: str) -> tuple[str, ...]:
-    direct = f"{r['direct_s'] * 1000:.1f}" if "direct_s" in r else r["direct_tool"]
+    direct = f"{r['direct_s'] * 1000:.1f}" if "direct_s" in r else "n/a"
     ratio = f"{r['ratio']:.2f}" if "ratio" in r else "n/a"
     return (
         f"`{label}`" if label == r["format"] else label,
@@ -444,6 +444,7 @@ def _row(r: dict[str, Any], label: str) -> tuple[str, ...]:
         direct,
         ratio,
         f"{r['throughput_files_per_s']:.1f}",
+        r["direct_tool"],
     )
 
 
@@ -487,7 +488,7 @@ def run(only: Sequence[str] = ()) -> dict[str, Any]:
     rows = [_row(r, label) for label, r in res["formats"].items()]
     print()
     header = ("format", "typical input (size)", "through server (ms)", "direct (ms)", "ratio")
-    print(table(rows, (*header, f"throughput (files/s, {CLIENTS} clients)")))
+    print(table(rows, (*header, f"throughput (files/s, {CLIENTS} clients)", "raw tool, as run")))
     print(
         "\nthrough server: median `SigningClient.sign` (warm client, fresh input each time, loopback TLS);"
         " direct: the raw tool on the same inputs with an unencrypted copy of the key, runs alternated"
