@@ -27,6 +27,23 @@ OID_SHA256 = bytes.fromhex("0609608648016503040201")  # 2.16.840.1.101.3.4.2.1
 OID_RSA = bytes.fromhex("06092a864886f70d010101")  # 1.2.840.113549.1.1.1
 
 
+def oid(dotted: str) -> bytes:
+    """The DER of the object identifier ``dotted`` (e.g. ``"1.2.840.113549.1.7.2"``)."""
+    first, second, *rest = (int(p) for p in dotted.split("."))
+    body = bytearray()
+    for arc in (40 * first + second, *rest):
+        chunk = [arc & 0x7F]
+        while arc := arc >> 7:
+            chunk.append(0x80 | (arc & 0x7F))
+        body += bytes(reversed(chunk))
+    return tlv(0x06, bytes(body))
+
+
+def attribute(kind: bytes, value: bytes) -> bytes:
+    """One (signed or unsigned) attribute: its OID and a SET of the one ``value``."""
+    return tlv(SEQUENCE, kind, tlv(SET, value))
+
+
 def tlv(tag: int, *parts: bytes) -> bytes:
     """One DER element: tag, definite length, the parts' bytes."""
     content = b"".join(parts)
@@ -47,6 +64,10 @@ def set_of(elements: Sequence[bytes], tag: int = SET) -> bytes:
     return tlv(tag, *sorted(elements))
 
 
+#: the AlgorithmIdentifier of SHA-256 (absent parameters written as NULL, as OpenSSL does)
+SHA256_ALGORITHM = tlv(SEQUENCE, OID_SHA256, tlv(NULL))
+
+
 def signed_data(
     data: bytes,
     chain: Sequence[x509.Certificate],
@@ -57,19 +78,18 @@ def signed_data(
     key through ``sign`` (data -> RSA PKCS#1 v1.5 signature over its SHA-256)."""
     when = (now or dt.datetime.now(dt.UTC)).strftime("%y%m%d%H%M%SZ").encode()  # UTCTime: 1950-2049
     attributes = [
-        tlv(SEQUENCE, OID_CONTENT_TYPE, tlv(SET, OID_DATA)),
-        tlv(SEQUENCE, OID_SIGNING_TIME, tlv(SET, tlv(UTC_TIME, when))),
-        tlv(SEQUENCE, OID_MESSAGE_DIGEST, tlv(SET, tlv(OCTET_STRING, hashlib.sha256(data).digest()))),
+        attribute(OID_CONTENT_TYPE, OID_DATA),
+        attribute(OID_SIGNING_TIME, tlv(UTC_TIME, when)),
+        attribute(OID_MESSAGE_DIGEST, tlv(OCTET_STRING, hashlib.sha256(data).digest())),
     ]
     # The signature covers the attributes as a SET OF (RFC 5652 5.4); they travel as [0].
     signature = sign(set_of(attributes))
     leaf = chain[0]
-    sha256 = tlv(SEQUENCE, OID_SHA256, tlv(NULL))
     signer_info = tlv(
         SEQUENCE,
         integer(1),
         tlv(SEQUENCE, leaf.issuer.public_bytes(), integer(leaf.serial_number)),
-        sha256,
+        SHA256_ALGORITHM,
         set_of(attributes, CONTEXT_0),
         tlv(SEQUENCE, OID_RSA, tlv(NULL)),
         tlv(OCTET_STRING, signature),
@@ -78,7 +98,7 @@ def signed_data(
     content = tlv(
         SEQUENCE,
         integer(1),
-        tlv(SET, sha256),
+        tlv(SET, SHA256_ALGORITHM),
         tlv(SEQUENCE, OID_DATA, tlv(CONTEXT_0, tlv(OCTET_STRING, data))),
         set_of(certificates, CONTEXT_0),
         tlv(SET, signer_info),

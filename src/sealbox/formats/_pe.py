@@ -35,39 +35,38 @@ from cryptography.hazmat.primitives import serialization
 from ..errors import FormatRejected, SigningFailed
 from ..hashing import CHUNK
 from ..winfiles import pe_cert_table
-from ._cms import CONTEXT_0, NULL, OCTET_STRING, SEQUENCE, SET, UTC_TIME, integer, set_of, tlv
+from ._cms import (
+    CONTEXT_0,
+    NULL,
+    OCTET_STRING,
+    OID_CONTENT_TYPE,
+    OID_MESSAGE_DIGEST,
+    OID_RSA,
+    OID_SIGNED_DATA,
+    OID_SIGNING_TIME,
+    SEQUENCE,
+    SET,
+    SHA256_ALGORITHM,
+    UTC_TIME,
+    attribute,
+    integer,
+    oid,
+    set_of,
+    tlv,
+)
 
 __all__ = ["PeLayout", "indirect_data", "pe_layout", "request_timestamp", "sign_pe", "signed_data"]
 
 
-def _oid(dotted: str) -> bytes:
-    """The DER of an object identifier."""
-    first, second, *rest = (int(p) for p in dotted.split("."))
-    body = bytearray()
-    for arc in (40 * first + second, *rest):
-        chunk = [arc & 0x7F]
-        while arc := arc >> 7:
-            chunk.append(0x80 | (arc & 0x7F))
-        body += bytes(reversed(chunk))
-    return tlv(0x06, bytes(body))
-
-
-OID_SIGNED_DATA = _oid("1.2.840.113549.1.7.2")
-OID_CONTENT_TYPE = _oid("1.2.840.113549.1.9.3")
-OID_MESSAGE_DIGEST = _oid("1.2.840.113549.1.9.4")
-OID_SIGNING_TIME = _oid("1.2.840.113549.1.9.5")
-OID_SHA256 = _oid("2.16.840.1.101.3.4.2.1")
-OID_RSA = _oid("1.2.840.113549.1.1.1")
-OID_ECDSA_SHA256 = _oid("1.2.840.10045.4.3.2")
-SPC_INDIRECT_DATA = _oid("1.3.6.1.4.1.311.2.1.4")
-SPC_PE_IMAGE_DATA = _oid("1.3.6.1.4.1.311.2.1.15")
-SPC_STATEMENT_TYPE = _oid("1.3.6.1.4.1.311.2.1.11")
-SPC_SP_OPUS_INFO = _oid("1.3.6.1.4.1.311.2.1.12")
-SPC_INDIVIDUAL_SP_KEY_PURPOSE = _oid("1.3.6.1.4.1.311.2.1.21")
-SPC_RFC3161_TIMESTAMP = _oid("1.3.6.1.4.1.311.3.3.1")
+OID_ECDSA_SHA256 = oid("1.2.840.10045.4.3.2")
+SPC_INDIRECT_DATA = oid("1.3.6.1.4.1.311.2.1.4")
+SPC_PE_IMAGE_DATA = oid("1.3.6.1.4.1.311.2.1.15")
+SPC_STATEMENT_TYPE = oid("1.3.6.1.4.1.311.2.1.11")
+SPC_SP_OPUS_INFO = oid("1.3.6.1.4.1.311.2.1.12")
+SPC_INDIVIDUAL_SP_KEY_PURPOSE = oid("1.3.6.1.4.1.311.2.1.21")
+SPC_RFC3161_TIMESTAMP = oid("1.3.6.1.4.1.311.3.3.1")
 
 _BIT_STRING = 0x03
-_SHA256_ALGORITHM = tlv(SEQUENCE, OID_SHA256, tlv(NULL))
 _WIN_CERT_REVISION_2_0 = 0x0200
 _WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
 _CERT_TABLE = 4  # index of IMAGE_DIRECTORY_ENTRY_SECURITY
@@ -178,7 +177,7 @@ def indirect_data(image_digest: bytes) -> bytes:
     return tlv(
         SEQUENCE,
         tlv(SEQUENCE, SPC_PE_IMAGE_DATA, image_data),
-        tlv(SEQUENCE, _SHA256_ALGORITHM, tlv(OCTET_STRING, image_digest)),
+        tlv(SEQUENCE, SHA256_ALGORITHM, tlv(OCTET_STRING, image_digest)),
     )
 
 
@@ -191,10 +190,6 @@ def _opus_info(description: str | None, url: str | None) -> bytes:
     if url:
         parts.append(tlv(0xA1, tlv(0x80, url.encode())))
     return tlv(SEQUENCE, *parts)
-
-
-def _attribute(oid: bytes, value: bytes) -> bytes:
-    return tlv(SEQUENCE, oid, tlv(SET, value))
 
 
 def signed_data(
@@ -218,11 +213,11 @@ def signed_data(
     # the message digest covers the SpcIndirectDataContent's value, without its tag and length
     header = 2 + (content[1] & 0x7F if content[1] & 0x80 else 0)
     attributes = [
-        _attribute(OID_CONTENT_TYPE, SPC_INDIRECT_DATA),
-        _attribute(OID_SIGNING_TIME, tlv(UTC_TIME, when)),
-        _attribute(SPC_STATEMENT_TYPE, tlv(SEQUENCE, SPC_INDIVIDUAL_SP_KEY_PURPOSE)),
-        _attribute(OID_MESSAGE_DIGEST, tlv(OCTET_STRING, hashlib.sha256(content[header:]).digest())),
-        _attribute(SPC_SP_OPUS_INFO, _opus_info(description, url)),
+        attribute(OID_CONTENT_TYPE, SPC_INDIRECT_DATA),
+        attribute(OID_SIGNING_TIME, tlv(UTC_TIME, when)),
+        attribute(SPC_STATEMENT_TYPE, tlv(SEQUENCE, SPC_INDIVIDUAL_SP_KEY_PURPOSE)),
+        attribute(OID_MESSAGE_DIGEST, tlv(OCTET_STRING, hashlib.sha256(content[header:]).digest())),
+        attribute(SPC_SP_OPUS_INFO, _opus_info(description, url)),
     ]
     # The signature covers the attributes as a SET OF (RFC 2315 9.3); they travel as [0].
     signature = sign(set_of(attributes))
@@ -230,18 +225,18 @@ def signed_data(
     signer_info = [
         integer(1),
         tlv(SEQUENCE, leaf.issuer.public_bytes(), integer(leaf.serial_number)),
-        _SHA256_ALGORITHM,
+        SHA256_ALGORITHM,
         set_of(attributes, CONTEXT_0),
         tlv(SEQUENCE, OID_ECDSA_SHA256) if ecdsa else tlv(SEQUENCE, OID_RSA, tlv(NULL)),
         tlv(OCTET_STRING, signature),
     ]
     if timestamp is not None:
-        signer_info.append(tlv(0xA1, _attribute(SPC_RFC3161_TIMESTAMP, timestamp(signature))))
+        signer_info.append(tlv(0xA1, attribute(SPC_RFC3161_TIMESTAMP, timestamp(signature))))
     ders = {c.public_bytes(serialization.Encoding.DER) for c in certificates}  # each once
     body = tlv(
         SEQUENCE,
         integer(1),
-        tlv(SET, _SHA256_ALGORITHM),
+        tlv(SET, SHA256_ALGORITHM),
         tlv(SEQUENCE, SPC_INDIRECT_DATA, tlv(CONTEXT_0, content)),
         set_of(sorted(ders), CONTEXT_0),
         tlv(SET, tlv(SEQUENCE, *signer_info)),

@@ -26,23 +26,25 @@ from ..formats._cms import (
     SEQUENCE,
     SET,
     UTC_TIME,
+    attribute,
     integer,
+    oid,
     set_of,
     tlv,
 )
+from ..formats._pe import SPC_INDIRECT_DATA
 
 __all__ = ["write_appx", "write_cab", "write_cat", "write_ps1", "write_wixl_msi"]
 
 _FILES = {"readme.txt": b"sealbox sample\n", "data.bin": bytes(range(256)) * 64}
 _EPOCH = 1_700_000_000  # fixed member times: the same arguments give the same bytes
 
-# object identifiers (DER: tag, length, value)
-_OID_CTL = bytes.fromhex("06092b0601040182370a01")  # 1.3.6.1.4.1.311.10.1
-_OID_CATALOG_LIST = bytes.fromhex("060a2b0601040182370c0101")  # 1.3.6.1.4.1.311.12.1.1
-_OID_CATALOG_V2 = bytes.fromhex("060a2b0601040182370c0103")  # 1.3.6.1.4.1.311.12.1.3
-_OID_NAME_VALUE = bytes.fromhex("060a2b0601040182370c0201")  # 1.3.6.1.4.1.311.12.2.1
-_OID_INDIRECT_DATA = bytes.fromhex("060a2b060104018237020104")  # 1.3.6.1.4.1.311.2.1.4
-_OID_FLAT_FILE = bytes.fromhex("060a2b060104018237020119")  # 1.3.6.1.4.1.311.2.1.25 (SPC_CAB_DATA)
+# object identifiers
+_OID_CTL = oid("1.3.6.1.4.1.311.10.1")  # certificate trust list
+_OID_CATALOG_LIST = oid("1.3.6.1.4.1.311.12.1.1")
+_OID_CATALOG_V2 = oid("1.3.6.1.4.1.311.12.1.3")
+_OID_NAME_VALUE = oid("1.3.6.1.4.1.311.12.2.1")
+_OID_FLAT_FILE = oid("1.3.6.1.4.1.311.2.1.25")  # SPC_CAB_DATA
 _BMP_STRING = 0x1E
 
 
@@ -108,8 +110,8 @@ def _catalog_member(name: str, data: bytes) -> bytes:
         tlv(SEQUENCE, tlv(SEQUENCE, OID_SHA256, tlv(NULL)), tlv(OCTET_STRING, digest)),
     )
     attributes = [
-        tlv(SEQUENCE, _OID_NAME_VALUE, tlv(SET, file_name)),
-        tlv(SEQUENCE, _OID_INDIRECT_DATA, tlv(SET, indirect)),
+        attribute(_OID_NAME_VALUE, file_name),
+        attribute(SPC_INDIRECT_DATA, indirect),
     ]
     return tlv(SEQUENCE, tlv(OCTET_STRING, digest), set_of(attributes))
 
