@@ -1,5 +1,5 @@
-"""The OpenPGP key of a Linux packaging format (rpm, deb, apt): loaded for signing, made in dev,
-and handed to the independent verifiers. The private half stays behind the key interface."""
+"""The OpenPGP key of a format that signs OpenPGP (gpg, rpm, deb, apt): loaded for signing, made
+in dev, and handed to the independent verifiers. The private half stays behind the key interface."""
 
 from __future__ import annotations
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, VerificationFailed
-from ..fsutil import remove_tree
+from ..errors import VerificationFailed
 from ..keys import HashName
-from . import _openpgp
+from . import _openpgp, _pgpkeys
 from .base import FormatSettings, KeyResolver, Signer, SignRequest
 
 if TYPE_CHECKING:
@@ -29,16 +27,7 @@ class GpgSigner(Signer):
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
-        self._key = keys(settings.require_key())
-        self._key.require(settings.name, "rsa")  # sealbox's OpenPGP packets are RSA ones
-        cert_path = settings.path("public_key")
-        assert cert_path is not None
-        try:
-            self._pub = _openpgp.PublicKey.from_armored(cert_path.read_bytes())
-        except OSError as e:
-            raise ConfigError(f"format 'gpg': cannot read {cert_path}: {e.strerror}") from None
-        if not self._pub.matches(self._key.public_key):
-            raise ConfigError(f"format 'gpg': {cert_path} is not the public half of key '{settings.key}'")
+        self._key, self._pub = _pgpkeys.load(settings, keys)
 
     def sign(self, request: SignRequest) -> None:
         sig = _openpgp.detached_signature(
@@ -63,27 +52,26 @@ class GpgSigner(Signer):
         gpg = shutil.which("gpg")
         if gpg is None:
             raise VerificationFailed("gpg is not installed")
-        # A short private homedir: gpg's socket paths must stay under ~107 characters.
-        home = tempfile.mkdtemp(prefix="sbg")
-        try:
-            base = [gpg, "--homedir", home, "--batch", "--no-tty"]
-            imp = subprocess.run(
-                [*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False
-            )
-            if imp.returncode != 0:
-                raise VerificationFailed(
-                    f"gpg --import failed: {imp.stderr.decode(errors='replace').strip()}"
+        with _pgpkeys.scratch("sbg") as home:
+            base = [gpg, "--homedir", str(home), "--batch", "--no-tty"]
+            try:
+                imp = subprocess.run(
+                    [*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False
                 )
-            res = subprocess.run(
-                [*base, "--status-fd", "1", "--verify", str(signed), str(original)],
-                capture_output=True,
-                check=False,
-            )
-            status = res.stdout.decode(errors="replace")
-            if res.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
-                reason = res.stderr.decode(errors="replace").strip().splitlines()
-                raise VerificationFailed(f"gpg --verify: {reason[-1] if reason else 'failed'}")
-        finally:
-            subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False)
-            remove_tree(home)
+                if imp.returncode != 0:
+                    why = imp.stderr.decode(errors="replace").strip()
+                    raise VerificationFailed(f"gpg --import failed: {why}")
+                res = subprocess.run(
+                    [*base, "--status-fd", "1", "--verify", str(signed), str(original)],
+                    capture_output=True,
+                    check=False,
+                )
+            finally:
+                subprocess.run(
+                    ["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, check=False
+                )
+        status = res.stdout.decode(errors="replace")
+        if res.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+            reason = res.stderr.decode(errors="replace").strip().splitlines()
+            raise VerificationFailed(f"gpg --verify: {reason[-1] if reason else 'failed'}")
         return "gpg --verify"
