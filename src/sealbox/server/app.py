@@ -12,7 +12,6 @@ import binascii
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import hashlib
 import ipaddress
 import logging
@@ -408,7 +407,7 @@ class _Upload:
             return Input(bytes(self.data), self.size, sha1=sha1, filename=filename)
         digests = {"sha256": spool.sha256}
         if spool.path is None:
-            return Input(NOT_KEPT, self.size, sha1=sha1, filename=filename, digests=digests, kept=False)
+            return Input(NOT_KEPT, self.size, sha1=sha1, filename=filename, digests=digests)
         spooled = Input(spool.path, self.size, sha1=sha1, filename=filename, digests=digests)
         item = self.storage.put_input(spooled)
         spool.path = None  # the store's now
@@ -510,8 +509,10 @@ async def _read_form(
     async for name, chunks in parts:
         if name == "filedata" and not data.seen:
             data.late = "sha1" not in fields
-            check = _check_token if data.late else functools.partial(_check_fields, fmt=fmt)
-            bad = check(request, fields, known=known)
+            if data.late:
+                bad = _check_token(request, fields, known)
+            else:
+                bad = _check_fields(request, fields, fmt, known)
             if bad is not None:
                 return bad
             if not data.late and (

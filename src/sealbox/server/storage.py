@@ -105,9 +105,12 @@ class Input(Blob):
     #: known to hash to ``sha1`` (an upload, a row read back); a stored file is not until
     #: :meth:`Storage.checked` has hashed it
     checked: bool = True
-    #: False: only ``digests`` were kept (a big upload for a format that signs its SHA-256
-    #: alone); ``content`` is then :data:`NOT_KEPT`, which no one can read
-    kept: bool = True
+
+    @property
+    def kept(self) -> bool:
+        """False when only ``digests`` were kept (a big upload for a format that signs its
+        SHA-256 alone): ``content`` is then :data:`NOT_KEPT`, which no one can read."""
+        return self.content != NOT_KEPT
 
 
 @dataclass(kw_only=True)
