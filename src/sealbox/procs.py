@@ -21,7 +21,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OUTPUT_HEAD", "OUTPUT_TAIL", "ToolResult", "child_env", "run_process", "tool_reason"]
+__all__ = [
+    "OUTPUT_HEAD",
+    "OUTPUT_TAIL",
+    "ToolResult",
+    "child_env",
+    "kill_group",
+    "run_process",
+    "tool_reason",
+]
 
 #: bytes of a tool's output kept from its start and from its end
 OUTPUT_HEAD = 16 * 1024
@@ -151,8 +159,13 @@ def _read_until_eof(fd: int, output: _Output, deadline: float) -> None:
             output.add(chunk)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    # The leader is not reaped yet, so its pid (the group's id) cannot have been reused.
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (started with ``start_new_session``). Call it
+    before the leader is reaped: until then its pid, the group's id, cannot have been reused."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    kill_group(proc.pid)
     proc.wait()

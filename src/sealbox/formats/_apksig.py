@@ -24,7 +24,6 @@ import itertools
 import os
 import queue
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from typing import IO, get_args
 
 from ..errors import FormatRejected, SealboxError, SigningFailed
 from ..keys import HashName
-from ..procs import child_env, run_process
+from ..procs import child_env, kill_group, run_process
 
 __all__ = ["APKSIG_JAR", "ApksigJvm", "JvmSettings", "SignDigest", "Verdict", "jvm_for"]
 
@@ -222,9 +221,7 @@ class _Process:
         with self._lock:
             if self.dead is None:
                 self.dead = reason
-        # not reaped before the reader thread's wait, so the group id cannot have been reused
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        kill_group(self.pid)  # reaped by the reader thread's wait only, so not yet
 
     def stop(self, timeout: float) -> None:
         """Close stdin and wait for the JVM to exit (killed if it does not within ``timeout``)."""
