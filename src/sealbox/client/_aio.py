@@ -99,21 +99,27 @@ def _write_atomic(dest: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _small_form(fields: dict[str, str], filename: str, data: bytes) -> tuple[str, bytes]:
-    """A multipart/form-data body in one piece: the fields, then ``filedata``."""
-    boundary = secrets.token_hex(16)
-    head = "".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-        for name, value in fields.items()
-    )
+def _field(boundary: str, name: str, value: str) -> str:
+    return f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+
+
+def _form_head(boundary: str, fields: dict[str, str], filename: str) -> bytes:
+    """A multipart/form-data body up to ``filedata``'s bytes: the fields, then its part header."""
+    head = "".join(_field(boundary, name, value) for name, value in fields.items())
     head += (
         f'--{boundary}\r\nContent-Disposition: form-data; name="filedata"; '
         f"filename={multipart.content_disposition_quote(filename)}\r\n"
         "Content-Type: application/octet-stream\r\n\r\n"
     )
+    return head.encode()
+
+
+def _small_form(fields: dict[str, str], filename: str, data: bytes) -> tuple[str, bytes]:
+    """A multipart/form-data body in one piece: the fields, then ``filedata``."""
+    boundary = secrets.token_hex(16)
     return (
         f"multipart/form-data; boundary={boundary}",
-        head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
+        _form_head(boundary, fields, filename) + data + f"\r\n--{boundary}--\r\n".encode(),
     )
 
 
@@ -211,26 +217,13 @@ class _StreamedForm:
         self.job = job
         self.boundary = secrets.token_hex(16)
         self.sha1 = job.digest
-        head = "".join(
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-            for name, value in fields.items()
-            if name != "sha1" or job.digest
-        )
-        head += (
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="filedata"; '
-            f"filename={multipart.content_disposition_quote(job.source.name)}\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        self.head = head.encode()
+        first = {name: value for name, value in fields.items() if name != "sha1" or job.digest}
+        self.head = _form_head(self.boundary, first, job.source.name)
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         self.length = len(self.head) + job.size + len(self._tail("0" * 40))
 
     def _tail(self, sha1: str) -> bytes:
-        late = (
-            ""
-            if self.job.digest
-            else (f'--{self.boundary}\r\nContent-Disposition: form-data; name="sha1"\r\n\r\n{sha1}\r\n')
-        )
+        late = "" if self.job.digest else _field(self.boundary, "sha1", sha1)
         return f"\r\n{late}--{self.boundary}--\r\n".encode()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
