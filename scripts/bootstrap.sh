@@ -11,9 +11,9 @@ PY=${PYTHON:-python3}
 # tests, dev deployments and the demo use (HAProxy in front of a pool of replicas; SoftHSM as
 # the HSM of `sealbox init --dev --hsm`).
 APT_PACKAGES=(gnupg openssl osslsigncode openjdk-17-jdk-headless apksigner zipalign zip unzip opensc libengine-pkcs11-openssl
-              rpm debsig-verify sqv)
-# rpm: rpmsign (the rpm format), rpmkeys; debsig-verify, sqv: the deb and apt verifiers. In the
-# tests' list, debsigs: the raw-tool baseline of the deb bench (rpmbuild, dpkg-deb build inputs).
+              rpm socat debsig-verify sqv)
+# rpm: rpmsign (the rpm format), rpmkeys; socat: rpmsign's signer hook; debsig-verify, sqv: the
+# deb and apt verifiers. In the tests' list, debsigs: the raw-tool baseline of the deb bench (rpmbuild, dpkg-deb build inputs).
 # skopeo and docker-registry: container image signing's tests and demo (a loopback registry;
 # `sealbox sign-image` pushes with its own HTTP client, so the server and client need neither).
 TEST_APT_PACKAGES=(haproxy softhsm2 wixl gcab skopeo docker-registry debsigs)
@@ -24,7 +24,7 @@ BACKPORTS_SOURCE="deb http://deb.debian.org/debian bookworm-backports main"
 BACKPORTS=(osslsigncode)
 TOOLS=(gpg gpgv openssl osslsigncode java javac jarsigner keytool apksigner zipalign zip unzip haproxy
        pkcs11-tool softhsm2-util wixl gcab skopeo docker-registry
-       rpmsign rpmkeys rpmbuild dpkg-deb debsig-verify sqv debsigs)
+       rpmsign rpmkeys socat rpmbuild dpkg-deb debsig-verify sqv debsigs)
 # files of packages that install no command
 FILES=(/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so /usr/share/java/apksig.jar)
 

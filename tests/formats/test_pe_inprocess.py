@@ -4,6 +4,7 @@ refused naming what is wrong; a SoftHSM key signs the same way through a real se
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import struct
 import subprocess
@@ -302,3 +303,31 @@ def test_softhsm_key_signs_pe_in_process_through_the_server(tmp_path: Path) -> N
             sp.stop()
     finally:
         tsa.close()
+
+
+@pytest.mark.parametrize(
+    ("description", "url"), [(None, None), ("sealbox", None), (None, "https://x.invalid")]
+)
+def test_opus_info_only_when_there_is_something_to_say(description: str | None, url: str | None) -> None:
+    """As osslsigncode: SpcSpOpusInfo (program name, URL) is an attribute only when one is given."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sealbox.formats._pe import SPC_INDIRECT_DATA, indirect_data, signed_data
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "opus test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    der = signed_data(
+        indirect_data(bytes(32)), SPC_INDIRECT_DATA, [cert],
+        lambda data: key.sign(data, ec.ECDSA(hashes.SHA256())), ecdsa=True, description=description, url=url,
+    )  # fmt: skip
+    signer = cms.ContentInfo.load(der)["content"]["signer_infos"][0]
+    kinds = [a["type"].dotted for a in signer["signed_attrs"]]
+    assert ("1.3.6.1.4.1.311.2.1.12" in kinds) == bool(description or url)

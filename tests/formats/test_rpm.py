@@ -144,18 +144,24 @@ def test_bad_input_is_refused_at_once(server: ServerProcess, tmp_path: Path, kin
 def test_hook_signs_only_the_package_header() -> None:
     key = FileKey("rpm", rsa.generate_private_key(public_exponent=65537, key_size=2048))
     pub = _openpgp.PublicKey.from_rsa(key.public_key, 0)  # type: ignore[arg-type]
-    with _Hook(key, pub, b"the header") as hook:
-        peer = hook.theirs
 
-        def ask(data: bytes) -> tuple[int, bytes]:
-            peer.sendall(struct.pack(">Q", len(data)) + data)
-            status, length = struct.unpack(">BI", peer.recv(5, socket.MSG_WAITALL))
-            return status, peer.recv(length, socket.MSG_WAITALL)
+    def ask(data: bytes) -> tuple[bytes, str | None]:
+        """One request as rpmsign's hook (socat) makes it: the data, then the end of it."""
+        with _Hook(key, pub, b"the header") as hook:
+            peer = hook.theirs
+            peer.sendall(data)
+            peer.shutdown(socket.SHUT_WR)
+            answer = bytearray()
+            while chunk := peer.recv(1 << 16):
+                answer += chunk
+        return bytes(answer), hook.error
 
-        status, body = ask(b"something else")
-        assert status == 1 and b"other than the package's header" in body
-        status, body = ask(b"the header")
-        assert status == 0 and body[0] == 0xC2  # a signature packet
+    body, error = ask(b"something else")
+    assert body == b"" and error is not None and "other than the package's header" in error
+    body, error = ask(b"the header, and more")
+    assert body == b"" and error is not None
+    body, error = ask(b"the header")
+    assert error is None and body[0] == 0xC2  # a signature packet
 
 
 def test_hsm_key(tmp_path: Path) -> None:

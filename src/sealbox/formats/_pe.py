@@ -55,7 +55,16 @@ from ._cms import (
     tlv,
 )
 
-__all__ = ["PeLayout", "indirect_data", "pe_layout", "request_timestamp", "sign_pe", "signed_data"]
+__all__ = [
+    "SPC_INDIRECT_DATA",
+    "PeLayout",
+    "Sign",
+    "indirect_data",
+    "pe_layout",
+    "request_timestamp",
+    "sign_pe",
+    "signed_data",
+]
 
 
 OID_ECDSA_SHA256 = oid("1.2.840.10045.4.3.2")
@@ -192,8 +201,15 @@ def _opus_info(description: str | None, url: str | None) -> bytes:
     return tlv(SEQUENCE, *parts)
 
 
+#: What builds a signature around a content (the DER of its type, the DER of the content):
+#: :meth:`sealbox.formats.authenticode.AuthenticodeSigner` binds the key and options of
+#: :func:`signed_data` to one, and each kind's module calls it.
+Sign = Callable[[bytes, bytes], bytes]
+
+
 def signed_data(
-    image_digest: bytes,
+    content: bytes,
+    content_type: bytes,
     certificates: Sequence[x509.Certificate],
     sign: Callable[[bytes], bytes],
     *,
@@ -203,22 +219,24 @@ def signed_data(
     timestamp: Callable[[bytes], bytes] | None = None,
     now: dt.datetime | None = None,
 ) -> bytes:
-    """The DER ContentInfo (PKCS#7 SignedData) of an Authenticode signature of a PE image.
+    """The DER ContentInfo (PKCS#7 SignedData) of an Authenticode signature over ``content``
+    (DER, of type ``content_type``: an ``SpcIndirectDataContent`` from :func:`indirect_data`
+    for a PE image; a catalog's certificate trust list), attached.
 
     ``certificates[0]`` is the signer's; the rest (its chain, extra certificates) travel along.
     ``sign`` signs the DER of the authenticated attributes (SHA-256; RSA PKCS#1 v1.5, or ECDSA
     if ``ecdsa``); ``timestamp``, if given, turns the signature value into an RFC 3161 token."""
-    content = indirect_data(image_digest)
     when = (now or dt.datetime.now(dt.UTC)).strftime("%y%m%d%H%M%SZ").encode()  # UTCTime: 1950-2049
     # the message digest covers the SpcIndirectDataContent's value, without its tag and length
     header = 2 + (content[1] & 0x7F if content[1] & 0x80 else 0)
     attributes = [
-        attribute(OID_CONTENT_TYPE, SPC_INDIRECT_DATA),
+        attribute(OID_CONTENT_TYPE, content_type),
         attribute(OID_SIGNING_TIME, tlv(UTC_TIME, when)),
         attribute(SPC_STATEMENT_TYPE, tlv(SEQUENCE, SPC_INDIVIDUAL_SP_KEY_PURPOSE)),
         attribute(OID_MESSAGE_DIGEST, tlv(OCTET_STRING, hashlib.sha256(content[header:]).digest())),
-        attribute(SPC_SP_OPUS_INFO, _opus_info(description, url)),
     ]
+    if description or url:  # as osslsigncode: no SpcSpOpusInfo when there is nothing to say
+        attributes.append(attribute(SPC_SP_OPUS_INFO, _opus_info(description, url)))
     # The signature covers the attributes as a SET OF (RFC 2315 9.3); they travel as [0].
     signature = sign(set_of(attributes))
     leaf = certificates[0]
@@ -237,7 +255,7 @@ def signed_data(
         SEQUENCE,
         integer(1),
         tlv(SET, SHA256_ALGORITHM),
-        tlv(SEQUENCE, SPC_INDIRECT_DATA, tlv(CONTEXT_0, content)),
+        tlv(SEQUENCE, content_type, tlv(CONTEXT_0, content)),
         set_of(sorted(ders), CONTEXT_0),
         tlv(SET, tlv(SEQUENCE, *signer_info)),
     )

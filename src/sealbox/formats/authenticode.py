@@ -5,7 +5,13 @@ Wire names: ``sha2signcode`` (aliases ``signcode``, ``osslsigncode``), ``sha2sig
 (adds the configured extra certificate, osslsigncode ``-ac``), and the ``-v2`` variants of both,
 which add an RFC 3161 timestamp when ``timestamp_url`` is configured.
 
-Signing runs Debian's ``osslsigncode`` (2.5 and 2.9 both work). The key never touches disk,
+Every kind but MSI is signed in-process, byte for byte as osslsigncode 2.9 writes it, through
+the key interface (a key file and a PKCS#11 token alike): PE images (:mod:`._pe`), cabinets
+(:mod:`._cab`), security catalogs (:mod:`._catalog`), PowerShell scripts (:mod:`._script`) and
+APPX/MSIX packages (:mod:`._appx`); a process per file is what made these kinds twice as slow as
+the raw tool. Verifying them still takes osslsigncode (:data:`_VERIFY_MIN_VERSION`).
+
+MSI packages are signed by Debian's ``osslsigncode`` (2.5 and 2.9 both work). The key never touches disk,
 argv or the child's environment. A key file's key and chain are re-encrypted per job into a
 PKCS#12 blob under a random one-time password and handed over as ``-pkcs12 /dev/fd/N`` with the
 password as ``-readpass /dev/fd/M`` (both pipes, see :class:`~sealbox.keys.ToolSecrets`).
@@ -17,9 +23,7 @@ start-up proves that hand-off with one signature.
 
 Name rules (extension, blocklist) are :meth:`AuthenticodeSigner.refuse_name`, applied at
 upload and never remembered; signing decides the kind of file from the bytes alone
-(:func:`~sealbox.winfiles.authenticode_kind`) and hands it to osslsigncode under that kind's
-extension. APPX/MSIX needs osslsigncode 2.7, scripts 2.8 (:data:`MIN_VERSION`): an older tool
-leaves those kinds refused, as start-up and the heartbeat say (:meth:`AuthenticodeSigner.unserved`).
+(:func:`~sealbox.winfiles.authenticode_kind`), never from the name.
 
 The Windows file rules (names, PE/MSI recognition, :func:`is_signed`) live in
 :mod:`sealbox.winfiles`, shared with the task runner, and are re-exported here.
@@ -34,6 +38,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +65,11 @@ from ..winfiles import (  # the Windows file rules live apart; re-exported (__al
     pe_cert_table,
     read_head,
 )
-from ._pe import pe_layout, request_timestamp, sign_pe, signed_data
+from ._appx import sign_appx
+from ._cab import sign_cab
+from ._catalog import sign_catalog
+from ._pe import SPC_INDIRECT_DATA, Sign, indirect_data, pe_layout, request_timestamp, sign_pe, signed_data
+from ._script import sign_script
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
 if TYPE_CHECKING:
@@ -71,7 +80,6 @@ __all__ = [
     "BLOCKLIST",
     "CA_FILE",
     "KIND_NAMES",
-    "MIN_VERSION",
     "OLE_MAGIC",
     "TSA_CA_FILE",
     "AuthenticodeSigner",
@@ -105,11 +113,10 @@ _INPUT_ERRORS = (
 _PKCS11_ERRORS = ("engine", "PIN", "private key", "certificate")
 _PKCS12_ROUNDS = 2048  # the password is 192 random bits: key stretching buys nothing
 
-#: the osslsigncode release a kind needs (NEWS.md: APPX came in 2.7, PowerShell in 2.8); PE,
-#: MSI, CAB and catalogs sign with every release Debian ships (2.5 and on)
-MIN_VERSION: dict[Kind, tuple[int, int]] = {"APPX": (2, 7), "script": (2, 8)}
-#: verifying a catalog needs 2.8 (2.5 signs them but cannot verify them)
-_VERIFY_MIN_VERSION: dict[Kind, tuple[int, int]] = {"catalog": (2, 8)}
+#: the osslsigncode release that verifies a kind (signing needs none: only MSI runs the tool,
+#: and every release Debian ships signs MSI). A catalog needs 2.8 (2.5 cannot verify them), a
+#: script too (PowerShell came in 2.8), an APPX/MSIX package 2.7 (NEWS.md: APPX came in 2.7)
+_VERIFY_MIN_VERSION: dict[Kind, tuple[int, int]] = {"catalog": (2, 8), "script": (2, 8), "APPX": (2, 7)}
 #: each kind as reasons name it
 KIND_NAMES: dict[Kind, str] = {
     "PE": "PE images",
@@ -131,15 +138,6 @@ def osslsigncode_version(tool: str) -> tuple[int, int] | None:
         return None
     found = re.search(r"osslsigncode (\d+)\.(\d+)", res.stdout + res.stderr)
     return (int(found[1]), int(found[2])) if found else None
-
-
-def kind_problem(kind: Kind, version: tuple[int, int] | None) -> str | None:
-    """Why an osslsigncode of ``version`` cannot sign ``kind``, or None if it can."""
-    need = MIN_VERSION.get(kind)
-    if need is None or (version is not None and version >= need):
-        return None
-    have = f"osslsigncode {version[0]}.{version[1]}" if version else "an osslsigncode of unknown version"
-    return f"{KIND_NAMES[kind]} need osslsigncode {need[0]}.{need[1]} or later; this host has {have}"
 
 
 def signature_pkcs7(path: Path) -> bytes:
@@ -167,6 +165,17 @@ def signature_pkcs7(path: Path) -> bytes:
 
 
 # -- the signer -----------------------------------------------------------------------------
+#: The kinds signed in-process besides PE (by the extension :meth:`AuthenticodeSigner.check_input`
+#: names them by): (input, output, signature builder) -> None, raising FormatRejected for a
+#: malformed input. What is not here goes to osslsigncode.
+_IN_PROCESS: dict[str, Callable[[Path, Path, Sign], None]] = {
+    ".cab": sign_cab,
+    ".cat": sign_catalog,
+    ".ps1": sign_script,
+    ".msix": sign_appx,
+}
+
+
 def _one_time_password() -> bytes:
     """A fresh password for one job's PKCS#12 hand-off (a function so tests can observe it)."""
     return secrets.token_urlsafe(24).encode()
@@ -206,7 +215,6 @@ class AuthenticodeSigner(Signer):
         if not tool:
             raise ConfigError(f"format '{fmt}': osslsigncode is not installed")
         self._tool = str(tool)
-        self._version = osslsigncode_version(self._tool)
         self._description: str | None = settings.get("description")
         self._url: str | None = settings.get("url")
         self._timeout = float(settings.get("timeout", 120))
@@ -241,10 +249,6 @@ class AuthenticodeSigner(Signer):
         problem = name_problem(filename)
         return None if problem is None else f"{self.format}: the file name {problem}"
 
-    def unserved(self) -> dict[str, str]:
-        """The kinds this host's osslsigncode is too old for, with why."""
-        return {KIND_NAMES[k]: why for k in MIN_VERSION if (why := kind_problem(k, self._version))}
-
     def check_input(self, request: SignRequest) -> str:
         """Apply the content rules; return the extension to sign under (``.exe`` for PE,
         ``.msi``, ``.cab``, ``.cat``, ``.msix``, ``.ps1``: :data:`~sealbox.winfiles.KIND_EXTENSIONS`).
@@ -255,9 +259,6 @@ class AuthenticodeSigner(Signer):
             kind = authenticode_kind(request.input)
         except FormatRejected as e:
             raise FormatRejected(f"{self.format}: {e}") from None
-        problem = kind_problem(kind, self._version)
-        if problem is not None:
-            raise FormatRejected(f"{self.format}: {problem}")
         return KIND_EXTENSIONS[kind]
 
     def _key_pipes(self, key: FileHandoff | Pkcs11Handoff) -> tuple[bytes, bytes]:
@@ -320,6 +321,17 @@ class AuthenticodeSigner(Signer):
         if ext == ".exe":
             self._sign_pe(request)
             return
+        in_process = _IN_PROCESS.get(ext)
+        if in_process is not None:
+            try:
+                in_process(request.input, request.output, self._signature)
+            except FormatRejected as e:
+                request.output.unlink(missing_ok=True)
+                raise FormatRejected(f"{self.format}: {e}") from None
+            except BaseException:
+                request.output.unlink(missing_ok=True)
+                raise
+            return
         # Already signed? osslsigncode without -nest replaces the signature: the output carries ours only.
         work_dir = request.work_dir.absolute()  # the child runs in work_dir: no relative paths
         tmp_out = work_dir / f"authenticode-signed{ext}"
@@ -352,26 +364,33 @@ class AuthenticodeSigner(Signer):
             layout = pe_layout(*read_head(request.input))
         except FormatRejected as e:
             raise FormatRejected(f"{self.format}: {e}") from None
-        key = self._signing_key
-        ecdsa = key.algorithm == "ec"
-        url = self._timestamp_url
 
         def signature(image_digest: bytes) -> bytes:
-            return signed_data(
-                image_digest,
-                self._certificates,
-                lambda data: key.sign(data, "sha256", "ecdsa" if ecdsa else "pkcs1v15"),
-                ecdsa=ecdsa,
-                description=self._description,
-                url=self._url,
-                timestamp=None if url is None else lambda value: self._timestamp(url, value),
-            )
+            return self._signature(indirect_data(image_digest), SPC_INDIRECT_DATA)
 
         try:
             sign_pe(request.input, request.output, layout, signature)
         except BaseException:
             request.output.unlink(missing_ok=True)
             raise
+
+    def _signature(self, content: bytes, content_type: bytes) -> bytes:
+        """This format's Authenticode signature (PKCS#7 SignedData, DER) over ``content``, made
+        through the key interface, with the configured description, URL, extra certificates
+        and timestamp server (:data:`._pe.Sign`)."""
+        key = self._signing_key
+        ecdsa = key.algorithm == "ec"
+        url = self._timestamp_url
+        return signed_data(
+            content,
+            content_type,
+            self._certificates,
+            lambda data: key.sign(data, "sha256", "ecdsa" if ecdsa else "pkcs1v15"),
+            ecdsa=ecdsa,
+            description=self._description,
+            url=self._url,
+            timestamp=None if url is None else lambda value: self._timestamp(url, value),
+        )
 
     def _timestamp(self, url: str, signature: bytes) -> bytes:
         try:
@@ -421,7 +440,7 @@ class AuthenticodeSigner(Signer):
             kind = authenticode_kind(signed)
         except FormatRejected as e:
             raise VerificationFailed(f"{signed.name}: {e}") from None
-        need = _VERIFY_MIN_VERSION.get(kind) or MIN_VERSION.get(kind)
+        need = _VERIFY_MIN_VERSION.get(kind)
         version = osslsigncode_version(tool)
         if need is not None and (version is None or version < need):
             raise VerificationFailed(f"verifying {KIND_NAMES[kind]} needs osslsigncode {need[0]}.{need[1]}")

@@ -1,9 +1,11 @@
 """``rpm``: an OpenPGP signature in an RPM's signature header, added by ``rpmsign --addsign``.
 
-rpmsign runs its external signer hook (``%__gpg_sign_cmd``) as :mod:`._rpmhelper`, which passes
-the data to sign over an inherited socket to a thread of this job; the thread signs it here
-through the key interface (a key file or a token alike): no gpg, no agent, no key outside the
-server. The thread signs only the exact main header of the uploaded package.
+rpmsign runs its external signer hook (``%__gpg_sign_cmd``) as ``socat``, which passes the data
+to sign (its stdin, to its end) over an inherited socket to a thread of this job and writes what
+comes back to the signature file; the thread signs it here through the key interface (a key file
+or a token alike): no gpg, no agent, no key outside the server. The thread signs only the exact
+main header of the uploaded package. (socat starts in about a millisecond; a Python helper took
+18 ms, more than the rest of the job.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shlex
 import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,6 @@ _HEADER_MAGIC = b"\x8e\xad\xe8\x01\x00\x00\x00\x00"
 #: rpm's own bounds on a header (lib/header.c: 256 MiB of data, 64 Ki... entries here)
 MAX_HEADER = 256 * 1024 * 1024
 MAX_ENTRIES = 65536
-_HELPER = Path(__file__).with_name("_rpmhelper.py")
 #: rpmsign messages that mean the package itself is bad, not a hiccup
 MALFORMED = ("not an rpm package", "read failed", "bad magic")
 #: signature header tags of the size of main header + payload (int32, int64)
@@ -100,8 +100,10 @@ def _declared_size(signature: bytes) -> int | None:
 
 
 class _Hook:
-    """The job's end of the socket rpmsign's hook talks to: a thread that answers each request
-    with a signature over the expected header, or a refusal."""
+    """The job's end of the socket rpmsign's hook talks to: a thread that reads one request (all
+    the hook sends, to its shutdown) and answers a signature over the expected header, or
+    nothing (a refusal: the hook writes an empty signature file and rpmsign fails; the job
+    reports :attr:`error`)."""
 
     def __init__(self, key: Any, pub: _openpgp.PublicKey, header: bytes) -> None:
         self._key, self._pub, self._header = key, pub, header
@@ -120,40 +122,35 @@ class _Hook:
         self._thread.join(30)
         self.ours.close()
 
-    def _read(self, n: int) -> bytes | None:
+    def _request(self) -> bytes | None:
+        """Everything the hook sends, or None if it is more than a header can be."""
         buf = bytearray()
-        while len(buf) < n:
-            chunk = self.ours.recv(min(n - len(buf), 1 << 16))
-            if not chunk:
-                return None
+        while chunk := self.ours.recv(1 << 16):
             buf += chunk
+            if len(buf) > MAX_HEADER:
+                return None
         return bytes(buf)
 
-    def _answer(self, data: bytes) -> tuple[int, bytes]:
+    def _answer(self, data: bytes) -> bytes:
         if data != self._header:
             self.error = "rpmsign asked to sign something other than the package's header"
-            return 1, self.error.encode()
+            return b""
         try:
-            packet = _openpgp.signature_packet(
+            return _openpgp.signature_packet(
                 self._key, self._pub, hashlib.new(HASH, data), HASH, int(time.time())
             )
         except Exception as e:  # reported by the job (the key gone, a token error)
             self.error = f"signing the header failed: {e}"
-            return 1, self.error.encode()
-        return 0, packet
+            return b""
 
     def _serve(self) -> None:
         with contextlib.suppress(OSError):
-            while (head := self._read(8)) is not None:
-                (length,) = struct.unpack(">Q", head)
-                if length > MAX_HEADER:
-                    self.error = "rpmsign sent more than a header"
-                    return
-                data = self._read(length)
-                if data is None:
-                    return
-                status, body = self._answer(data)
-                self.ours.sendall(struct.pack(">BI", status, len(body)) + body)
+            data = self._request()
+            if data is None:
+                self.error = "rpmsign sent more than a header"
+                return
+            self.ours.sendall(self._answer(data))
+            self.ours.shutdown(socket.SHUT_WR)  # the hook's end of the answer
 
 
 class RpmSigner(Signer):
@@ -164,20 +161,25 @@ class RpmSigner(Signer):
         super().__init__(settings, keys)
         self._key, self._pub = _pgpkeys.load(settings, keys)
         self._tool = str(settings.get("rpmsign") or shutil.which("rpmsign") or "rpmsign")
+        self._socat = shlex.quote(shutil.which("socat") or "socat")
         self._timeout = float(settings.get("timeout", 120))
 
     @classmethod
     def available(cls) -> str | None:
-        return None if shutil.which("rpmsign") else "rpmsign is not installed (Debian: rpm)"
+        if not shutil.which("rpmsign"):
+            return "rpmsign is not installed (Debian: rpm)"
+        return None if shutil.which("socat") else "socat is not installed (Debian: socat)"
 
     def _argv(self, fd: int, target: Path) -> list[str]:
         def literal(s: str) -> str:  # a word for popt, with rpm's macro character escaped
             return shlex.quote(s).replace("%", "%%")
 
-        hook = (
-            f"{literal(sys.executable)} python -I -S {literal(str(_HELPER))} {fd}"
-            " %{shescape:%{__signature_filename}}"
-        )
+        # rpm runs the first word with the rest as argv; the shell only redirects socat's output
+        # to the signature file ($1: no path reaches socat's own address syntax). socat sends its
+        # stdin, shuts the socket down for writing (our end sees the request's end), and writes
+        # the answer until our end shuts down, or gives up after the job's timeout.
+        script = f'exec {self._socat} -t {self._timeout:g} STDIO FD:{fd},shut-down > "$1"'
+        hook = f"/bin/sh sh -c {literal(script)} sh %{{shescape:%{{__signature_filename}}}}"
         return [
             self._tool,
             "--addsign",

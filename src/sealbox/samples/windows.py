@@ -192,7 +192,9 @@ def _block_map(files: Mapping[str, bytes]) -> bytes:
 
 
 def write_appx(directory: Path, name: str = "sample.msix", publisher: str = "CN=sealbox") -> Path:
-    """An unsigned APPX/MSIX package (stored zip: manifest, payload, block map, content types).
+    """An unsigned APPX/MSIX package (zip: manifest, payload and block map stored, content
+    types deflated as MakeAppx deflates them: osslsigncode 2.9 writes a stored one back deflated
+    under the "stored" method, a member no unzip can read).
 
     ``publisher`` must be the signing certificate's subject (RFC 4514, as Windows writes it)
     for Windows to install the signed package; osslsigncode does not check it."""
@@ -200,9 +202,11 @@ def write_appx(directory: Path, name: str = "sample.msix", publisher: str = "CN=
     dest = Path(directory) / name
     when = dt.datetime.fromtimestamp(_EPOCH, dt.UTC).timetuple()[:6]
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as z:
-        for member, data in [*files.items(), ("AppxBlockMap.xml", _block_map(files)),
-                             ("[Content_Types].xml", _CONTENT_TYPES.encode())]:  # fmt: skip
+        for member, data in [*files.items(), ("AppxBlockMap.xml", _block_map(files))]:
             z.writestr(zipfile.ZipInfo(member, when), data)
+        types = zipfile.ZipInfo("[Content_Types].xml", when)
+        types.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(types, _CONTENT_TYPES.encode())
     return dest
 
 

@@ -18,8 +18,8 @@ Each check answers ``{"status": "ok" | "warning" | "error", "message": ..., ...}
   while the log cannot record (disk full, unwritable, or an fsync failed: until a restart),
   since no signature is released unrecorded. Ok when the log is off.
 - ``formats``: never an error. A warning for each kind of input a configured format refuses on
-  this host because its tool is too old (e.g. APPX/MSIX with osslsigncode before 2.7),
-  listed in ``unserved`` (format -> kind -> why).
+  this host because its tool is too old (:meth:`Signer.unserved`), listed in ``unserved``
+  (format -> kind -> why).
 """
 
 from __future__ import annotations
