@@ -8,7 +8,8 @@ from pathlib import Path
 
 import psutil
 
-from sealbox.samples import android, macos, pe
+from sealbox.samples import android, macos
+from sealbox.samples.msi import write_msi
 from tests.servers import Deployment, start_server
 
 
@@ -56,7 +57,7 @@ def test_children_never_see_passphrases(tmp_path: Path) -> None:
     try:
         with sp.client(timeout=120) as c:
             for fmt, src in [
-                ("sha2signcode", pe.write_pe(tmp_path)),
+                ("sha2signcode", write_msi(tmp_path, "setup.msi")),  # MSI: the kind osslsigncode signs
                 ("jar", android.write_apk(tmp_path, target_sdk=29)),  # classic names: v1-valid APKs
                 ("focus-jar", android.write_jar(tmp_path)),
                 ("dmg", macos.write_app_tarball(tmp_path)),
