@@ -75,8 +75,11 @@ _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its hos
 #: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
 WAIT_HEADER = "X-Sealbox-Wait"
 UPLOAD_WAIT = 30.0
-#: a big file is read (and hashed) this much at a time as it is sent
+#: a big file is read (and hashed) this much at a time as it is sent, once under way; the first
+#: read is :data:`FIRST_CHUNK`, each next one twice the last: the server starts receiving (and
+#: hashing) after a short read instead of a whole chunk's
 STREAM_CHUNK = 1024 * 1024
+FIRST_CHUNK = 64 * 1024
 USER_AGENT = "sealbox-client"
 _serial = itertools.count()
 
@@ -237,10 +240,10 @@ class _StreamedForm:
 
         yield self.head
         with self.job.source.open("rb") as f:
-            left = self.job.size
+            left, size = self.job.size, FIRST_CHUNK
             # Read and hashed in a thread, one chunk ahead: the next is read while this one is
             # encrypted and sent, and the loop goes on serving the other transfers.
-            ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, STREAM_CHUNK)))
+            ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, size)))
             try:
                 while left:
                     chunk = await ahead
@@ -248,7 +251,8 @@ class _StreamedForm:
                         raise OSError(errno.EIO, f"{self.job.source} shrank while it was being sent")
                     left -= len(chunk)
                     if left:
-                        ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, STREAM_CHUNK)))
+                        size = min(2 * size, STREAM_CHUNK)
+                        ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, size)))
                     yield chunk
             finally:
                 if not ahead.done():

@@ -335,8 +335,12 @@ class _Spool:
                 return
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sealbox-spool")
         self._ahead.append(self._thread.submit(self._take, chunk))
-        while len(self._ahead) > SPOOL_AHEAD or (self._ahead and self._ahead[0].done()):
-            await asyncio.wrap_future(self._ahead.popleft())  # raises what the thread raised
+        # What the thread took is checked here and now (.result() raises what it raised): awaiting
+        # a done future would still cost a wake-up of the loop per chunk. Wait only when too far behind.
+        while self._ahead and self._ahead[0].done():
+            self._ahead.popleft().result()
+        if len(self._ahead) > SPOOL_AHEAD:
+            await asyncio.wrap_future(self._ahead.popleft())
 
     async def finish(self) -> None:
         """Wait for the thread to take every chunk; the file is then closed and whole."""

@@ -317,18 +317,20 @@ class Storage:
                 self._rows.write_input(item.sha1, item.filename, item.body, now)
             found = self._files.put_result(fmt, item.sha1, output.content, output.size, now, digest)
             if also_input and found.digest != item.sha1:
-                self._keep_as_input(fmt, found.digest, item.filename, self._files.result_path(fmt, item.sha1))
+                path = self._files.result_path(fmt, item.sha1)
+                self._keep_as_input(fmt, found.digest, found.size, item.filename, path)
         with self._mutex:
             self._remember((fmt, item.sha1), found)
         return found
 
-    def _keep_as_input(self, fmt: str, digest: str, filename: str, path: Path) -> None:
-        """A file result, kept as input ``digest`` and as its own result with ``fmt`` (same
-        bytes, linked: results are never modified in place)."""
+    def _keep_as_input(self, fmt: str, digest: str, size: int, filename: str, path: Path) -> None:
+        """A file result (``digest``: its SHA-1, ``size`` bytes), kept as input ``digest`` and
+        as its own result with ``fmt`` (same bytes, linked: results are never modified in
+        place; not hashed again)."""
         if not self.has_input(digest):
             self._files.put_input(digest, filename, self._files.copy(path))
         if self.result(fmt, digest) is None:
-            found = self._files.put_result(fmt, digest, self._files.copy(path), None, time.time())
+            found = self._files.put_result(fmt, digest, self._files.copy(path), size, time.time(), digest)
             with self._mutex:
                 self._remember((fmt, digest), found)
 
