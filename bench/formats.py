@@ -254,7 +254,8 @@ def gpg_tool(home: str, tool: str) -> Direct:
 def apple_codesign(keys: PlainKeys, tarball: bool) -> Direct:
     """apple-platform-py (rcodesign) as a caller would use it on the same input, with what sealbox
     asks for (hardened runtime on every Mach-O, SHA-256, no timestamp): for a tar.gz, unpack it,
-    sign each top-level bundle in place and pack it again (gzip level 6, as sealbox)."""
+    sign each top-level bundle in place and pack it again (gzip level 6: gzip's and ``tar czf``'s
+    default; sealbox packs with ISA-L's faster deflate, see archives.repack_tar)."""
     import tarfile
 
     import apple_platform as ap

