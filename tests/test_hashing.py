@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from sealbox.hashing import CHUNK, hash_stream
+from sealbox.errors import SigningFailed
+from sealbox.hashing import CHUNK, copy_hashed, hash_stream
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, 3 * CHUNK + 17])
@@ -27,3 +28,20 @@ def test_a_failing_read_is_raised() -> None:
 
     with pytest.raises(OSError, match="disk gone"):
         hash_stream(Broken(), ("sha1", "sha256"))
+
+
+def test_copy_hashed_copies_the_range_and_hashes_it() -> None:
+    data = os.urandom(2 * CHUNK + 5)
+    src, dst = io.BytesIO(data), io.BytesIO()
+    src.seek(3)
+    sha1, sha256 = hashlib.sha1(usedforsecurity=False), hashlib.sha256()
+    copy_hashed(src, dst, len(data) - 10, sha1, sha256)
+    kept = data[3 : len(data) - 7]
+    assert dst.getvalue() == kept
+    assert sha1.digest() == hashlib.sha1(kept, usedforsecurity=False).digest()
+    assert sha256.digest() == hashlib.sha256(kept).digest()
+
+
+def test_copy_hashed_refuses_an_input_that_ends_early() -> None:
+    with pytest.raises(SigningFailed, match="shrank"):
+        copy_hashed(io.BytesIO(b"short"), io.BytesIO(), 6)

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["CHUNK", "hash_file", "hash_stream", "is_sha1_hex"]
+from .errors import SigningFailed
+
+__all__ = ["CHUNK", "copy_hashed", "hash_file", "hash_stream", "is_sha1_hex"]
 
 CHUNK = 1 << 20
 
@@ -35,6 +37,20 @@ def hash_stream(f: BinaryIO, algorithms: Iterable[str]) -> dict[str, hashlib._Ha
         for lane in lanes:
             lane.result()  # before the next chunk: each state takes its chunks in order
     return states
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO, length: int, *states: hashlib._Hash) -> None:
+    """Copy ``length`` bytes from ``src`` (from where it stands) to ``dst``, each chunk fed to
+    ``states`` on the way: a signer's one pass over the bytes it keeps. Raises
+    :class:`~sealbox.errors.SigningFailed` if ``src`` ends first (it changed under the job)."""
+    while length:
+        chunk = src.read(min(CHUNK, length))
+        if not chunk:
+            raise SigningFailed("the input shrank while it was being signed")
+        for state in states:
+            state.update(chunk)
+        dst.write(chunk)
+        length -= len(chunk)
 
 
 def is_sha1_hex(value: str) -> bool:

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import FormatRejected, SigningFailed
-from ..hashing import CHUNK
+from ..errors import FormatRejected
+from ..hashing import copy_hashed
 from ._cms import NULL, OCTET_STRING, SEQUENCE, integer, oid, tlv
 from ._pe import SPC_INDIRECT_DATA, Sign
 
@@ -481,12 +481,7 @@ class _Out:
 
     def copy(self, f: BinaryIO, at: int, n: int) -> None:
         f.seek(at)
-        while n:
-            chunk = f.read(min(CHUNK, n))
-            if not chunk:
-                raise SigningFailed("the input shrank while it was being signed")
-            self.write(chunk)
-            n -= len(chunk)
+        copy_hashed(f, self.o, n, self.digest)
 
 
 def _write_members(f: BinaryIO, out: _Out, z: _Zip, types: bytes | None) -> list[bytes]:

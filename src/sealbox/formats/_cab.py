@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import FormatRejected, SigningFailed
-from ..hashing import CHUNK
+from ..errors import FormatRejected
+from ..hashing import copy_hashed
 from ._cms import OCTET_STRING, SEQUENCE, SHA256_ALGORITHM, oid, tlv
 from ._pe import SPC_INDIRECT_DATA, Sign
 
@@ -154,14 +154,7 @@ def sign_cab(src: Path, out: Path, signature: Sign) -> None:
         with out.open("wb") as o:
             o.write(head)
             f.seek(layout.rest_at)
-            left = layout.end - layout.rest_at
-            while left:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    raise SigningFailed("the input shrank while it was being signed")
-                digest.update(chunk)
-                o.write(chunk)
-                left -= len(chunk)
+            copy_hashed(f, o, layout.end - layout.rest_at, digest)
             der = signature(indirect_data(digest.digest()), SPC_INDIRECT_DATA)
             padded = der + bytes(-len(der) % 8)
             o.write(padded)

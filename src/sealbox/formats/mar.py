@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
-from ..hashing import CHUNK
+from ..hashing import CHUNK, copy_hashed
 from ..keys import HashName
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
@@ -384,14 +384,7 @@ class MarSigner(Signer):
         with src.open("rb") as fin, dst.open("wb") as fout:
             fout.write(header + sigs + info.additional)
             fin.seek(info.data_offset)
-            left = data_length
-            while left:
-                chunk = fin.read(min(CHUNK, left))
-                if not chunk:
-                    raise SigningFailed("the input changed while it was being signed")
-                h.update(chunk)
-                fout.write(chunk)
-                left -= len(chunk)
+            copy_hashed(fin, fout, data_length, h)
             h.update(index)
             fout.write(index)
             if fout.tell() != size:
