@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,9 +30,8 @@ from sealbox.errors import ConfigError, FormatRejected, SigningFailed, Verificat
 from sealbox.formats import FormatSettings, SignRequest, authenticode, signer_class
 from sealbox.formats._msi import write_msi
 from sealbox.formats.authenticode import AuthenticodeSigner
-from sealbox.keys import PassphraseSource, UnlockedKey, load_key
+from sealbox.keys import UnlockedKey
 from sealbox.samples.pe import launcher_path, write_dll, write_pe
-from sealbox.server.config import load_config
 from tests.servers import exec_image, refusing_port
 
 OSSL = shutil.which("osslsigncode")
@@ -66,23 +65,10 @@ class Deployment:
         return AuthenticodeSigner(settings, self.resolver)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    root = tmp_path_factory.mktemp("authenticode") / "dep"
-    config_path = init_dev(root, "dep", formats=list(FORMATS))
-    cfg = load_config(config_path)
-    passphrases = PassphraseSource.from_file(root / "passphrases")
-    cache: dict[str, UnlockedKey] = {}
-
-    def resolver(name: str) -> UnlockedKey:
-        if name not in cache:
-            key = load_key(cfg.key_spec(name), passphrases.get(name))
-            assert isinstance(key, UnlockedKey)  # a dev deployment keeps its keys in files
-            cache[name] = key
-        return cache[name]
-
-    sections = {fmt: cfg.format_settings(fmt) for fmt in FORMATS}
-    return Deployment(root, root / "public", resolver, sections)
+@pytest.fixture
+def deployment(authenticode_dep: Deployment) -> Deployment:
+    """A dev deployment's signers for :data:`FORMATS`, file keys (one for the run: conftest.py)."""
+    return authenticode_dep
 
 
 @dataclass
@@ -442,11 +428,10 @@ class LocalTSA:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def tsa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTSA]:
-    t = LocalTSA(tmp_path_factory.mktemp("tsa") / "tsa")
-    yield t
-    t.close()
+@pytest.fixture
+def tsa(inprocess_tsa: LocalTSA) -> LocalTSA:
+    """A local RFC 3161 TSA (one for the run: conftest.py)."""
+    return inprocess_tsa
 
 
 @pytest.mark.parametrize("fmt", ["sha2signcode-v2", "sha2signcodestub-v2"])

@@ -1,67 +1,34 @@
 """PE images signed in-process (:mod:`sealbox.formats._pe`): no tool runs, and the outputs pass
 ``osslsigncode verify`` with the digest osslsigncode computes itself; malformed headers are
-refused naming what is wrong; a SoftHSM key signs the same way through a real server."""
+refused naming what is wrong. A SoftHSM key and a server: tests/formats/test_inprocess_kinds.py."""
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import struct
-import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from asn1crypto import cms  # type: ignore[import-untyped]
 
-from sealbox.deploy.dev import init_dev
 from sealbox.errors import FormatRejected
 from sealbox.formats import authenticode
 from sealbox.formats.authenticode import AuthenticodeSigner
-from sealbox.keys import PassphraseSource, UnlockedKey, load_key
 from sealbox.samples.pe import launcher_path, write_dll, write_pe
-from sealbox.server.config import load_config
-from tests.formats.test_authenticode import FORMATS, STUB, Deployment, Job, LocalTSA, make_job
-from tests.servers import Deployment as ServerDeployment
-from tests.servers import start_server
+from tests.formats._authenticode_util import OSSL, extract_data, indirect_data, no_process, verify_signed
+from tests.formats.test_authenticode import STUB, Deployment, Job, make_job
 
-OSSL = shutil.which("osslsigncode")
 pytestmark = pytest.mark.skipif(OSSL is None, reason="osslsigncode is not installed")
-CAP = 120.0
 
 OPT_MAGIC_PE32 = 0x10B
 OPT_MAGIC_PE32_PLUS = 0x20B
 
 
-@pytest.fixture(scope="module")
-def dep(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    root = tmp_path_factory.mktemp("pe-inprocess") / "dep"
-    cfg = load_config(init_dev(root, "dep", formats=list(FORMATS)))
-    passphrases = PassphraseSource.from_file(root / "passphrases")
-    cache: dict[str, UnlockedKey] = {}
-
-    def resolver(name: str) -> UnlockedKey:
-        if name not in cache:
-            key = load_key(cfg.key_spec(name), passphrases.get(name))
-            assert isinstance(key, UnlockedKey)
-            cache[name] = key
-        return cache[name]
-
-    return Deployment(root, root / "public", resolver, {f: cfg.format_settings(f) for f in FORMATS})
-
-
-@contextmanager
-def no_process() -> Iterator[None]:
-    """Signing a PE starts no process: any attempt fails the test."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"a process was started: {args[0] if args else kwargs}")
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(subprocess, "Popen", refuse)
-        yield
+@pytest.fixture
+def dep(authenticode_dep: Deployment) -> Deployment:
+    """A dev deployment's Authenticode signers, file keys (one for the run: see conftest.py)."""
+    return authenticode_dep
 
 
 def sign(signer: AuthenticodeSigner, job: Job) -> None:
@@ -112,35 +79,10 @@ def _magic(path: Path) -> int:
 
 
 def _verify_output(dep: Deployment, fmt: str, src: Path, out: Path) -> str:
-    AuthenticodeSigner.verify(fmt, out, src, dep.public_dir)
-    assert OSSL is not None
-    res = subprocess.run(
-        [OSSL, "verify", "-CAfile", str(dep.public_dir / authenticode.CA_FILE), "-in", str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert res.returncode == 0 and "Signature verification: ok" in res.stdout, res.stdout + res.stderr
+    text = verify_signed(dep.public_dir, out, fmt, src)
     # the checksum written is the one osslsigncode computes (else: Current/Calculated + a warning)
-    assert "PE checksum   :" in res.stdout and "invalid PE checksum" not in res.stdout, res.stdout
-    return res.stdout
-
-
-def _indirect_data(der: bytes) -> bytes:
-    """The SpcIndirectDataContent (with its [0] wrapper) of a PKCS#7 SignedData."""
-    return bytes(cms.ContentInfo.load(der)["content"]["encap_content_info"]["content"].dump())
-
-
-def _extract_data(src: Path, tmp_path: Path) -> bytes:
-    """What ``osslsigncode extract-data`` makes of ``src``: its own digest of the image."""
-    assert OSSL is not None
-    out = tmp_path / "data.p7"
-    subprocess.run(
-        [OSSL, "extract-data", "-h", "sha256", "-in", str(src), "-out", str(out)],
-        capture_output=True,
-        check=True,
-    )
-    return out.read_bytes()
+    assert "PE checksum   :" in text and "invalid PE checksum" not in text, text
+    return text
 
 
 # -- signing ---------------------------------------------------------------------------------------
@@ -158,7 +100,7 @@ def test_in_process_signature_verifies(dep: Deployment, tmp_path: Path, sample: 
     )
     # the image digest is osslsigncode's own, and the SpcIndirectDataContent is the same bytes
     signature = authenticode.signature_pkcs7(job.output)
-    assert _indirect_data(signature) == _indirect_data(_extract_data(src, tmp_path))
+    assert indirect_data(signature) == extract_data(src, tmp_path)
     info = cms.ContentInfo.load(signature)["content"]
     subjects = {c.chosen.subject.native["common_name"] for c in info["certificates"]}
     assert any(s.startswith("sealbox stub dummy") for s in subjects) == (fmt in STUB)
@@ -188,8 +130,8 @@ def test_resigning_replaces_the_certificate_table(dep: Deployment, tmp_path: Pat
     }
     assert not any(s.startswith("sealbox stub dummy") for s in subjects)  # the old signature is gone
     # the same image as before (the old table dropped), so the same digest
-    assert _indirect_data(signature) == _indirect_data(authenticode.signature_pkcs7(first.output))
-    assert _indirect_data(signature) == _indirect_data(_extract_data(first.output, again))
+    assert indirect_data(signature) == indirect_data(authenticode.signature_pkcs7(first.output))
+    assert indirect_data(signature) == extract_data(first.output, again)
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -261,48 +203,6 @@ def test_malformed_pe_is_refused_with_a_reason(dep: Deployment, tmp_path: Path, 
         sign(signer, job)
     assert str(e.value).startswith("sha2signcode-v2: ")
     assert not job.output.exists() and list(job.work_dir.iterdir()) == []
-
-
-# -- a SoftHSM key, through a real server ----------------------------------------------------------
-def test_softhsm_key_signs_pe_in_process_through_the_server(tmp_path: Path) -> None:
-    """The token key signs through the key interface: osslsigncode (a recording wrapper) runs
-    once, at start-up, to prove the MSI hand-off, and never for a PE; the -v2 name is stamped by
-    a local TSA in-process too."""
-    fmts = ["sha2signcode", "sha2signcodestub", "sha2signcode-v2"]
-    d = ServerDeployment.create(tmp_path / "dep", "dep", fmts, hsm=True)
-    tsa = LocalTSA(tmp_path / "tsa")
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    wrapper = tmp_path / "osslsigncode"
-    wrapper.write_text(f'#!/bin/sh\necho "$@" > {runs}/$$\nexec {OSSL} "$@"\n')
-    wrapper.chmod(0o755)
-    text = d.config.read_text()
-    for fmt in fmts:
-        extra = f'osslsigncode = "{wrapper}"\n' + (
-            f'timestamp_url = "{tsa.url}"\n' if fmt.endswith("-v2") else ""
-        )
-        text = text.replace(f"[formats.{fmt}]\n", f"[formats.{fmt}]\n{extra}")
-    d.config.write_text(text)
-    (d.public / authenticode.TSA_CA_FILE).write_bytes(tsa.ca.cert_pem())
-    try:
-        sp = start_server(d)
-        try:
-            at_start = sorted(runs.iterdir())
-            assert at_start, "start-up proves the token hand-off with one osslsigncode run"
-            with sp.client(timeout=CAP) as c:
-                for fmt in fmts:
-                    (tmp_path / fmt).mkdir()
-                    src = write_pe(tmp_path / fmt)
-                    out = tmp_path / fmt / "out" / src.name
-                    res = c.sign(src, [fmt], out)
-                    assert res.ok, res.error
-                    AuthenticodeSigner.verify(fmt, out, src, d.public)
-            assert sorted(runs.iterdir()) == at_start  # no tool ran for a PE
-            assert tsa.requests == 1
-        finally:
-            sp.stop()
-    finally:
-        tsa.close()
 
 
 @pytest.mark.parametrize(

@@ -2,44 +2,45 @@
 whose ``osslsigncode`` refuses to sign: the outputs pass the real ``osslsigncode verify``, and
 are what ``osslsigncode sign`` 2.9 writes, byte for byte at the same signing time (UTF-8 with and
 without a BOM, LF and CRLF, UTF-16LE, osslsigncode's quirks in finding an old block); an old
-block is replaced; scripts osslsigncode cannot sign are refused naming why; an ECDSA key and a
-SoftHSM key sign the same way; an osslsigncode too old for scripts no longer matters."""
+block is replaced; an ECDSA key signs the same way; an osslsigncode too old for scripts no longer
+matters. Scripts osslsigncode cannot sign (BAD below) and a SoftHSM key:
+tests/formats/test_inprocess_kinds.py."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
-import shutil
 import ssl
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from asn1crypto import cms  # type: ignore[import-untyped]
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealbox.deploy import pki
-from sealbox.formats import FormatSettings, SignRequest
-from sealbox.formats import authenticode as ac
 from sealbox.formats._pe import signed_data
 from sealbox.formats._script import sign_script
-from sealbox.formats.authenticode import AuthenticodeSigner
-from sealbox.keys import FileKey, PassphraseSource, load_key
+from sealbox.keys import PassphraseSource, load_key
 from sealbox.server.config import load_config
-from tests.formats.test_authenticode import LocalTSA, raw_verify
-from tests.formats.test_pe_inprocess import no_process
-from tests.servers import Deployment, ServerProcess, start_server
+from tests.formats._authenticode_util import (
+    CAP,
+    DESCRIPTION,
+    FMTS,
+    OSSL,
+    URL,
+    check_ecdsa_key,
+    comparable,
+    no_process,
+    sign_through,
+    signature_der,
+    signed_by_osslsigncode,
+    stub_signed,
+    verify_signed,
+)
+from tests.formats._authenticode_util import SCRIPT_HEADER as HEADER
+from tests.servers import ServerProcess
 
-OSSL = shutil.which("osslsigncode")
 pytestmark = pytest.mark.skipif(OSSL is None, reason="osslsigncode is not installed")
-CAP = 120.0
-FMTS = ["sha2signcode", "sha2signcodestub", "sha2signcode-v2"]
-DESCRIPTION, URL = "sealbox dep", "https://example.invalid/sealbox"
-HEADER = "# SIG # Begin signature block"
 
 _TEXT = "# sealbox sample script\nparam([string]$Name = 'wörld')\nWrite-Output \"Hello, $Name 🔏\"\n"
 _HEAD = HEADER.encode()
@@ -70,37 +71,11 @@ SAMPLES: dict[str, bytes] = {
 UNVERIFIABLE = ("header-on-first-line", "header-without-newline")
 
 
-def _set_option(d: Deployment, fmt: str, line: str) -> None:
-    text = d.config.read_text()
-    d.config.write_text(text.replace(f"[formats.{fmt}]\n", f"[formats.{fmt}]\n{line}\n"))
-
-
-@pytest.fixture(scope="module")
-def tsa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTSA]:
-    t = LocalTSA(tmp_path_factory.mktemp("ps1-tsa") / "tsa")
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tsa: LocalTSA) -> Iterator[ServerProcess]:
-    """File keys; the formats' osslsigncode tells its version (2.5: too old for scripts, were
-    they signed by it) and refuses to do anything else."""
-    root = tmp_path_factory.mktemp("ps1")
-    d = Deployment.create(root / "dep", "dep", FMTS)
-    refusing = root / "osslsigncode"
-    refusing.write_text(
-        '#!/bin/sh\nif [ "$1" = --version ]; then echo "osslsigncode 2.5, using:"; exit 0; fi\n'
-        'echo "this osslsigncode refuses to run" >&2\nexit 1\n'
-    )
-    refusing.chmod(0o755)
-    for fmt in FMTS:
-        _set_option(d, fmt, f'osslsigncode = "{refusing}"')
-    _set_option(d, "sha2signcode-v2", f'timestamp_url = "{tsa.url}"')
-    (d.public / ac.TSA_CA_FILE).write_bytes(tsa.ca.cert_pem())
-    sp = start_server(d)
-    yield sp
-    sp.stop()
+@pytest.fixture
+def server(inprocess_server: ServerProcess) -> ServerProcess:
+    """File keys; the formats' osslsigncode says it is 2.5 (too old for scripts, were they signed
+    by it) and refuses to do anything else (one server for the run: conftest.py)."""
+    return inprocess_server
 
 
 def _write(directory: Path, name: str, data: bytes) -> Path:
@@ -108,38 +83,6 @@ def _write(directory: Path, name: str, data: bytes) -> Path:
     path = directory / name
     path.write_bytes(data)
     return path
-
-
-def _sign(sp: ServerProcess, src: Path, fmt: str, out: Path) -> Path:
-    with sp.client(timeout=CAP) as c:
-        res = c.sign(src, [fmt], out)
-    assert res.ok, res.error
-    return out
-
-
-def _verify(d: Deployment, out: Path) -> str:
-    AuthenticodeSigner.verify("sha2signcode", out, None, d.public)
-    named = out.with_name(out.name + ".ps1")  # osslsigncode tells a script by its name
-    named.write_bytes(out.read_bytes())
-    res = raw_verify(named, d.public / ac.CA_FILE, "-TSA-CAfile", str(d.public / ac.TSA_CA_FILE))
-    assert res.returncode == 0 and "Signature verification: ok" in res.stdout, res.stdout + res.stderr
-    return res.stdout
-
-
-def _osslsigncode(d: Deployment, src: Path, out: Path, *options: str) -> Path:
-    """``osslsigncode sign`` of ``src`` (as a .ps1) with the deployment's key file and options."""
-    assert OSSL is not None
-    named = src.with_name(src.name + ".in.ps1")
-    named.write_bytes(src.read_bytes())
-    passphrase = PassphraseSource.from_file(d.root / "passphrases").get("authenticode")
-    keys = d.root / "keys"
-    subprocess.run(
-        [OSSL, "sign", "-certs", str(keys / "authenticode.chain.pem"), "-key", str(keys / "authenticode.pem"),
-         "-readpass", "/dev/stdin", "-h", "sha256", "-n", DESCRIPTION, "-i", URL,
-         *options, "-in", str(named), "-out", str(out)],
-        input=passphrase, capture_output=True, check=True,
-    )  # fmt: skip
-    return out
 
 
 def _encoding(data: bytes) -> str:
@@ -170,29 +113,10 @@ def _pkcs7(data: bytes) -> Any:
     return info["content"]
 
 
-def _subjects(sd: Any) -> set[str]:
-    return {c.chosen.subject.native["common_name"] for c in sd["certificates"]}
-
-
 def _signing_time(sd: Any) -> Any:
     (si,) = sd["signer_infos"]
     (when,) = [a["values"][0].native for a in si["signed_attrs"] if a["type"].native == "signing_time"]
     return when
-
-
-def _comparable(sd: Any) -> tuple[Any, ...]:
-    """A SignedData but for what differs between two signings: the signing time, the signature."""
-    (si,) = sd["signer_infos"]
-    kept = [(a["type"].dotted, a["values"].dump()) for a in si["signed_attrs"]]
-    return (
-        sd["version"].native,
-        sd["digest_algorithms"].dump(),
-        sd["encap_content_info"].dump(),  # the SpcIndirectDataContent: SIP info and digest
-        sd["certificates"].dump(),
-        si["sid"].dump(),
-        [a for a in kept if a[0] != "1.2.840.113549.1.9.5"],
-        si["signature_algorithm"].dump(),
-    )
 
 
 # -- through the server, file keys -----------------------------------------------------------------
@@ -203,13 +127,13 @@ def test_script_signs_in_process_and_verifies(
 ) -> None:
     d = server.deployment
     src = _write(tmp_path, "tool.ps1", SAMPLES[sample])
-    out = _sign(server, src, fmt, tmp_path / "out" / "tool.ps1")  # the tool on the server refuses
-    text = _verify(d, out)
+    out = sign_through(server, src, fmt, tmp_path / "out" / "tool.ps1")  # the tool on the server refuses
+    text = verify_signed(d.public, out)
     assert f"Text description: {DESCRIPTION}" in text and f"URL description: {URL}" in text
     before, _ = _split(out.read_bytes())
     assert before == src.read_bytes()
-    sd = _pkcs7(out.read_bytes())
-    assert any(s.startswith("sealbox stub dummy") for s in _subjects(sd)) == (fmt == "sha2signcodestub")
+    _pkcs7(out.read_bytes())  # a well-formed block of a SignedData
+    assert stub_signed(signature_der(out)) == (fmt == "sha2signcodestub")
     if fmt.endswith("-v2"):
         assert "Timestamp Server Signature verification: ok" in text, text
     else:
@@ -224,12 +148,12 @@ def test_script_matches_osslsigncode_through_the_server(
     attributes and certificates as ``osslsigncode sign`` on the same input with the same key."""
     d = server.deployment
     src = _write(tmp_path, "tool.ps1", SAMPLES[sample])
-    ours = _sign(server, src, "sha2signcode", tmp_path / "out" / "tool.ps1").read_bytes()
-    theirs = _osslsigncode(d, src, tmp_path / "theirs.ps1").read_bytes()
+    ours = sign_through(server, src, "sha2signcode", tmp_path / "out" / "tool.ps1").read_bytes()
+    theirs = signed_by_osslsigncode(d.root, src, tmp_path / "theirs.ps1").read_bytes()
     (ours_text, ours_block), (theirs_text, theirs_block) = _split(ours), _split(theirs)
     assert ours_text == theirs_text
     assert [len(line) for line in ours_block] == [len(line) for line in theirs_block]
-    assert _comparable(_pkcs7(ours)) == _comparable(_pkcs7(theirs))
+    assert comparable(_pkcs7(ours)) == comparable(_pkcs7(theirs))
     if _signing_time(_pkcs7(ours)) == _signing_time(_pkcs7(theirs)):
         assert ours == theirs  # signed in the same second: RSA PKCS#1 v1.5 is deterministic
 
@@ -256,35 +180,36 @@ def test_script_is_osslsigncodes_byte_for_byte(server: ServerProcess, tmp_path: 
         ours, theirs = tmp_path / f"ours-{round_}.ps1", tmp_path / f"theirs-{round_}.ps1"
         with no_process():
             sign_script(src, ours, signature)
-        _osslsigncode(d, src, theirs, "-time", str(when))
+        signed_by_osslsigncode(d.root, src, theirs, "-time", str(when))
         assert ours.read_bytes() == theirs.read_bytes(), round_
         if sample not in UNVERIFIABLE:
-            _verify(d, ours)
+            verify_signed(d.public, ours)
         src = theirs
 
 
 def test_resigning_replaces_the_signature(server: ServerProcess, tmp_path: Path) -> None:
     d = server.deployment
     src = _write(tmp_path, "tool.ps1", SAMPLES["utf8-bom-crlf"])
-    first = _sign(server, src, "sha2signcodestub", tmp_path / "first" / "tool.ps1")
-    again = _sign(server, first, "sha2signcode", tmp_path / "again" / "tool.ps1")
-    text = _verify(d, again)
+    first = sign_through(server, src, "sha2signcodestub", tmp_path / "first" / "tool.ps1")
+    again = sign_through(server, first, "sha2signcode", tmp_path / "again" / "tool.ps1")
+    text = verify_signed(d.public, again)
     assert "Number of verified signatures: 1" in text
     data = again.read_bytes()
     assert data.count(HEADER.encode()) == 1
     assert _split(data)[0] == src.read_bytes()  # the text as it was, the old block gone
     sd = _pkcs7(data)
     assert len(sd["signer_infos"]) == 1
-    assert not any(s.startswith("sealbox stub dummy") for s in _subjects(sd))  # the old certificates went
+    assert not stub_signed(signature_der(again))  # the old certificates went
     # the same digest as osslsigncode's re-signing of the signed script, and as the first signing
-    theirs = _osslsigncode(d, first, tmp_path / "theirs.ps1").read_bytes()
+    theirs = signed_by_osslsigncode(d.root, first, tmp_path / "theirs.ps1").read_bytes()
     assert _split(theirs)[0] == _split(data)[0]
-    assert _comparable(sd) == _comparable(_pkcs7(theirs))
+    assert comparable(sd) == comparable(_pkcs7(theirs))
     first_content = _pkcs7(first.read_bytes())["encap_content_info"].dump()
     assert sd["encap_content_info"].dump() == first_content
 
 
 # -- scripts osslsigncode cannot sign (each passes the kind check: UTF-8 text) ----------------------
+# (refused through the server, naming why: test_inprocess_kinds.test_server_refuses_malformed_input)
 BAD = {
     "crlf-header-on-first-line": (
         _HEAD + b"\r\nWrite-Output 1\r\n",  # osslsigncode 2.9 crashes (its cut would be at -1)
@@ -295,22 +220,6 @@ BAD = {
         "malformed script: a signature block header at its start ends in CR LF",
     ),
 }
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_unsignable_script_is_refused_naming_why(server: ServerProcess, tmp_path: Path, case: str) -> None:
-    data, reason = BAD[case]
-    bad = _write(tmp_path, "bad.ps1", data)
-    with server.client(timeout=CAP) as c:
-        res = c.sign(bad, ["sha2signcode"], tmp_path / "out" / "bad.ps1")
-    assert not res.ok and reason in (res.error or ""), res.error
-    assert not (tmp_path / "out" / "bad.ps1").exists()
-    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-
-    def outcomes(lines: list[dict[str, object]]) -> list[object]:
-        return [e["outcome"] for e in lines if e.get("event") == "job" and e.get("sha1") == sha1]
-
-    assert set(outcomes(server.wait_log(outcomes))) == {"rejected"}  # permanent: refused at once
 
 
 def test_an_old_osslsigncode_still_serves_scripts(server: ServerProcess) -> None:
@@ -325,47 +234,5 @@ def test_an_old_osslsigncode_still_serves_scripts(server: ServerProcess) -> None
 
 # -- an ECDSA key ----------------------------------------------------------------------------------
 def test_ecdsa_key_signs_a_script(tmp_path: Path) -> None:
-    ca = pki.make_ca("sealbox test EC code-signing root")
-    private = ec.generate_private_key(ec.SECP256R1())
-    chain = [pki.certify(ca, "sealbox EC signer", private.public_key()), ca.cert]
-    key = FileKey("ec", private).with_chain(chain)
-    settings = FormatSettings("sha2signcode", "ec", {"description": "sealbox ec"}, tmp_path)
-    signer = AuthenticodeSigner(settings, lambda name: key)
     src = _write(tmp_path, "tool.ps1", SAMPLES["utf16-lf"])
-    (tmp_path / "work").mkdir()
-    out = tmp_path / "signed.ps1"
-    with no_process():
-        signer.sign(SignRequest(input=src, output=out, filename="tool.ps1", work_dir=tmp_path / "work"))
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
-    res = raw_verify(out, tmp_path / "ca.pem")
-    assert res.returncode == 0 and "Signature verification: ok" in res.stdout, res.stdout + res.stderr
-    (si,) = _pkcs7(out.read_bytes())["signer_infos"]
-    assert si["signature_algorithm"]["algorithm"].dotted == "1.2.840.10045.4.3.2"  # ecdsa-with-SHA256
-
-
-# -- a SoftHSM key, through a real server ----------------------------------------------------------
-def test_softhsm_key_signs_scripts_in_process(tmp_path: Path, tsa: LocalTSA) -> None:
-    """osslsigncode (a recording wrapper) runs at start-up only, proving the token hand-off."""
-    d = Deployment.create(tmp_path / "dep", "dep", FMTS, hsm=True)
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    wrapper = tmp_path / "osslsigncode"
-    wrapper.write_text(f'#!/bin/sh\necho "$@" > {runs}/$$\nexec {OSSL} "$@"\n')
-    wrapper.chmod(0o755)
-    for fmt in FMTS:
-        _set_option(d, fmt, f'osslsigncode = "{wrapper}"')
-    _set_option(d, "sha2signcode-v2", f'timestamp_url = "{tsa.url}"')
-    (d.public / ac.TSA_CA_FILE).write_bytes(tsa.ca.cert_pem())
-    sp = start_server(d)
-    try:
-        at_start = sorted(runs.iterdir())
-        for fmt, sample in zip(FMTS, ["utf8-lf", "utf16-crlf", "utf8-bom-crlf"], strict=True):
-            src = _write(tmp_path / fmt, "tool.ps1", SAMPLES[sample])
-            out = _sign(sp, src, fmt, tmp_path / "out" / fmt / "tool.ps1")
-            text = _verify(d, out)
-            assert ("Timestamp Server Signature verification: ok" in text) == fmt.endswith("-v2"), text
-            stub = any(s.startswith("sealbox stub dummy") for s in _subjects(_pkcs7(out.read_bytes())))
-            assert stub == (fmt == "sha2signcodestub")
-        assert sorted(runs.iterdir()) == at_start  # no tool ran for a script
-    finally:
-        sp.stop()
+    check_ecdsa_key(tmp_path, src, {"description": "sealbox ec"})
