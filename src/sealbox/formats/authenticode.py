@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, pkcs12
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
+from ..fsutil import remove_tree
 from ..keys import FileHandoff, Pkcs11Handoff, ToolSecrets
 from ..winfiles import (  # the Windows file rules live apart; re-exported (__all__)
     ALLOWED_EXTENSIONS,
@@ -196,6 +197,9 @@ def _tail(text: str, markers: tuple[str, ...] = ()) -> str:
 class AuthenticodeSigner(Signer):
     family = "authenticode"
     verifier = f"osslsigncode verify -CAfile public/{CA_FILE} -in FILE"
+    #: only an MSI job needs a scratch folder (for osslsigncode): it makes and removes its own,
+    #: so the kinds signed in-process cost no folder per job
+    uses_work_dir = False
 
     def __init__(self, settings: FormatSettings, keys: KeyResolver) -> None:
         super().__init__(settings, keys)
@@ -332,13 +336,21 @@ class AuthenticodeSigner(Signer):
                 request.output.unlink(missing_ok=True)
                 raise
             return
-        # Already signed? osslsigncode without -nest replaces the signature: the output carries ours only.
-        work_dir = request.work_dir.absolute()  # the child runs in work_dir: no relative paths
+        # A private folder beside where the job would have had one (the server's tmp/, swept at
+        # start-up); absolute: the child runs in it
+        work_dir = Path(tempfile.mkdtemp(prefix="sealbox-msi-", dir=request.work_dir.parent.absolute()))
+        try:
+            self._sign_with_tool(request, ext, work_dir)
+        finally:
+            remove_tree(work_dir)  # never raises; what stays is swept with tmp/ at start-up
+
+    def _sign_with_tool(self, request: SignRequest, ext: str, work_dir: Path) -> None:
+        """osslsigncode signs ``request.input`` (an MSI) into ``request.output``, in ``work_dir``.
+        Already signed? osslsigncode without -nest replaces the signature: the output carries
+        ours only."""
         tmp_out = work_dir / f"authenticode-signed{ext}"
-        tmp_out.unlink(missing_ok=True)  # osslsigncode 2.5 refuses to overwrite
-        # osslsigncode tells a script by its name alone: it reads the input under the kind's name
+        # osslsigncode tells some kinds by their name: it reads the input under the kind's name
         tmp_in = work_dir / f"authenticode-input{ext}"
-        tmp_in.unlink(missing_ok=True)
         tmp_in.symlink_to(request.input.absolute())
         options: list[str] = []
         if self._description:
@@ -349,10 +361,7 @@ class AuthenticodeSigner(Signer):
             options += ["-ac", str(self._extra_cert)]
         if self._timestamp_url:
             options += ["-ts", self._timestamp_url]
-        try:
-            failed = self._osslsigncode(tmp_in, tmp_out, work_dir, options)
-        finally:
-            tmp_in.unlink(missing_ok=True)
+        failed = self._osslsigncode(tmp_in, tmp_out, work_dir, options)
         if failed is not None:
             self._raise_failure(failed)
         shutil.move(str(tmp_out), str(request.output))
