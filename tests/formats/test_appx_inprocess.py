@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sealbox.errors import FormatRejected
-from sealbox.formats._appx import SPC_SIPINFO
+from sealbox.formats._pe import SPC_SIPINFO
 from sealbox.samples.windows import write_appx
 from tests.formats import test_pe_inprocess
 from tests.formats._authenticode_util import (

@@ -41,12 +41,11 @@ from typing import BinaryIO
 
 from ..errors import FormatRejected
 from ..hashing import copy_hashed
-from ._cms import NULL, OCTET_STRING, SEQUENCE, integer, oid, tlv
-from ._pe import SPC_INDIRECT_DATA, Sign
+from ._cms import NULL, SEQUENCE, oid, tlv
+from ._pe import SPC_INDIRECT_DATA, SPC_SIPINFO, Sign, sip_info, spc_indirect_data
 
-__all__ = ["SPC_SIPINFO", "indirect_data", "sign_appx"]
+__all__ = ["indirect_data", "sign_appx"]
 
-SPC_SIPINFO = oid("1.3.6.1.4.1.311.2.1.30")
 _APPX_SIP = bytes.fromhex("4BDFC50A07CEE24DB76E23C839A09FD1")
 _BUNDLE_SIP = bytes.fromhex("B3585F0FDEAA9A4BA43495742D92ECEB")
 
@@ -446,13 +445,8 @@ def indirect_data(digest: bytes, algorithm: bytes, *, bundle: bool = False) -> b
     """The ``SpcIndirectDataContent`` of a package's digest (``APPX`` and the tagged hashes) as
     osslsigncode writes it: an ``SpcSipInfo`` of the APPX (or bundle) SIP, the block map's
     hash algorithm (``algorithm``: the DER of its OID)."""
-    sip = tlv(SEQUENCE, integer(0x01010000), tlv(OCTET_STRING, _BUNDLE_SIP if bundle else _APPX_SIP),
-              *[integer(0)] * 5)  # fmt: skip
-    return tlv(
-        SEQUENCE,
-        tlv(SEQUENCE, SPC_SIPINFO, sip),
-        tlv(SEQUENCE, tlv(SEQUENCE, algorithm, tlv(NULL)), tlv(OCTET_STRING, digest)),
-    )
+    sip = sip_info(0x01010000, _BUNDLE_SIP if bundle else _APPX_SIP)
+    return spc_indirect_data(SPC_SIPINFO, sip, digest, tlv(SEQUENCE, algorithm, tlv(NULL)))
 
 
 def _signature_member(der: bytes, offset: int) -> tuple[bytes, bytes]:

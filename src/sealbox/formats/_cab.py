@@ -32,8 +32,8 @@ from typing import BinaryIO
 
 from ..errors import FormatRejected
 from ..hashing import copy_hashed
-from ._cms import OCTET_STRING, SEQUENCE, SHA256_ALGORITHM, oid, tlv
-from ._pe import SPC_INDIRECT_DATA, Sign
+from ._cms import oid
+from ._pe import OBSOLETE_LINK, SPC_INDIRECT_DATA, Sign, spc_indirect_data
 
 __all__ = ["SPC_CAB_DATA", "CabLayout", "cab_layout", "indirect_data", "sign_cab"]
 
@@ -135,12 +135,7 @@ def cab_layout(f: BinaryIO, size: int) -> CabLayout:
 def indirect_data(digest: bytes) -> bytes:
     """The ``SpcIndirectDataContent`` of a cabinet's digest, as osslsigncode writes it: type
     ``SPC_CAB_DATA``, value the SpcLink file ``<<<Obsolete>>>`` (a BMPString)."""
-    obsolete = tlv(0xA2, tlv(0x80, "<<<Obsolete>>>".encode("utf-16-be")))
-    return tlv(
-        SEQUENCE,
-        tlv(SEQUENCE, SPC_CAB_DATA, obsolete),
-        tlv(SEQUENCE, SHA256_ALGORITHM, tlv(OCTET_STRING, digest)),
-    )
+    return spc_indirect_data(SPC_CAB_DATA, OBSOLETE_LINK, digest)
 
 
 def sign_cab(src: Path, out: Path, signature: Sign) -> None:

@@ -56,7 +56,9 @@ from ._cms import (
 )
 
 __all__ = [
+    "OBSOLETE_LINK",
     "SPC_INDIRECT_DATA",
+    "SPC_SIPINFO",
     "PeLayout",
     "Sign",
     "indirect_data",
@@ -64,6 +66,8 @@ __all__ = [
     "request_timestamp",
     "sign_pe",
     "signed_data",
+    "sip_info",
+    "spc_indirect_data",
 ]
 
 
@@ -74,6 +78,10 @@ SPC_STATEMENT_TYPE = oid("1.3.6.1.4.1.311.2.1.11")
 SPC_SP_OPUS_INFO = oid("1.3.6.1.4.1.311.2.1.12")
 SPC_INDIVIDUAL_SP_KEY_PURPOSE = oid("1.3.6.1.4.1.311.2.1.21")
 SPC_RFC3161_TIMESTAMP = oid("1.3.6.1.4.1.311.3.3.1")
+#: the data type of the kinds a SIP signs (PowerShell scripts, APPX/MSIX): its value is an SpcSipInfo
+SPC_SIPINFO = oid("1.3.6.1.4.1.311.2.1.30")
+#: SpcLink ``file`` [2], the BMPString osslsigncode and signtool write where a file name once went
+OBSOLETE_LINK = tlv(0xA2, tlv(0x80, "<<<Obsolete>>>".encode("utf-16-be")))
 
 _BIT_STRING = 0x03
 _WIN_CERT_REVISION_2_0 = 0x0200
@@ -178,16 +186,29 @@ def sign_pe(src: Path, out: Path, layout: PeLayout, signature: Callable[[bytes],
 
 
 # -- the signature ------------------------------------------------------------------------------
+def spc_indirect_data(
+    data_type: bytes, value: bytes, digest: bytes, algorithm: bytes = SHA256_ALGORITHM
+) -> bytes:
+    """An ``SpcIndirectDataContent``: what was hashed (its type's OID and a value, each kind's
+    own) and the digest under ``algorithm`` (a DER AlgorithmIdentifier)."""
+    return tlv(
+        SEQUENCE,
+        tlv(SEQUENCE, data_type, value),
+        tlv(SEQUENCE, algorithm, tlv(OCTET_STRING, digest)),
+    )
+
+
+def sip_info(version: int, guid: bytes) -> bytes:
+    """An ``SpcSipInfo``: the SIP's version and class id, then five zeros, as osslsigncode
+    writes it (the value of :data:`SPC_SIPINFO` data)."""
+    return tlv(SEQUENCE, integer(version), tlv(OCTET_STRING, guid), *[integer(0)] * 5)
+
+
 def indirect_data(image_digest: bytes) -> bytes:
     """The ``SpcIndirectDataContent`` of a PE image digest, byte for byte as osslsigncode and
     signtool write it (flags: includeResources; file: the ``<<<Obsolete>>>`` link)."""
-    obsolete = tlv(0xA0, tlv(0xA2, tlv(0x80, "<<<Obsolete>>>".encode("utf-16-be"))))
-    image_data = tlv(SEQUENCE, tlv(_BIT_STRING, b"\x07\x80"), obsolete)
-    return tlv(
-        SEQUENCE,
-        tlv(SEQUENCE, SPC_PE_IMAGE_DATA, image_data),
-        tlv(SEQUENCE, SHA256_ALGORITHM, tlv(OCTET_STRING, image_digest)),
-    )
+    image_data = tlv(SEQUENCE, tlv(_BIT_STRING, b"\x07\x80"), tlv(0xA0, OBSOLETE_LINK))
+    return spc_indirect_data(SPC_PE_IMAGE_DATA, image_data, image_digest)
 
 
 def _opus_info(description: str | None, url: str | None) -> bytes:

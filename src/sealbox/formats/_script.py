@@ -26,12 +26,10 @@ from pathlib import Path
 
 from ..errors import FormatRejected
 from ..hashing import CHUNK
-from ._cms import OCTET_STRING, SEQUENCE, SHA256_ALGORITHM, integer, oid, tlv
-from ._pe import SPC_INDIRECT_DATA, Sign
+from ._pe import SPC_INDIRECT_DATA, SPC_SIPINFO, Sign, sip_info, spc_indirect_data
 
 __all__ = ["script_indirect_data", "sign_script"]
 
-SPC_SIPINFO = oid("1.3.6.1.4.1.311.2.1.30")
 #: the PowerShell SIP's class id (SpcSipInfo's GUID, as Windows stores it)
 POWERSHELL_SIP = bytes.fromhex("1fcc3b60594b084eb724d2c6297ef351")
 HEADER = "# SIG # Begin signature block"
@@ -58,12 +56,7 @@ codecs.register_error(_LENIENT, _one_per_byte)
 def script_indirect_data(digest: bytes) -> bytes:
     """The ``SpcIndirectDataContent`` of a script digest: ``SpcSipInfo`` (version 65536,
     PowerShell's GUID, five zeros), then the SHA-256 digest, as osslsigncode writes it."""
-    sip_info = tlv(SEQUENCE, integer(65536), tlv(OCTET_STRING, POWERSHELL_SIP), *[integer(0)] * 5)
-    return tlv(
-        SEQUENCE,
-        tlv(SEQUENCE, SPC_SIPINFO, sip_info),
-        tlv(SEQUENCE, SHA256_ALGORITHM, tlv(OCTET_STRING, digest)),
-    )
+    return spc_indirect_data(SPC_SIPINFO, sip_info(65536, POWERSHELL_SIP), digest)
 
 
 def _find(mm: mmap.mmap, needle: bytes, start: int, unit: int) -> int:

@@ -17,11 +17,12 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..formats._cab import SPC_CAB_DATA
+from ..formats._catalog import OID_CTL
 from ..formats._cms import (
     INTEGER,
     NULL,
     OCTET_STRING,
-    OID_SHA256,
     OID_SIGNED_DATA,
     SEQUENCE,
     SET,
@@ -32,7 +33,7 @@ from ..formats._cms import (
     set_of,
     tlv,
 )
-from ..formats._pe import SPC_INDIRECT_DATA
+from ..formats._pe import SPC_INDIRECT_DATA, spc_indirect_data
 
 __all__ = ["write_appx", "write_cab", "write_cat", "write_ps1", "write_wixl_msi"]
 
@@ -40,11 +41,9 @@ _FILES = {"readme.txt": b"sealbox sample\n", "data.bin": bytes(range(256)) * 64}
 _EPOCH = 1_700_000_000  # fixed member times: the same arguments give the same bytes
 
 # object identifiers
-_OID_CTL = oid("1.3.6.1.4.1.311.10.1")  # certificate trust list
 _OID_CATALOG_LIST = oid("1.3.6.1.4.1.311.12.1.1")
 _OID_CATALOG_V2 = oid("1.3.6.1.4.1.311.12.1.3")
 _OID_NAME_VALUE = oid("1.3.6.1.4.1.311.12.2.1")
-_OID_FLAT_FILE = oid("1.3.6.1.4.1.311.2.1.25")  # SPC_CAB_DATA
 _BMP_STRING = 0x1E
 
 
@@ -104,11 +103,7 @@ def _catalog_member(name: str, data: bytes) -> bytes:
         integer(0x10010001),  # flags: name/value pair, attribute is read only
         tlv(OCTET_STRING, (name + "\0").encode("utf-16-le")),
     )
-    indirect = tlv(
-        SEQUENCE,
-        tlv(SEQUENCE, _OID_FLAT_FILE, tlv(0xA2, tlv(0x80))),  # SpcLink: an empty file name
-        tlv(SEQUENCE, tlv(SEQUENCE, OID_SHA256, tlv(NULL)), tlv(OCTET_STRING, digest)),
-    )
+    indirect = spc_indirect_data(SPC_CAB_DATA, tlv(0xA2, tlv(0x80)), digest)  # SpcLink: an empty file name
     attributes = [
         attribute(_OID_NAME_VALUE, file_name),
         attribute(SPC_INDIRECT_DATA, indirect),
@@ -132,7 +127,7 @@ def catalog_bytes(files: Mapping[str, bytes], when: dt.datetime | None = None) -
         SEQUENCE,
         tlv(INTEGER, b"\x01"),
         tlv(SET),  # no digest algorithms: no signer yet
-        tlv(SEQUENCE, _OID_CTL, tlv(0xA0, ctl)),
+        tlv(SEQUENCE, OID_CTL, tlv(0xA0, ctl)),
         tlv(SET),  # no signer infos
     )
     return tlv(SEQUENCE, OID_SIGNED_DATA, tlv(0xA0, signed))
