@@ -23,11 +23,13 @@ __all__ = [
     "ALLOWED_EXTENSIONS",
     "BLOCKLIST",
     "KIND_EXTENSIONS",
+    "OID_CTL",
     "OLE_MAGIC",
     "PE_MSI_EXTENSIONS",
     "Kind",
     "authenticode_kind",
     "check_pe",
+    "der_header",
     "is_msi_bytes",
     "is_pe_bytes",
     "is_signable_name",
@@ -188,7 +190,8 @@ def is_signed(path: Path) -> bool:
 # -- which kind of file: CAB, security catalog, APPX/MSIX, script --------------------------------
 _CAB_MAGIC = b"MSCF"
 _OID_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")  # 1.2.840.113549.1.7.2
-_OID_CTL = bytes.fromhex("06092b0601040182370a01")  # 1.3.6.1.4.1.311.10.1 (certificate trust list)
+#: szOID_CTL (certificate trust list): the content type of a catalog and of its signature
+OID_CTL = bytes.fromhex("06092b0601040182370a01")  # 1.3.6.1.4.1.311.10.1
 _APPX_PARTS = ("AppxManifest.xml", "AppxBlockMap.xml", "[Content_Types].xml")
 _ZIP_MAGIC = b"PK\3\4"
 # C0 controls a text script may hold: tab, line feed, vertical tab, form feed, carriage return
@@ -210,7 +213,7 @@ def _cab_problem(head: bytes, size: int) -> str | None:
     return None
 
 
-def _der_header(data: bytes, at: int) -> tuple[int, int, int]:
+def der_header(data: bytes, at: int) -> tuple[int, int, int]:
     """(tag, offset of the contents, length of the contents) of the DER element at ``at``."""
     if at + 2 > len(data):
         raise ValueError("cut off")
@@ -226,7 +229,7 @@ def _der_header(data: bytes, at: int) -> tuple[int, int, int]:
 def _is_pkcs7_signed(head: bytes) -> bool:
     """True if ``head`` starts a DER ContentInfo of type SignedData (as osslsigncode tells a catalog)."""
     try:
-        tag, body, _ = _der_header(head, 0)
+        tag, body, _ = der_header(head, 0)
     except ValueError:
         return False
     return tag == 0x30 and head[body : body + len(_OID_SIGNED_DATA)] == _OID_SIGNED_DATA
@@ -235,24 +238,24 @@ def _is_pkcs7_signed(head: bytes) -> bool:
 def _catalog_problem(head: bytes, size: int) -> str | None:
     """What is wrong with a DER SignedData that should hold a certificate trust list, or None."""
     try:
-        _, body, length = _der_header(head, 0)
+        _, body, length = der_header(head, 0)
         if body + length > size:
             return f"truncated catalog: its DER says {body + length} bytes, the file has {size}"
         if body + length < size:
             return f"malformed catalog: {size - body - length} bytes after its DER"
-        tag, at, _ = _der_header(head, body + len(_OID_SIGNED_DATA))  # [0] EXPLICIT
-        tag2, at, _ = _der_header(head, at)  # SignedData
+        tag, at, _ = der_header(head, body + len(_OID_SIGNED_DATA))  # [0] EXPLICIT
+        tag2, at, _ = der_header(head, at)  # SignedData
         if (tag, tag2) != (0xA0, 0x30):
             return "malformed catalog: no SignedData"
         for expected in (0x02, 0x31):  # version, digestAlgorithms
-            tag, inner, n = _der_header(head, at)
+            tag, inner, n = der_header(head, at)
             if tag != expected:
                 return "malformed catalog: unexpected SignedData layout"
             at = inner + n
-        tag, at, _ = _der_header(head, at)  # encapContentInfo
+        tag, at, _ = der_header(head, at)  # encapContentInfo
     except ValueError as e:
         return f"malformed catalog: bad DER ({e})"
-    if tag != 0x30 or head[at : at + len(_OID_CTL)] != _OID_CTL:
+    if tag != 0x30 or head[at : at + len(OID_CTL)] != OID_CTL:
         return "a PKCS#7 SignedData whose content is not a catalog (certificate trust list)"
     return None
 

@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import FormatRejected, SigningFailed
-from ..winfiles import _der_header
-from ._cms import CONTEXT_0, OID_SIGNED_DATA, SEQUENCE, SET, oid
+from ..winfiles import OID_CTL, der_header
+from ._cms import CONTEXT_0, OID_SIGNED_DATA, SEQUENCE, SET
 from ._pe import Sign
 
-__all__ = ["OID_CTL", "sign_catalog"]
+__all__ = ["sign_catalog"]
 
-#: szOID_CTL (certificate trust list): the content type of a catalog and of its signature
-OID_CTL = oid("1.3.6.1.4.1.311.10.1")
 
 _INTEGER = 0x02
 _CONTEXT_1 = 0xA1
-_HEADER_MAX = 6  # tag, length byte, up to 4 length bytes (what _der_header accepts)
+_HEADER_MAX = 6  # tag, length byte, up to 4 length bytes (what der_header accepts)
 
 
 class _Walk:
@@ -54,7 +52,7 @@ class _Walk:
         self.f.seek(at)
         head = self.f.read(_HEADER_MAX)
         try:
-            tag, body, length = _der_header(head, 0)
+            tag, body, length = der_header(head, 0)
         except ValueError as e:
             raise FormatRejected(f"malformed catalog: {what}: bad DER length ({e})") from None
         if body > 2 and (length < 0x80 or head[2] == 0):

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..formats._cab import SPC_CAB_DATA
-from ..formats._catalog import OID_CTL
 from ..formats._cms import (
     INTEGER,
     NULL,
@@ -34,6 +33,7 @@ from ..formats._cms import (
     tlv,
 )
 from ..formats._pe import SPC_INDIRECT_DATA, spc_indirect_data
+from ..winfiles import OID_CTL
 
 __all__ = ["write_appx", "write_cab", "write_cat", "write_ps1", "write_wixl_msi"]
 
