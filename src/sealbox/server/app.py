@@ -514,7 +514,7 @@ async def _read_form(
         if name == "filedata" and not data.seen:
             data.late = "sha1" not in fields
             if data.late:
-                bad = _check_token(request, fields, known)
+                bad = _check_token(request, fields, fmt, known)
             else:
                 bad = _check_fields(request, fields, fmt, known)
             if bad is not None:
@@ -562,7 +562,7 @@ def _upload_context(request: web.Request, fields: dict[str, str]) -> RequestCont
     return RequestContext("upload", peer_ip(request), fields["filename"], request.get(TOKEN), issuer)
 
 
-def _check_token(request: web.Request, fields: dict[str, str], known: bool) -> web.Response | None:
+def _check_token(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
     """Who asks, and for a format served here: checked before any of ``filedata`` is read."""
     if TOKEN in request:
         return None  # checked already (before a late sha1 field)
@@ -574,13 +574,13 @@ def _check_token(request: web.Request, fields: dict[str, str], known: bool) -> w
     except TokenError as e:
         return refuse(400, f"Invalid token: {e}", refusal=f"token_{e.kind}")
     if not known:
-        return refuse(400, f"unknown format '{request.match_info['fmt']}'", NONCE, "format")
+        return refuse(400, f"unknown format '{fmt}'", NONCE, "format")
     return None
 
 
 def _check_fields(request: web.Request, fields: dict[str, str], fmt: str, known: bool) -> web.Response | None:
     cfg, storage = request.app[CONFIG], request.app[STORAGE]
-    refused = _check_token(request, fields, known)
+    refused = _check_token(request, fields, fmt, known)
     if refused is not None:
         return refused
     for name in ("sha1", "filename"):
