@@ -48,8 +48,8 @@ ALLOWED_EXTENSIONS = (*PE_MSI_EXTENSIONS, ".cab", ".cat", ".appx", ".msix", ".ps
 
 #: what Authenticode signs here, as told by the bytes
 Kind = Literal["PE", "MSI", "CAB", "catalog", "APPX", "script"]
-#: the extension a kind is handed to osslsigncode under (it tells scripts by the name alone;
-#: .ps1, .psm1 and .psd1 are signed alike: the same comment syntax and SIP)
+#: the extension osslsigncode gets a kind under (to sign an MSI, to verify any kind: it tells
+#: scripts by the name alone; .ps1, .psm1 and .psd1 are signed alike: one comment syntax and SIP)
 KIND_EXTENSIONS: dict[Kind, str] = {
     "PE": ".exe",
     "MSI": ".msi",

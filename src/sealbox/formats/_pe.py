@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..errors import FormatRejected, SigningFailed
 from ..hashing import CHUNK
-from ..winfiles import pe_cert_table
+from ..winfiles import pe_cert_table, read_head
 from ._cms import (
     CONTEXT_0,
     NULL,
@@ -65,6 +65,7 @@ __all__ = [
     "pe_layout",
     "request_timestamp",
     "sign_pe",
+    "sign_pe_file",
     "signed_data",
     "sip_info",
     "spc_indirect_data",
@@ -183,6 +184,13 @@ def sign_pe(src: Path, out: Path, layout: PeLayout, signature: Callable[[bytes],
         o.seek(ck)
         o.write(struct.pack("<I", checksum))
     return image_digest
+
+
+def sign_pe_file(src: Path, out: Path, signature: Sign) -> None:
+    """Write ``src`` (a PE image) signed into ``out``: its layout checked, then :func:`sign_pe`
+    with an ``SpcIndirectDataContent`` of the image digest (the Authenticode kinds' common call)."""
+    layout = pe_layout(*read_head(src))
+    sign_pe(src, out, layout, lambda digest: signature(indirect_data(digest), SPC_INDIRECT_DATA))
 
 
 # -- the signature ------------------------------------------------------------------------------

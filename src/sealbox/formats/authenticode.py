@@ -69,7 +69,7 @@ from ..winfiles import (  # the Windows file rules live apart; re-exported (__al
 from ._appx import sign_appx
 from ._cab import sign_cab
 from ._catalog import sign_catalog
-from ._pe import SPC_INDIRECT_DATA, Sign, indirect_data, pe_layout, request_timestamp, sign_pe, signed_data
+from ._pe import Sign, request_timestamp, sign_pe_file, signed_data
 from ._script import sign_script
 from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
 
@@ -166,14 +166,14 @@ def signature_pkcs7(path: Path) -> bytes:
 
 
 # -- the signer -----------------------------------------------------------------------------
-#: The kinds signed in-process besides PE (by the extension :meth:`AuthenticodeSigner.check_input`
-#: names them by): (input, output, signature builder) -> None, raising FormatRejected for a
-#: malformed input. What is not here goes to osslsigncode.
-_IN_PROCESS: dict[str, Callable[[Path, Path, Sign], None]] = {
-    ".cab": sign_cab,
-    ".cat": sign_catalog,
-    ".ps1": sign_script,
-    ".msix": sign_appx,
+#: The kinds signed in-process: (input, output, signature builder) -> None, raising
+#: FormatRejected for a malformed input. What is not here (MSI) goes to osslsigncode.
+_IN_PROCESS: dict[Kind, Callable[[Path, Path, Sign], None]] = {
+    "PE": sign_pe_file,
+    "CAB": sign_cab,
+    "catalog": sign_catalog,
+    "script": sign_script,
+    "APPX": sign_appx,
 }
 
 
@@ -253,17 +253,15 @@ class AuthenticodeSigner(Signer):
         problem = name_problem(filename)
         return None if problem is None else f"{self.format}: the file name {problem}"
 
-    def check_input(self, request: SignRequest) -> str:
-        """Apply the content rules; return the extension to sign under (``.exe`` for PE,
-        ``.msi``, ``.cab``, ``.cat``, ``.msix``, ``.ps1``: :data:`~sealbox.winfiles.KIND_EXTENSIONS`).
+    def check_input(self, request: SignRequest) -> Kind:
+        """Apply the content rules; return the kind of file to sign.
 
         The kind is decided by the bytes, never by the name: a result belongs to
         (format, sha1), and the reason of a refusal is replayed to uploads under any name."""
         try:
-            kind = authenticode_kind(request.input)
+            return authenticode_kind(request.input)
         except FormatRejected as e:
             raise FormatRejected(f"{self.format}: {e}") from None
-        return KIND_EXTENSIONS[kind]
 
     def _key_pipes(self, key: FileHandoff | Pkcs11Handoff) -> tuple[bytes, bytes]:
         """What osslsigncode reads from its two pipes: a key file's key as a one-time PKCS#12
@@ -321,11 +319,8 @@ class AuthenticodeSigner(Signer):
             )
 
     def sign(self, request: SignRequest) -> None:
-        ext = self.check_input(request)  # -out is named by the content's type, never the upload's name
-        if ext == ".exe":
-            self._sign_pe(request)
-            return
-        in_process = _IN_PROCESS.get(ext)
+        kind = self.check_input(request)
+        in_process = _IN_PROCESS.get(kind)
         if in_process is not None:
             try:
                 in_process(request.input, request.output, self._signature)
@@ -340,14 +335,14 @@ class AuthenticodeSigner(Signer):
         # start-up); absolute: the child runs in it
         work_dir = Path(tempfile.mkdtemp(prefix="sealbox-msi-", dir=request.work_dir.parent.absolute()))
         try:
-            self._sign_with_tool(request, ext, work_dir)
+            self._sign_with_tool(request, KIND_EXTENSIONS[kind], work_dir)
         finally:
             remove_tree(work_dir)  # never raises; what stays is swept with tmp/ at start-up
 
     def _sign_with_tool(self, request: SignRequest, ext: str, work_dir: Path) -> None:
-        """osslsigncode signs ``request.input`` (an MSI) into ``request.output``, in ``work_dir``.
-        Already signed? osslsigncode without -nest replaces the signature: the output carries
-        ours only."""
+        """osslsigncode signs ``request.input`` (an MSI) into ``request.output``, in ``work_dir``,
+        under the kind's extension ``ext`` (never the upload's name). Already signed?
+        osslsigncode without -nest replaces the signature: the output carries ours only."""
         tmp_out = work_dir / f"authenticode-signed{ext}"
         # osslsigncode tells some kinds by their name: it reads the input under the kind's name
         tmp_in = work_dir / f"authenticode-input{ext}"
@@ -365,23 +360,6 @@ class AuthenticodeSigner(Signer):
         if failed is not None:
             self._raise_failure(failed)
         shutil.move(str(tmp_out), str(request.output))
-
-    def _sign_pe(self, request: SignRequest) -> None:
-        """A PE image, signed in-process (:mod:`._pe`): the key signs through its interface,
-        a key file's and a token's alike. An old signature is replaced, as osslsigncode does."""
-        try:
-            layout = pe_layout(*read_head(request.input))
-        except FormatRejected as e:
-            raise FormatRejected(f"{self.format}: {e}") from None
-
-        def signature(image_digest: bytes) -> bytes:
-            return self._signature(indirect_data(image_digest), SPC_INDIRECT_DATA)
-
-        try:
-            sign_pe(request.input, request.output, layout, signature)
-        except BaseException:
-            request.output.unlink(missing_ok=True)
-            raise
 
     def _signature(self, content: bytes, content_type: bytes) -> bytes:
         """This format's Authenticode signature (PKCS#7 SignedData, DER) over ``content``, made
