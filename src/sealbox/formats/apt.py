@@ -20,7 +20,7 @@ from ..errors import FormatRejected, VerificationFailed
 from ..keys import HashName
 from ..procs import child_env
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier, verifier_failed
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -94,8 +94,7 @@ class AptSigner(Signer):
                 argv += [str(signed), str(original)]
             res = run_verifier(argv, "gpgv", 60, child_env(tmp))
             if res.returncode != 0 or b"[GNUPG:] VALIDSIG" not in res.stdout:
-                lines = res.stderr.decode(errors="replace").strip().splitlines()
-                raise VerificationFailed(f"gpgv (exit {res.returncode}): {lines[-1] if lines else 'failed'}")
+                raise verifier_failed("gpgv", res)
             if fmt == INRELEASE:
                 text = (tmp / "text").read_bytes()
                 if original is not None and original.read_bytes() not in (text, text + b"\n"):
@@ -111,6 +110,5 @@ def _sqv(signature: Path, data: Path | None, public_dir: Path) -> str:
     argv = ["sqv", "--keyring", str(public_dir / "apt.asc"), str(signature), str(data)]
     res = run_verifier(argv, "sqv", 60, child_env())
     if res.returncode != 0:
-        lines = res.stderr.decode(errors="replace").strip().splitlines()
-        raise VerificationFailed(f"sqv (exit {res.returncode}): {lines[-1] if lines else 'failed'}")
+        raise verifier_failed("sqv", res)
     return " + sqv"

@@ -120,6 +120,15 @@ def run_verifier(
         raise VerificationFailed(f"{what} timed out") from None
 
 
+def verifier_failed(
+    what: str, res: subprocess.CompletedProcess[bytes], text: bytes | None = None
+) -> VerificationFailed:
+    """The refusal of verifier ``what``: its exit status and the last line of ``text`` (its
+    stderr unless given)."""
+    lines = (res.stderr if text is None else text).decode(errors="replace").strip().splitlines()
+    return VerificationFailed(f"{what} (exit {res.returncode}): {lines[-1] if lines else 'failed'}")
+
+
 def run_tool(
     argv: Sequence[str],
     *,

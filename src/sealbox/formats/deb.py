@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import FormatRejected, VerificationFailed
+from ..errors import FormatRejected
 from ..hashing import CHUNK
 from ..keys import HashName
 from ..procs import child_env
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier, verifier_failed
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -187,10 +187,7 @@ class DebSigner(Signer):
             ]
             res = run_verifier(argv, "debsig-verify", 60, child_env(tmp))
         if res.returncode != 0:
-            lines = (res.stdout + res.stderr).decode(errors="replace").strip().splitlines()
-            raise VerificationFailed(
-                f"debsig-verify (exit {res.returncode}): {lines[-1] if lines else 'failed'}"
-            )
+            raise verifier_failed("debsig-verify", res, res.stdout + res.stderr)
         return "debsig-verify"
 
 
