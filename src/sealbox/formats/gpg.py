@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VerificationFailed
 from ..keys import HashName
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -55,17 +55,13 @@ class GpgSigner(Signer):
         with _pgpkeys.scratch("sbg") as home:
             base = [gpg, "--homedir", str(home), "--batch", "--no-tty"]
             try:
-                imp = subprocess.run(
-                    [*base, "--import", str(public_dir / "gpg.asc")], capture_output=True, check=False
-                )
+                env = child_env(home)
+                imp = run_verifier([*base, "--import", str(public_dir / "gpg.asc")], "gpg --import", 60, env)
                 if imp.returncode != 0:
                     why = imp.stderr.decode(errors="replace").strip()
                     raise VerificationFailed(f"gpg --import failed: {why}")
-                res = subprocess.run(
-                    [*base, "--status-fd", "1", "--verify", str(signed), str(original)],
-                    capture_output=True,
-                    check=False,
-                )
+                argv = [*base, "--status-fd", "1", "--verify", str(signed), str(original)]
+                res = run_verifier(argv, "gpg --verify", 60, env)
             finally:
                 subprocess.run(
                     ["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, check=False
