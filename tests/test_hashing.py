@@ -45,3 +45,10 @@ def test_copy_hashed_copies_the_range_and_hashes_it() -> None:
 def test_copy_hashed_refuses_an_input_that_ends_early() -> None:
     with pytest.raises(SigningFailed, match="shrank"):
         copy_hashed(io.BytesIO(b"short"), io.BytesIO(), 6)
+
+
+def test_copy_hashed_without_a_destination_only_hashes() -> None:
+    data = os.urandom(CHUNK + 3)
+    state = hashlib.sha256()
+    copy_hashed(io.BytesIO(data), None, len(data), state)
+    assert state.digest() == hashlib.sha256(data).digest()

@@ -39,9 +39,9 @@ def hash_stream(f: BinaryIO, algorithms: Iterable[str]) -> dict[str, hashlib._Ha
     return states
 
 
-def copy_hashed(src: BinaryIO, dst: BinaryIO, length: int, *states: hashlib._Hash) -> None:
-    """Copy ``length`` bytes from ``src`` (from where it stands) to ``dst``, each chunk fed to
-    ``states`` on the way: a signer's one pass over the bytes it keeps. Raises
+def copy_hashed(src: BinaryIO, dst: BinaryIO | None, length: int, *states: hashlib._Hash) -> None:
+    """Copy ``length`` bytes from ``src`` (from where it stands) to ``dst`` (None: only hash
+    them), each chunk fed to ``states`` on the way: a signer's one pass over the bytes it keeps. Raises
     :class:`~sealbox.errors.SigningFailed` if ``src`` ends first (it changed under the job)."""
     while length:
         chunk = src.read(min(CHUNK, length))
@@ -49,7 +49,8 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO, length: int, *states: hashlib._Has
             raise SigningFailed("the input shrank while it was being signed")
         for state in states:
             state.update(chunk)
-        dst.write(chunk)
+        if dst is not None:
+            dst.write(chunk)
         length -= len(chunk)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import FormatRejected
-from ..hashing import CHUNK
+from ..hashing import copy_hashed
 from ..keys import HashName
 from ..procs import child_env
 from . import _openpgp, _pgpkeys
@@ -118,19 +118,6 @@ def members(path: Path) -> list[Member]:
     return found
 
 
-def _copy(src: IO[bytes], dst: IO[bytes] | None, h: Any, start: int, length: int) -> None:
-    src.seek(start)
-    while length > 0:
-        chunk = src.read(min(CHUNK, length))
-        if not chunk:
-            raise FormatRejected("malformed .deb: the file changed while it was read")
-        length -= len(chunk)
-        if h is not None:
-            h.update(chunk)
-        if dst is not None:
-            dst.write(chunk)
-
-
 def ar_header(name: str, size: int, mtime: int) -> bytes:
     """A 60-byte ar member header, as ``ar`` writes it (no GNU slash, as after debsigs' fixup)."""
     return b"%-16s%-12d%-6d%-6d%-8s%-10d`\n" % (name.encode(), mtime, 0, 0, b"100644", size)
@@ -151,12 +138,14 @@ class DebSigner(Signer):
         created = int(time.time())
         with request.input.open("rb") as src, request.output.open("wb") as out:
             for m in found[:3]:
-                _copy(src, None, h, m.data, m.size)
+                src.seek(m.data)
+                copy_hashed(src, None, m.size, h)
             sig = _openpgp.signature_packet(self._key, self._pub, h, HASH, created)
             out.write(AR_MAGIC)
             for m in found:
                 if m.name != ORIGIN:
-                    _copy(src, out, None, m.start, m.end - m.start)
+                    src.seek(m.start)
+                    copy_hashed(src, out, m.end - m.start)
             out.write(ar_header(ORIGIN, len(sig), created) + sig + b"\n" * (len(sig) % 2))
 
     @classmethod
