@@ -284,3 +284,20 @@ def test_file_key_digests_match_cryptography_prehashed() -> None:
     digest = hashlib.sha384(DATA).digest()
     expected = raw.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA384()))
     assert FileKey("k", raw).sign_digest(digest, "sha384", "pkcs1v15") == expected
+
+
+def test_a_signature_that_does_not_verify_never_leaves_sign_digest_checked() -> None:
+    """The guard every signer of digests uses: a faulty signature (a hardware or library
+    fault, here a flipped bit) is a retryable SigningFailed, never returned."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    class Faulty(FileKey):
+        def _sign_digest(self, digest: bytes, hash_name: Any, pad: Any) -> bytes:
+            good = super()._sign_digest(digest, hash_name, pad)
+            return good[:-1] + bytes([good[-1] ^ 1])
+
+    digest = hashlib.sha256(b"data").digest()
+    key = FileKey("k", ec.generate_private_key(ec.SECP256R1()))
+    assert key.verifies(key.sign_digest_checked(digest, "sha256", "ecdsa"), digest, "sha256", "ecdsa")
+    with pytest.raises(SigningFailed, match="does not verify"):
+        Faulty("k", ec.generate_private_key(ec.SECP256R1())).sign_digest_checked(digest, "sha256", "ecdsa")

@@ -272,10 +272,7 @@ class AndroidSigner(Signer):
     def _sign_digest(self, hash_name: HashName, digest: bytes) -> bytes:
         """A signature apksig asked for, made through the key interface and checked before it
         goes back (a faulty one never reaches an output)."""
-        signature = self._key.sign_digest(digest, hash_name, "pkcs1v15")
-        if not self._key.verifies(signature, digest, hash_name, "pkcs1v15"):
-            raise SigningFailed(f"key '{self._key.name}' made a signature that does not verify")
-        return signature
+        return self._key.sign_digest_checked(digest, hash_name, "pkcs1v15")
 
     def _prove(self) -> None:
         """Sign a small APK (v1+v2+v3) and a JAR once: a JVM or an apksig that cannot sign stops

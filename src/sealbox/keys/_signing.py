@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SigningFailed
 
 HashName = Literal["sha1", "sha256", "sha384", "sha512"]
 #: ``pss`` is RSA-PSS with MGF1 over the same hash and a salt as long as the digest
@@ -184,6 +184,15 @@ class SigningKey(ABC):
                 f"a {hash_name} digest is {HASHES[hash_name].digest_size} bytes, not {len(digest)}"
             )
         return self._sign_digest(digest, hash_name, pad)
+
+    def sign_digest_checked(self, digest: bytes, hash_name: HashName, pad: Padding) -> bytes:
+        """:meth:`sign_digest`, the signature checked with the public half before it is returned:
+        a faulty one (a hardware or library fault) never leaves the server. Raises
+        :class:`~sealbox.errors.SigningFailed` (another attempt may do)."""
+        signature = self.sign_digest(digest, hash_name, pad)
+        if not self.verifies(signature, digest, hash_name, pad):
+            raise SigningFailed(f"key '{self.name}' made a {pad} signature that does not verify")
+        return signature
 
     def sign(self, data: bytes, hash_name: HashName, pad: Padding) -> bytes:
         """Sign a message (hashed here with ``hash_name``, except for Ed25519)."""
