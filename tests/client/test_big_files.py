@@ -1,20 +1,31 @@
 """A big file (over ``wire.SMALL_FILE``) through our client and a real server: one pass over
-it on each side. The client hashes it as it sends it (the ``sha1`` field after ``filedata``) and
-the upload answers with the result; with a cache (or without a token) it is hashed first and
-asked about before it is sent. The server takes the late ``sha1`` only after the token, and
-checks it as it would a field sent first."""
+it on the server, none on the client beyond TLS. To a server that names uploads (every sealbox
+upload answer carries ``X-Sealbox-Input-SHA1``) the client sends it unhashed; to one that does
+not (a classic server, an older release) it hashes it as it sends it (the ``sha1`` field after
+``filedata``); the upload answers with the result. With a cache (or without a token) it is
+hashed first and asked about before it is sent. The server takes the late ``sha1`` only after
+the token, and checks it as it would a field sent first."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
 import ssl
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
+import pytest
+from aiohttp import web
 
-from sealbox.client import SigningClient
+from sealbox.client import SigningClient, _aio
+from sealbox.client._hosts import Server
+from sealbox.deploy.local import free_port
 from tests.servers import ServerProcess, gpg_verify
 
 SIZE = 3 * 1024 * 1024
@@ -110,3 +121,197 @@ def test_without_a_token_first_the_upload_is_refused(gpg_server: ServerProcess) 
     assert r.status_code == 400 and r.headers["X-Sealbox-Error"] == "Missing token"
     forged = _post(gpg_server, *_late_form("0!0", data, "0" * 40))
     assert forged.status_code == 400 and forged.headers["X-Sealbox-Error"].startswith("Invalid token")
+
+
+def _form(fields: dict[str, str], data: bytes) -> tuple[str, bytes]:
+    """A form with ``fields`` first, then ``filedata``."""
+    b = secrets.token_hex(8)
+    head = "".join(
+        f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()
+    )
+    head += f'--{b}\r\nContent-Disposition: form-data; name="filedata"; filename="named.bin"\r\n\r\n'
+    return f"multipart/form-data; boundary={b}", head.encode() + data + f"\r\n--{b}--\r\n".encode()
+
+
+def _post_with(server: ServerProcess, form: tuple[str, bytes], **headers: str) -> httpx.Response:
+    ctx = ssl.create_default_context(cafile=str(server.deployment.ca))
+    with httpx.Client(verify=ctx, timeout=60) as c:
+        return c.post(
+            f"{server.server.url}/sign/gpg",
+            content=form[1],
+            headers={"Content-Type": form[0], "X-Sealbox-Wait": "30", **headers},
+        )
+
+
+def test_the_server_names_an_upload_that_asks_it_to(gpg_server: ServerProcess) -> None:
+    data = os.urandom(SIZE)
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    fields = {"token": gpg_server.token(), "filename": "named.bin"}
+    named = _post_with(gpg_server, _form(fields, data), **{"X-Sealbox-Hash-Upload": "1"})
+    assert named.status_code == 200 and named.headers["X-Sealbox-Input-SHA1"] == sha1
+    # the same job as an upload that named itself: asking for it by that name finds it
+    ctx = ssl.create_default_context(cafile=str(gpg_server.deployment.ca))
+    again = httpx.get(f"{gpg_server.server.url}/sign/gpg/{sha1}", verify=ctx)
+    assert again.status_code == 200 and again.content == named.content
+    # not asked: the field is required, as in the classic protocol
+    other = os.urandom(SIZE)
+    unasked = _post_with(gpg_server, _form(fields, other))
+    assert unasked.status_code == 400 and unasked.headers["X-Sealbox-Error"] == "missing field sha1"
+    # a sha1 field, when sent, is checked even with the header
+    wrong = _post_with(
+        gpg_server, _form({**fields, "sha1": "0" * 40}, other), **{"X-Sealbox-Hash-Upload": "1"}
+    )
+    assert wrong.status_code == 400 and "Hash mismatch" in wrong.headers["X-Sealbox-Error"]
+    # every answer to an upload read whole names what arrived, whoever hashed it
+    assert wrong.headers["X-Sealbox-Input-SHA1"] == hashlib.sha1(other, usedforsecurity=False).hexdigest()
+    # a refusal before filedata is read names nothing
+    early = _post_with(gpg_server, _form({"filename": "named.bin"}, other))
+    assert early.status_code == 400 and "X-Sealbox-Input-SHA1" not in early.headers
+
+
+class _Hashed:
+    """Counts the bytes the client hashes with SHA-1."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def sha1(self, data: bytes = b"", usedforsecurity: bool = False) -> Any:
+        counter, real = self, hashlib.sha1(data, usedforsecurity=False)
+        counter.bytes += len(data)
+
+        class Counted:
+            def update(self, chunk: bytes) -> None:
+                counter.bytes += len(chunk)
+                real.update(chunk)
+
+            def hexdigest(self) -> str:
+                return real.hexdigest()
+
+        return Counted()
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> _Hashed:
+    counter = _Hashed()
+    fake = type("hashlib", (), {"sha1": staticmethod(counter.sha1)})
+    monkeypatch.setattr(_aio, "hashlib", fake)
+    return counter
+
+
+def _small(tmp: Path) -> Path:
+    p = tmp / "small.bin"
+    p.write_bytes(os.urandom(4096))
+    return p
+
+
+def test_a_big_file_goes_up_unhashed_to_a_server_that_names_uploads(
+    gpg_server: ServerProcess, tmp_path: Path, hashed: _Hashed
+) -> None:
+    src, _ = _big(tmp_path, "big.bin")
+    with gpg_server.client() as client:
+        assert client.sign(_small(tmp_path), ["gpg"]).ok  # its answer names the upload
+        before = hashed.bytes
+        out = client.sign(src, ["gpg"])
+    assert out.ok, out.error
+    assert hashed.bytes - before < 4096, "the client hashed the big file"  # only the small .asc
+    res = gpg_verify(src.with_name("big.bin.asc"), src, gpg_server.deployment.public / "gpg.asc")
+    assert res.returncode == 0 and b"VALIDSIG" in res.stdout
+
+
+def test_checking_the_log_proof_the_client_hashes_the_input_itself(
+    gpg_server: ServerProcess, tmp_path: Path, hashed: _Hashed
+) -> None:
+    src, _ = _big(tmp_path, "proved.bin")
+    with gpg_server.client(log_proof=True) as client:
+        assert client.sign(_small(tmp_path), ["gpg"]).ok
+        before = hashed.bytes
+        out = client.sign(src, ["gpg"])
+    assert out.ok, out.error
+    assert hashed.bytes - before >= SIZE  # the proof is checked against its own hash
+
+
+class _OlderRelease:
+    """A TLS proxy in front of a real server that, once ``older`` is set, behaves as a server
+    of an earlier release: it drops ``X-Sealbox-Hash-Upload`` from requests and
+    ``X-Sealbox-Input-SHA1`` from answers (as if replicas of two releases shared an address)."""
+
+    def __init__(self, target: ServerProcess) -> None:
+        self.target = target
+        self.older = False
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def server(self) -> Server:
+        return Server("127.0.0.1", self.port)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        tls = self.target.deployment.root / "tls"
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
+        upstream = ssl.create_default_context(cafile=str(self.target.deployment.ca))
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+
+        async def forward(request: web.Request) -> web.Response:
+            skip = ("host", "content-length")
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+            if self.older:
+                headers.pop("X-Sealbox-Hash-Upload", None)
+            async with aiohttp.ClientSession() as s, s.request(
+                request.method, f"{self.target.server.url}{request.path_qs}", data=await request.read(),
+                headers=headers, ssl=upstream,
+            ) as r:  # fmt: skip
+                body = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower().startswith("x-")}
+            if self.older:
+                out.pop("X-Sealbox-Input-SHA1", None)
+            return web.Response(status=r.status, body=body, headers=out)
+
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> _OlderRelease:
+        self.thread.start()
+        assert self.ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture
+def older(gpg_server: ServerProcess) -> Iterator[_OlderRelease]:
+    with _OlderRelease(gpg_server) as proxy:
+        yield proxy
+
+
+def test_a_server_that_stops_naming_uploads_gets_the_sha1_field_again(
+    gpg_server: ServerProcess, older: _OlderRelease, tmp_path: Path, hashed: _Hashed
+) -> None:
+    src, _ = _big(tmp_path, "older.bin")
+    client = SigningClient([older.server], gpg_server.deployment.ca, gpg_server.token())
+    with client:
+        assert client.sign(_small(tmp_path), ["gpg"]).ok  # learnt: this address names uploads
+        older.older = True
+        before_log, before = len(gpg_server.log_lines()), hashed.bytes
+        out = client.sign(src, ["gpg"])
+        assert out.ok, out.error
+        assert hashed.bytes - before >= SIZE  # the second upload was hashed as it went
+        asked = _signing_requests(gpg_server, before_log, 2)
+        assert asked == [("POST", "/sign/gpg", 400), ("POST", "/sign/gpg", 200)], asked
+        # from then on it is sent hashed, at once
+        again, _ = _big(tmp_path, "older2.bin")
+        before_log = len(gpg_server.log_lines())
+        assert client.sign(again, ["gpg"]).ok
+        assert _signing_requests(gpg_server, before_log, 1) == [("POST", "/sign/gpg", 200)]
+    res = gpg_verify(src.with_name("older.bin.asc"), src, gpg_server.deployment.public / "gpg.asc")
+    assert res.returncode == 0 and b"VALIDSIG" in res.stdout

@@ -51,7 +51,7 @@ import aiohttp
 import multipart
 import yarl
 
-from ..hashing import CHUNK, hash_file
+from ..hashing import CHUNK, hash_file, is_sha1_hex
 from ..wire import SMALL_FILE
 from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from ._hosts import Server
@@ -75,6 +75,11 @@ _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its hos
 #: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
 WAIT_HEADER = "X-Sealbox-Wait"
 UPLOAD_WAIT = 30.0
+#: A sealbox server names every upload it read whole (``X-Sealbox-Input-SHA1``); to such a
+#: server a big file goes up unhashed, with ``X-Sealbox-Hash-Upload: 1`` and no ``sha1`` field:
+#: no pass over it here beyond TLS. A classic server is sent the ``sha1`` field as always.
+HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
+INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
 #: a big file is read (and hashed) this much at a time as it is sent, once under way; the first
 #: read is :data:`FIRST_CHUNK`, each next one twice the last: the server starts receiving (and
 #: hashing) after a short read instead of a whole chunk's
@@ -179,6 +184,7 @@ class _Health:
     reason: str = ""
     alive_at: float = 0.0  # when the host last answered anything
     probe: asyncio.Task[bool] | None = None
+    names_uploads: bool = False  # its last upload answer named the upload: it hashes them
 
 
 @dataclass
@@ -212,25 +218,28 @@ class _File:
 
 class _StreamedForm:
     """A big file's multipart/form-data body, read from disk as it is sent. When its SHA-1 is
-    not known yet it is taken on the way (the one pass over the file) and the ``sha1`` field
-    follows ``filedata``: sealbox servers take it there, classic ones read the whole form first.
-    Iterate it once per upload; :attr:`sha1` is set once the file has gone."""
+    not known yet, either the server names it (``unhashed``: no ``sha1`` field at all, the
+    server hashes what it receives) or it is taken on the way (the one pass over the file) and
+    the ``sha1`` field follows ``filedata``: sealbox servers take it there, classic ones read
+    the whole form first. Iterate it once per upload; :attr:`sha1` is set once the file has
+    gone ("" when unhashed)."""
 
-    def __init__(self, fields: dict[str, str], job: _File) -> None:
+    def __init__(self, fields: dict[str, str], job: _File, unhashed: bool) -> None:
         self.job = job
         self.boundary = secrets.token_hex(16)
         self.sha1 = job.digest
+        self.late = not job.digest and not unhashed
         first = {name: value for name, value in fields.items() if name != "sha1" or job.digest}
         self.head = _form_head(self.boundary, first, job.source.name)
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         self.length = len(self.head) + job.size + len(self._tail("0" * 40))
 
     def _tail(self, sha1: str) -> bytes:
-        late = "" if self.job.digest else _field(self.boundary, "sha1", sha1)
+        late = _field(self.boundary, "sha1", sha1) if self.late else ""
         return f"\r\n{late}--{self.boundary}--\r\n".encode()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        hasher = None if self.job.digest else hashlib.sha1(usedforsecurity=False)
+        hasher = hashlib.sha1(usedforsecurity=False) if self.late else None
 
         def read(f: BinaryIO, n: int) -> bytes:
             chunk = f.read(n)
@@ -677,16 +686,31 @@ class AsyncSigningClient:
             tmp.unlink(missing_ok=True)
 
     async def _upload(self, server: Server, job: _File, deadline: _Deadline) -> str:
-        """Upload; "done" if the server answered with the result (small files ask it to
-        wait for the job: a round trip less), "failed:<reason>" or "pending"."""
+        """Upload; "done" if the server answered with the result (uploads ask it to wait for
+        the job: a round trip less), "failed:<reason>" or "pending"."""
         if self.token is None:
             raise _Refused("no token: pass -t/--token-file", TokenRefused)
+        h = self._health_of(server)
+        # The server may hash a big file for us unless the signing log proof is to be checked
+        # against our own hash of the input.
+        if job.data is None and not job.digest and h.names_uploads and not self.log_proof:
+            state = await self._send(server, job, deadline, h, unhashed=True)
+            if state != "unnamed":
+                return state
+            # it stopped naming uploads (a replica of an older release behind the same
+            # address?): the same upload again, hashed as it goes
+        return await self._send(server, job, deadline, h, unhashed=False)
+
+    async def _send(self, server: Server, job: _File, deadline: _Deadline, h: _Health, unhashed: bool) -> str:
+        """One upload (:meth:`_upload`); "unnamed" if it went ``unhashed`` and the answer did
+        not name it."""
         source, data, size, dest = job.source, job.data, job.size, job.dest
         nonce = ""
         if self.nonce_file is not None:
             with contextlib.suppress(OSError):
                 nonce = self.nonce_file.read_text()
-        fields = {"sha1": job.digest, "filename": source.name, "token": self.token, "nonce": nonce}
+        token = self.token or ""  # checked by _upload
+        fields = {"sha1": job.digest, "filename": source.name, "token": token, "nonce": nonce}
         body: Any
         streamed: _StreamedForm | None = None
         if data is not None:
@@ -695,16 +719,24 @@ class AsyncSigningClient:
             content_type, body = _small_form(fields, source.name, data)
             headers = {"Content-Type": content_type}
         else:  # a big file is streamed from disk
-            body = streamed = _StreamedForm(fields, job)
+            body = streamed = _StreamedForm(fields, job, unhashed)
             headers = {"Content-Type": streamed.content_type, "Content-Length": str(streamed.length)}
+            if unhashed:
+                headers[HASH_UPLOAD_HEADER] = "1"
         headers[WAIT_HEADER] = str(int(UPLOAD_WAIT))
         # Sending takes time proportional to the size; allow ~20 MB/s at worst.
         read = max(60.0, size / 20e6) + UPLOAD_WAIT
         async with self._http().post(
             self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
         ) as r:
+            named = r.headers.get(INPUT_SHA1_HEADER, "")
+            h.names_uploads = is_sha1_hex(named)
+            if unhashed and not h.names_uploads:
+                await r.read()
+                return "unnamed"
             if streamed is not None:
-                job.digest = streamed.sha1  # the file went whole: its digest names it from now on
+                # the file went whole: its digest names it from now on
+                job.digest = named if unhashed else streamed.sha1
             if self.nonce_file is not None and "X-Nonce" in r.headers:
                 with contextlib.suppress(OSError):
                     self.nonce_file.write_text(r.headers["X-Nonce"])

@@ -249,6 +249,13 @@ async def _send_result(
 # -- POST /sign/<fmt> -----------------------------------------------------------------------------
 FIELDS = ("sha1", "filename", "token", "nonce")
 WAIT_HEADER = "X-Sealbox-Wait"
+#: sealbox extension: an upload with this header ("1") and no ``sha1`` field is named by the
+#: SHA-1 of the ``filedata`` received (a client that did not hash what it sent)
+HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
+#: on every answer to an upload whose ``filedata`` was read whole: its SHA-1 as received
+INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
+#: the SHA-1 of an upload's ``filedata``, once read whole (for :data:`INPUT_SHA1_HEADER`)
+INPUT_SHA1 = web.RequestKey("input_sha1", str)
 MAX_FIELD = 4096
 
 
@@ -463,6 +470,8 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             )
             response.force_close()
             return response
+        if data.sha1:
+            request[INPUT_SHA1] = data.sha1
         if refused is not None:
             return refused
         if data.known:
@@ -478,6 +487,8 @@ async def _submit(
     """The form is read: check what is left to check, queue the job, answer."""
     cfg, jobs, storage = request.app[CONFIG], request.app[JOBS], request.app[STORAGE]
     if not data.seen or data.late:
+        if data.seen and "sha1" not in fields and request.headers.get(HASH_UPLOAD_HEADER) == "1":
+            fields["sha1"] = data.sha1  # the client did not hash it: named by what arrived
         bad = _check_fields(request, fields, fmt, known)
         if bad is not None or not data.seen:
             return bad or refuse(400, "File too small: no filedata", NONCE, "malformed")
@@ -632,6 +643,14 @@ async def bad_request(request: web.Request) -> web.Response:
     return refuse(400, "Bad Request")
 
 
+async def _name_the_upload(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to an upload read whole names it (:data:`INPUT_SHA1_HEADER`): a client
+    that let the server hash it polls by that name."""
+    sha1 = request.get(INPUT_SHA1)
+    if sha1 is not None:
+        response.headers[INPUT_SHA1_HEADER] = sha1
+
+
 def build_app(
     cfg: ServerConfig,
     jobs: JobManager,
@@ -648,6 +667,7 @@ def build_app(
     app[HEALTH] = health
     app[METRICS] = metrics
     app[VERSION] = version_info()
+    app.on_response_prepare.append(_name_the_upload)
     app.router.add_post("/token", mint_token)
     app.router.add_post(r"/token/{rest:.*}", mint_token)
     app.router.add_get("/sign/{fmt}/{sha1}", get_result)
