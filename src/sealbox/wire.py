@@ -27,6 +27,7 @@ __all__ = [
     "Format",
     "Packaging",
     "for_task",
+    "https_url",
     "lookup",
     "of_family",
 ]
@@ -133,6 +134,11 @@ def of_family(family: Family) -> tuple[Format, ...]:
 def for_task(task: Packaging) -> frozenset[str]:
     """Every name, aliases included, that gets this packaging in the task runner."""
     return frozenset(f.name for f in TABLE if f.task == task)
+
+
+def https_url(host: str, port: int) -> str:
+    """A server's base URL; an IPv6 address goes in brackets (``https://[::1]:9110``)."""
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 #: Files up to this size are small, on both sides of the wire: the client reads one whole,

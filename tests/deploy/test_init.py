@@ -38,7 +38,7 @@ def test_init_dev_layout_and_refusal(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((d / "tls" / "server.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     public = {p.name for p in (d / "public").iterdir()}
     for name in (
         "gpg.asc",

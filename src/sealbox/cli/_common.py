@@ -19,7 +19,12 @@ def server_options(command: F) -> F:
     for option in reversed(
         (
             click.option(
-                "-H", "--host", "hosts", multiple=True, required=True, help="[fmt:...]host:port, repeatable."
+                "-H",
+                "--host",
+                "hosts",
+                multiple=True,
+                required=True,
+                help="[fmt:...]host:port (IPv6: [addr]:port), repeatable.",
             ),
             click.option(
                 "-c",

@@ -96,18 +96,20 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log: Path
     extra: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def server(self) -> Server:
-        return Server("127.0.0.1", self.port)
+        return Server(self.host, self.port)
 
     @property
     def hostspec(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def token(self, ip: str = "127.0.0.1", duration: int = 600) -> str:
+    def token(self, ip: str | None = None, duration: int = 600) -> str:
+        """A token bound to ``ip`` (default: the address the server is reached at)."""
         user, password = self.deployment.auth
-        return request_token(self.server, self.deployment.ca, user, password, ip, duration)
+        return request_token(self.server, self.deployment.ca, user, password, ip or self.host, duration)
 
     def client(self, **kw: Any) -> SigningClient:
         return SigningClient([self.server], self.deployment.ca, self.token(), **kw)
@@ -151,9 +153,11 @@ def start_server(
     extra: Sequence[str] = (),
     wait: bool = True,
     passphrase_file: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> ServerProcess:
-    """Run ``sealbox serve``; with ``wait``, return once it listens. Without a ``port`` it binds
-    port 0 and reports the port it got in its "listening" log line."""
+    """Run ``sealbox serve`` on ``host`` (an IPv6 address without brackets); with ``wait``,
+    return once it listens. Without a ``port`` it binds port 0 and reports the port it got in
+    its "listening" log line."""
     port = port or 0
     log = deployment.root / f"server-{port or 'any'}-{time.monotonic_ns()}.log"
     args = [
@@ -162,14 +166,14 @@ def start_server(
         "--config",
         str(deployment.config),
         "--listen",
-        f"127.0.0.1:{port}",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "--passphrase-file",
         str(passphrase_file or deployment.root / "passphrases"),
         *extra,
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    sp = ServerProcess(deployment, port, proc, log, list(extra))
+    sp = ServerProcess(deployment, port, proc, log, list(extra), host)
     if wait:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -173,5 +173,5 @@ def self_signed(key: SigningKey, cn: str, *, years: int = 25) -> x509.Certificat
     return cert
 
 
-def tls_server(ca: Issued, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Issued:
+def tls_server(ca: Issued, hosts: Sequence[str] = ("127.0.0.1", "localhost", "::1")) -> Issued:
     return issue(ca, hosts[0], ekus=(ExtendedKeyUsageOID.SERVER_AUTH,), san=hosts, server=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..wire import https_url
 from .config import Network
 from .tokens import normalize_ip
 
@@ -311,7 +312,7 @@ class ProxySite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"https://{self._host}:{self._port}"
+        return https_url(self._host, self._port)
 
     async def start(self) -> None:
         await super().start()

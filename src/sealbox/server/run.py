@@ -27,6 +27,7 @@ from ..formats import signer_class
 from ..formats.base import Signer
 from ..keys import DEFAULT_PADDING, PassphraseSource, SigningKey, load_key
 from ..signlog import Recorder, SignLog
+from ..wire import https_url
 from .app import AccessLog, build_app
 from .app import log as http_log
 from .config import ServerConfig, parse_listen
@@ -303,7 +304,7 @@ async def serve(
         extra={
             "fields": {
                 "event": "listening",
-                "url": f"https://{host}:{port}",
+                "url": https_url(host, port),
                 "port": port,
                 "cert_level": cfg.server.level,
                 "formats": sorted(signers),
