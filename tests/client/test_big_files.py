@@ -233,7 +233,8 @@ def test_checking_the_log_proof_the_client_hashes_the_input_itself(
 class _OlderRelease:
     """A TLS proxy in front of a real server that, once ``older`` is set, behaves as a server
     of an earlier release: it drops ``X-Sealbox-Hash-Upload`` from requests and
-    ``X-Sealbox-Input-SHA1`` from answers (as if replicas of two releases shared an address)."""
+    ``X-Sealbox-Input-SHA1`` and ``X-Sealbox-Refusal`` from answers (as if replicas of two
+    releases shared an address)."""
 
     def __init__(self, target: ServerProcess) -> None:
         self.target = target
@@ -268,6 +269,7 @@ class _OlderRelease:
                 out = {k: v for k, v in r.headers.items() if k.lower().startswith("x-")}
             if self.older:
                 out.pop("X-Sealbox-Input-SHA1", None)
+                out.pop("X-Sealbox-Refusal", None)
             return web.Response(status=r.status, body=body, headers=out)
 
         app.router.add_route("*", "/{tail:.*}", forward)
@@ -315,3 +317,16 @@ def test_a_server_that_stops_naming_uploads_gets_the_sha1_field_again(
         assert _signing_requests(gpg_server, before_log, 1) == [("POST", "/sign/gpg", 200)]
     res = gpg_verify(src.with_name("older.bin.asc"), src, gpg_server.deployment.public / "gpg.asc")
     assert res.returncode == 0 and b"VALIDSIG" in res.stdout
+
+
+def test_a_refusal_of_an_unhashed_upload_is_not_sent_again(
+    gpg_server: ServerProcess, tmp_path: Path, hashed: _Hashed
+) -> None:
+    src, _ = _big(tmp_path, "-refused.bin")  # a name allowed_filenames refuses
+    with gpg_server.client() as client:
+        assert client.sign(_small(tmp_path), ["gpg"]).ok
+        before_log = len(gpg_server.log_lines())
+        out = client.sign(src, ["gpg"])
+    assert not out.ok and "Unacceptable filename" in str(out.error)
+    assert _signing_requests(gpg_server, before_log, 1) == [("POST", "/sign/gpg", 403)]
+    assert hashed.bytes < SIZE  # it went once, unhashed

@@ -79,3 +79,21 @@ def test_token_the_server_rejects_is_token_refused(
     with SigningClient([gpg_server.server], gpg_server.deployment.ca, None) as c:
         [outcome] = c.sign_many([(data, ["gpg"], None)])
     assert isinstance(outcome.exception, TokenRefused) and "no token" in str(outcome.exception)
+
+
+@pytest.mark.parametrize(
+    "headers, kind",
+    [
+        ({"X-Sealbox-Refusal": "token_expired", "X-Sealbox-Error": "anything"}, TokenRefused),
+        # the kind, not the text, decides: a reason that merely starts like a token's
+        ({"X-Sealbox-Refusal": "filename", "X-Sealbox-Error": "Invalid token-like name"}, SigningRefused),
+        # a server of an earlier release says it only in its reason
+        ({"X-Sealbox-Error": "Invalid token: expired"}, TokenRefused),
+        ({"X-Sealbox-Error": "Hash mismatch"}, SigningRefused),
+        ({}, SigningRefused),  # a classic server's bare 400
+    ],
+)
+def test_the_kind_of_a_refusal(headers: dict[str, str], kind: type[Exception]) -> None:
+    from sealbox.client._aio import _refusal_kind
+
+    assert _refusal_kind(headers) is kind

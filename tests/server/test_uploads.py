@@ -83,7 +83,23 @@ def test_bad_uploads(gpg_server: ServerProcess, tmp_path: Path, case: str, statu
     r = post(gpg_server, **kw)
     assert r.status_code == status, r.text
     assert reason in r.headers.get("X-Sealbox-Error", "")
+    # the kind of refusal, for clients to tell a token from an input without reading the text
+    assert r.headers["X-Sealbox-Refusal"] == KINDS[case]
     assert still_serving(gpg_server, tmp_path)
+
+
+KINDS = {
+    "missing token": "token_missing",
+    "missing sha1": "malformed",
+    "missing filename": "malformed",
+    "missing filedata": "malformed",
+    "hash mismatch": "hash_mismatch",
+    "too small": "size",
+    "bad sha1": "malformed",
+    "rejected filename": "filename",
+    "path in filename": "filename",
+    "unknown format": "format",
+}
 
 
 def test_too_large_is_refused_before_reading(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ import secrets
 import shutil
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -80,6 +80,8 @@ UPLOAD_WAIT = 30.0
 #: no pass over it here beyond TLS. A classic server is sent the ``sha1`` field as always.
 HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
 INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
+#: what kind of refusal a 4xx is (sealbox servers): ``token_...`` for the token, else the input
+REFUSAL_HEADER = "X-Sealbox-Refusal"
 #: a big file is read (and hashed) this much at a time as it is sent, once under way; the first
 #: read is :data:`FIRST_CHUNK`, each next one twice the last: the server starts receiving (and
 #: hashing) after a short read instead of a whole chunk's
@@ -656,7 +658,7 @@ class AsyncSigningClient:
             if r.status >= 500:
                 raise _Retry(f"server error {r.status}")
             if r.status != 404:
-                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
+                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(r.headers))
             return "unknown"
 
     async def _receive(self, r: aiohttp.ClientResponse, dest: Path, expected: str) -> None:
@@ -730,10 +732,13 @@ class AsyncSigningClient:
             self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
         ) as r:
             named = r.headers.get(INPUT_SHA1_HEADER, "")
-            h.names_uploads = is_sha1_hex(named)
-            if unhashed and not h.names_uploads:
-                await r.read()
-                return "unnamed"
+            if is_sha1_hex(named):
+                h.names_uploads = True
+            elif REFUSAL_HEADER not in r.headers:  # not a refusal before the file was read: it
+                h.names_uploads = False  # read it, or would have, and named nothing
+                if unhashed:
+                    await r.read()
+                    return "unnamed"
             if streamed is not None:
                 # the file went whole: its digest names it from now on
                 job.digest = named if unhashed else streamed.sha1
@@ -750,7 +755,7 @@ class AsyncSigningClient:
             if r.status >= 500:
                 raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
             if r.status >= 400:
-                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(reason))
+                raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(r.headers))
             return "pending"
 
     def _upload_url(self, server: Server, wire: str) -> yarl.URL:
@@ -897,10 +902,14 @@ class _Refused(Exception):
         self.kind = kind
 
 
-def _refusal_kind(reason: str | None) -> type[ClientError]:
+def _refusal_kind(headers: Mapping[str, str]) -> type[ClientError]:
     """The kind of a 4xx answer: the classic protocol refuses a bad token with a 400 like a
-    bad input, so only the reason (sealbox's ``X-Sealbox-Error``) tells the two apart."""
-    if reason is not None and reason.startswith(("Invalid token", "Missing token")):
+    bad input. A sealbox server says which (``X-Sealbox-Refusal``: ``token_...``); a server
+    of an earlier release only in its reason (``X-Sealbox-Error``)."""
+    kind = headers.get(REFUSAL_HEADER)
+    if kind is not None:
+        return TokenRefused if kind.startswith("token_") else SigningRefused
+    if headers.get("X-Sealbox-Error", "").startswith(("Invalid token", "Missing token")):
         return TokenRefused
     return SigningRefused
 
