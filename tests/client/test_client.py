@@ -179,3 +179,22 @@ def test_small_form_round_trips_through_the_servers_parser() -> None:
                 parts[current] += bytes(event)
     assert {k: v.decode() for k, v in parts.items() if k != "filedata"} == fields
     assert parts["filedata"] == data and names["filedata"] == 'se"tup ü.exe'
+
+
+def test_image_signing_code_is_imported_when_first_asked_for() -> None:
+    """`sealbox sign` starts cold on every call: the client library leaves what only image
+    signing needs until it is asked for, and it is still there under its public names."""
+    code = (
+        "import sys, sealbox.client as c\n"
+        "assert 'sealbox.client._images' not in sys.modules\n"
+        "from sealbox.client import RegistryError, sign_image\n"
+        "assert 'sealbox.client._images' in sys.modules and issubclass(RegistryError, c.ClientError)\n"
+        "try:\n"
+        "    c.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    res = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr

@@ -3,6 +3,7 @@ options that name the signing servers."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,15 @@ from typing import NoReturn, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., object])
+
+
+def trust_only(ca: Path) -> None:
+    """For a command that talks to signing servers alone, before it imports the client: this
+    process's default TLS trust is ``ca`` (the client verifies servers with ``ca`` only, in
+    contexts of its own). aiohttp builds a default context as it is imported, which would
+    otherwise parse the system's whole CA bundle: about 50 ms of every cold start."""
+    os.environ["SSL_CERT_FILE"] = str(ca)
+    os.environ["SSL_CERT_DIR"] = os.devnull  # no directory of certificates either
 
 
 def server_options(command: F) -> F:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..wire import KNOWN
-from ._common import fail, server_options
+from ._common import fail, server_options, trust_only
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -102,6 +102,7 @@ def sign(
     paths: tuple[str, ...],
 ) -> None:
     """Sign files through signing servers (signtool-compatible options)."""
+    trust_only(ca)
     from ..client import SigningClient, parse_host
     from ..errors import SealboxError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import SealboxError
-from ._common import fail
+from ._common import fail, trust_only
 
 
 @click.command()
@@ -25,6 +25,7 @@ def token(server: str, ca: Path, auth_file: Path, ip: str, duration: int, output
     """Mint an upload token (POST /token); written without a trailing newline."""
     import os
 
+    trust_only(ca)
     from ..client import parse_host, request_token
 
     try:

@@ -30,13 +30,29 @@ message (``error``) and the exception (``exception``), e.g.
 ``isinstance(outcome.exception, ServerUnavailable)``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._aio import AsyncSigningClient, SignOutcome, describe_error
 from ._core import SigningClient, request_token
 from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from ._hosts import Server, parse_host
-from ._images import ImageRef, ImageSignature, RegistryError, sign_image, sign_image_async
 from ._logproof import LogProof, load_log_key
 from ._plan import detached_suffix, order_formats, wire_name
+
+if TYPE_CHECKING:
+    from ._images import ImageRef, ImageSignature, RegistryError, sign_image, sign_image_async
+
+#: imported when first asked for: ``sealbox sign`` (a cold start per call) never needs them
+_IMAGES = frozenset({"ImageRef", "ImageSignature", "RegistryError", "sign_image", "sign_image_async"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _IMAGES:
+        from . import _images
+
+        return getattr(_images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncSigningClient",
