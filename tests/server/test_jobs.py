@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -22,7 +23,7 @@ from sealbox.keys import PassphraseSource
 from sealbox.samples.mar import write_mar
 from sealbox.samples.pe import write_pe
 from sealbox.server.config import load_config
-from sealbox.server.jobs import JobManager
+from sealbox.server.jobs import TRANSIENT_ATTEMPTS, JobManager
 from sealbox.server.run import Signers, load_signers
 from sealbox.server.storage import GONE, Blob, Input, Result, Storage
 from sealbox.server.workers import WorkerPool
@@ -274,12 +275,12 @@ def test_a_corrupt_stored_file_is_dropped_not_signed(
 
 
 class _Published(JobManager):
-    """Notes every result :meth:`_publish` puts in the store."""
+    """Notes every result :meth:`_store` puts in the store."""
 
     published: list[tuple[str, str, str]] = []
 
-    async def _publish(self, job: Any, item: Input, output: Blob) -> Result:
-        found = await super()._publish(job, item, output)
+    def _store(self, job: Any, item: Input, output: Blob, digest: str | None) -> Result:
+        found = super()._store(job, item, output, digest)
         self.published.append((job.fmt, item.sha1, found.digest))
         return found
 
@@ -321,7 +322,49 @@ def test_where_a_job_runs_is_decided_in_one_place(
         where: list[str] = []
         for fmt, item, pool, _ in cases:
             jobs.workers = pool
-            where.append(jobs._executor_for(fmt, item)[0])
+            where.append(jobs._runs_in(fmt, item))
         return where
 
     assert _with_jobs(storage, signers, body) == [want for *_, want in cases]
+
+
+class _Held:
+    """A real signer whose ``sign`` waits for ``release`` first (then counts itself done)."""
+
+    def __init__(self, inner: Any, release: threading.Event, done: threading.Semaphore) -> None:
+        self._inner, self._release, self._done = inner, release, done
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def sign(self, request: Any) -> None:
+        assert self._release.wait(CAP)
+        try:
+            self._inner.sign(request)
+        finally:
+            self._done.release()
+
+
+def test_a_thread_job_that_times_out_publishes_nothing(storage: Storage, signers: Signers) -> None:
+    """Signing and publishing share one job thread: a signer that finishes after its job
+    timed out must not publish, and its output goes (the log would name no request for it)."""
+    release, done = threading.Event(), threading.Semaphore(0)
+    held = cast(Signers, {**signers, "gpg": _Held(signers["gpg"], release, done)})
+    data = os.urandom(SMALL_FILE + 1)  # a file: a thread job
+    sha1 = _sha1(data)
+
+    async def main() -> JobManager:
+        jobs = JobManager(storage, held, concurrency=1, timeout=0.2)
+        jobs.submit("gpg", sha1, _spooled(storage, data))
+        assert await jobs.wait("gpg", sha1, CAP)  # every attempt timed out, the signer still held
+        return jobs
+
+    jobs = asyncio.run(main())
+    failure = storage.failure("gpg", sha1, CAP)
+    assert failure is not None and "timed out" in failure.reason
+    release.set()
+    for _ in range(TRANSIENT_ATTEMPTS):  # each attempt's signer finishes now
+        assert done.acquire(timeout=CAP)
+    jobs._pool.shutdown(wait=True)  # and its thread has returned
+    assert storage.result("gpg", sha1) is None
+    assert not [p.name for p in storage.tmp.iterdir()], "an abandoned job's output was left behind"

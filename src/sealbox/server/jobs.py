@@ -1,10 +1,11 @@
 """Signing jobs: keyed by (format, input sha1), run in a bounded pool with a timeout.
 
 An attempt reads as: get the input (the upload, or what the store holds), choose where it
-runs (:meth:`JobManager._executor_for`, the one place: a signing worker process for a small
+runs (:meth:`JobManager._attempt`, the one place: a signing worker process for a small
 input of an in-process format, a thread for everything else), sign, put the output in the
-store (:meth:`JobManager._publish`, the one place a result is published); the job then
-remembers the outcome. Signing never runs on the event loop.
+store (:meth:`JobManager._store`, the one place a result is published; a thread job signs
+and publishes in the same thread); the job then remembers the outcome. Signing never runs on
+the event loop.
 
 Each format gets at most ``concurrency`` jobs at once, so a slow format cannot starve the
 others. A job that fails because of its input is remembered as permanent; other failures are
@@ -18,8 +19,9 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,35 +209,43 @@ class JobManager:
         item = job.input = job.input or self.storage.get_input(job.sha1)
         if item is None:
             raise FormatRejected(GONE)
-        job.ran_in, sign = self._executor_for(job.fmt, item)
-        try:
-            output = await sign()
-        except WorkerLost:  # logged by the pool: this job signs in a thread instead
-            job.ran_in = "thread"
-            output = await self._sign_in_thread(job.fmt, item)
-        return await self._publish(job, item, output)
+        job.ran_in = self._runs_in(job.fmt, item)
+        if job.ran_in == "worker" and self.workers is not None and item.body is not None:
+            try:
+                output = Blob.of(await self.workers.run(Order(job.fmt, item.filename, item.body)))
+            except WorkerLost:  # logged by the pool: this job signs in a thread instead
+                job.ran_in = "thread"
+            else:
+                return await self._publish(job, item, output)
+        return await self._in_thread(job, item)
 
-    def _executor_for(self, fmt: str, item: Input) -> tuple[Executor, Callable[[], Awaitable[Blob]]]:
+    def _runs_in(self, fmt: str, item: Input) -> Executor:
         """Where a job runs, decided here alone: a signing worker process for an in-process
         format's small input held in memory (it shares no GIL with the event loop, and
         touches no disk), a thread for everything else and once no worker is left."""
         workers, data = self.workers, item.body
         if workers is not None and data is not None and item.size <= SMALL_FILE and workers.takes(fmt):
-            return "worker", lambda: self._sign_in_worker(workers, Order(fmt, item.filename, data))
-        return "thread", lambda: self._sign_in_thread(fmt, item)
+            return "worker"
+        return "thread"
 
-    @staticmethod
-    async def _sign_in_worker(workers: WorkerPool, order: Order) -> Blob:
-        return Blob.of(await workers.run(order))
-
-    async def _sign_in_thread(self, fmt: str, item: Input) -> Blob:
-        future = self._pool.submit(self._sign_files, fmt, item)
+    async def _in_thread(self, job: _Job, item: Input) -> Result:
+        """Sign and publish in one job thread (one hand-off each way, not two)."""
+        abandoned = threading.Event()
+        future = self._pool.submit(self._sign_and_publish, job, item, abandoned)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            # Timed out: the signer cannot be stopped, and no one will publish its output.
-            future.add_done_callback(_discard_output)
+            # Timed out: the signer cannot be stopped. Its output is not published, unless
+            # publishing began already (the signing log records it first, as always).
+            abandoned.set()
             raise
+
+    def _sign_and_publish(self, job: _Job, item: Input, abandoned: threading.Event) -> Result:
+        output = self._sign_files(job.fmt, item)
+        if abandoned.is_set():
+            _discard(output)
+            raise SigningFailed("abandoned: the job timed out")
+        return self._publish_file(job, item, output)
 
     def _sign_files(self, fmt: str, item: Input) -> Blob:
         """Sign ``item`` with files in ``tmp/`` (in a job thread); the output, a file there."""
@@ -268,21 +278,16 @@ class JobManager:
                 )
 
     async def _publish(self, job: _Job, item: Input, output: Blob) -> Result:
-        """Put ``output``, ``item`` signed with ``job.fmt``, in the store: the one place a
-        result is published. The signing log, when on, records it first, durably (fail
-        closed: a log that cannot record fails the attempt as retryable, nothing is
-        published). A signing worker's bytes are published here, on the event loop (one
-        SQLite commit); a file in a job thread (:meth:`_publish_file`: a big output is read)."""
-        if output.body is None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._publish_file, job, item, output)
+        """Publish a signing worker's bytes, on the event loop (one SQLite commit), once the
+        signing log, when on, has recorded them durably (fail closed: a log that cannot record
+        fails the attempt as retryable, nothing is published)."""
         durable, digest = self._record(job, item, output)
         if durable is not None:
             await asyncio.wrap_future(durable)
-        return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt), digest)
+        return self._store(job, item, output, digest)
 
     def _publish_file(self, job: _Job, item: Input, output: Blob) -> Result:
-        """:meth:`_publish` of a file, in a job thread."""
+        """:meth:`_publish` of a file, in its job's thread (a big output is read)."""
         try:
             durable, digest = self._record(job, item, output)
             if durable is not None:
@@ -290,6 +295,11 @@ class JobManager:
         except BaseException:
             _discard(output)
             raise
+        return self._store(job, item, output, digest)
+
+    def _store(self, job: _Job, item: Input, output: Blob, digest: str | None) -> Result:
+        """Put ``output``, ``item`` signed with ``job.fmt``, in the store: the one place a
+        result is published, after its signing log entry is durable."""
         return self.storage.put_result(job.fmt, item, output, self._also_input(job.fmt), digest)
 
     def _also_input(self, fmt: str) -> bool:
@@ -340,12 +350,6 @@ class JobManager:
     def log_index(self, fmt: str, sha1: str) -> int | None:
         """The signing log's index of the result of (fmt, sha1), if the log knows it."""
         return self.recorder.log.lookup(fmt, sha1) if self.recorder is not None else None
-
-
-def _discard_output(future: concurrent.futures.Future[Blob]) -> None:
-    """Done-callback of an abandoned thread job: remove the output no one will publish."""
-    if not future.cancelled() and future.exception() is None:
-        _discard(future.result())
 
 
 def _discard(output: Blob) -> None:

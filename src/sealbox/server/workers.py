@@ -9,7 +9,7 @@ thread starts, so each holds the same signers and no passphrase is passed on. A 
 takes one order at a time: it signs the upload in a private scratch folder (in
 ``/dev/shm`` when there is one: nothing touches the disk) and answers with the output's
 bytes; the job stores both (:meth:`.storage.Storage.put_result`). Which jobs come here is
-decided in one place, :meth:`.jobs.JobManager._executor_for`. A worker that dies is not
+decided in one place, :meth:`.jobs.JobManager._runs_in`. A worker that dies is not
 replaced (forking from a threaded server is unsafe); its orders then run in threads like
 every other job.
 """
