@@ -8,12 +8,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,98 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sealbox.client import ImageRef, RegistryError, sign_image
 from sealbox.errors import VerificationFailed
 from sealbox.formats.sigstore import SigstoreSigner
-from sealbox.samples.sigstore import write_oci_layout, write_payload
+from sealbox.samples.sigstore import write_payload
 from sealbox.simplesigning import PAYLOAD_MEDIA_TYPE, SIGNATURE_ANNOTATION, build, parse
-from tests.servers import BIN, Deployment, ServerProcess, env_without_proxy, free_port, start_server
+from tests.formats._registry import Registry, run_registry, skopeo
+from tests.servers import BIN, Deployment, ServerProcess, env_without_proxy, start_server
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _registry_binary() -> str:
-    listed = subprocess.run(["dpkg", "-L", "docker-registry"], capture_output=True, text=True, check=False)
-    for line in listed.stdout.splitlines():
-        if line.endswith("/bin/docker-registry"):
-            return line
-    found = shutil.which("docker-registry")
-    if found is None:
-        pytest.fail("docker-registry is not installed (scripts/bootstrap.sh installs it)")
-    return found
-
-
-@dataclass
-class Registry:
-    port: int
-    dir: Path
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def push(self, repo: str, content: bytes) -> str:
-        """Push a tiny image built here as ``repo:1``; its manifest digest."""
-        work = self.dir / f"img-{time.monotonic_ns()}"
-        work.mkdir()
-        layout = write_oci_layout(work, "1", content)
-        dest = f"docker://{self.host}/{repo}:1"
-        _skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:1", dest, cwd=work, policy=None)
-        index = json.loads((layout / "index.json").read_text())
-        return str(index["manifests"][0]["digest"])
-
-    def url(self, repo: str, what: str) -> str:
-        return f"http://{self.host}/v2/{repo}/{what}"
-
-
-def _skopeo(*args: str, cwd: Path, policy: Path | None) -> subprocess.CompletedProcess[str]:
-    argv = ["skopeo", "--policy", str(policy)] if policy else ["skopeo", "--insecure-policy"]
-    res = subprocess.run(
-        [*argv, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env_without_proxy(),
-        timeout=120,
-        check=False,
-    )
-    if policy is None and res.returncode != 0:
-        raise AssertionError(f"skopeo {args[0]} failed: {res.stderr}")
-    return res
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    root = tmp_path_factory.mktemp("registry")
-    port = free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {root / 'storage'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (root / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [_registry_binary(), "serve", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30  # a cap: poll /v2/ until the registry answers
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"docker-registry exited: {(root / 'registry.log').read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("docker-registry did not answer on /v2/ within 30 s")
-            time.sleep(0.05)
-        yield Registry(port, root)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with run_registry(tmp_path_factory.mktemp("registry")) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +62,7 @@ def skopeo_verify(registry: Registry, image: str, public_key: Path, tmp: Path) -
         f"docker:\n  {registry.host}:\n    use-sigstore-attachments: true\n"
     )
     dest = tmp / f"pulled-{time.monotonic_ns()}"
-    _skopeo(
+    skopeo(
         "copy", "--registries.d", str(regd), "--src-tls-verify=false", f"docker://{image}", f"dir:{dest}",
         cwd=tmp, policy=None,
     )  # fmt: skip

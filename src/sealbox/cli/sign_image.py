@@ -30,6 +30,14 @@ from ._common import fail, server_options
     help="CA bundle for the registry's TLS (default: the system's).",
 )
 @click.option(
+    "--registry-auth-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Registry logins, as `skopeo login`/`podman login`/`docker login` write them (default: "
+    "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, "
+    "~/.docker/config.json, the first that exists).",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
     default=600.0,
@@ -45,6 +53,7 @@ def sign_image(
     identity: str | None,
     insecure_registry: bool,
     registry_ca: Path | None,
+    registry_auth_file: Path | None,
     timeout: float,
     as_json: bool,
     images: tuple[str, ...],
@@ -52,7 +61,7 @@ def sign_image(
     """Sign IMAGES (REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...) by manifest digest and push
     each signature to the registry as a cosign attachment (verify with skopeo/podman and a
     sigstoreSigned policy; see docs/formats/container.md)."""
-    from ..client import ClientError, ImageRef, SigningClient, parse_host
+    from ..client import ClientError, ImageRef, RegistryAuth, SigningClient, parse_host
     from ..errors import SealboxError
 
     if identity is not None and len(images) != 1:
@@ -61,6 +70,8 @@ def sign_image(
         token = token_file.read_text().strip()
         servers = [parse_host(h) for h in hosts]
         refs = [ImageRef.parse(i) for i in images]
+        auth_file = registry_auth_file or RegistryAuth.default_file()
+        auth = RegistryAuth.load(auth_file) if auth_file is not None else None
     except OSError as e:
         fail(f"cannot read {e.filename or token_file}: {e.strerror}", 2)
     except SealboxError as e:
@@ -79,6 +90,7 @@ def sign_image(
                     identity=identity,
                     insecure_registry=insecure_registry,
                     registry_ca=registry_ca,
+                    registry_auth=auth,
                 )
             except ClientError as e:
                 results.append({"image": str(ref), "error": str(e)})

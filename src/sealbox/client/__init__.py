@@ -40,10 +40,12 @@ from ._logproof import LogProof, load_log_key
 from ._plan import detached_suffix, order_formats, wire_name
 
 if TYPE_CHECKING:
-    from ._images import ImageRef, ImageSignature, RegistryError, sign_image, sign_image_async
+    from ._images import ImageRef, ImageSignature, RegistryAuth, RegistryError, sign_image, sign_image_async
 
 #: imported when first asked for: ``sealbox sign`` (a cold start per call) never needs them
-_IMAGES = frozenset({"ImageRef", "ImageSignature", "RegistryError", "sign_image", "sign_image_async"})
+_IMAGES = frozenset(
+    {"ImageRef", "ImageSignature", "RegistryAuth", "RegistryError", "sign_image", "sign_image_async"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -60,6 +62,7 @@ __all__ = [
     "ImageRef",
     "ImageSignature",
     "LogProof",
+    "RegistryAuth",
     "RegistryError",
     "Server",
     "ServerUnavailable",

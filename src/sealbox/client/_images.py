@@ -4,17 +4,23 @@ and push the signature as a cosign attachment (``sha256-<hex>.sig``), as ``cosig
 ``skopeo copy --sign-by-sigstore-private-key`` store it. See docs/formats/container.md.
 
 Only the few OCI distribution API calls this needs: GET a manifest or a blob, a blob upload
-(POST then PUT), a manifest PUT. Registries that ask for credentials are not supported yet.
+(POST then PUT), a manifest PUT. A registry that asks for credentials (``401``) gets them as
+its challenge says: HTTP Basic, or a Bearer token from its token service (the distribution
+token protocol: Docker Hub, GHCR, GitLab, Harbor, Quay...), the login taken from a containers
+auth file (:class:`RegistryAuth`).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
+import os
 import re
 import ssl
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +45,7 @@ if TYPE_CHECKING:
     from ._aio import AsyncSigningClient
     from ._core import SigningClient
 
-__all__ = ["ImageRef", "ImageSignature", "RegistryError", "sign_image", "sign_image_async"]
+__all__ = ["ImageRef", "ImageSignature", "RegistryAuth", "RegistryError", "sign_image", "sign_image_async"]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -58,6 +64,107 @@ _REF = re.compile(r"(?P<name>[^@]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<dige
 
 class RegistryError(ClientError):
     """The registry refused a request, did not answer, or holds something unexpected."""
+
+
+class RegistryAuth:
+    """Registry logins from a containers auth file: podman's and skopeo's ``auth.json`` or
+    docker's ``config.json`` (``{"auths": {"registry.example": {"auth": base64("user:pass")}}}``;
+    a key may also name ``registry/namespace``, the longest match wins). Credential helpers
+    and identity tokens are not supported: a registry that has only those is named in the error.
+    Never shows a password (``repr`` names the registries only).
+
+    >>> auth = RegistryAuth.load(Path("~/.config/containers/auth.json").expanduser())
+    """
+
+    def __init__(self, logins: Mapping[str, tuple[str, str]], helpers: frozenset[str] = frozenset()) -> None:
+        self._logins = dict(logins)
+        self._helpers = helpers
+
+    def __repr__(self) -> str:
+        return f"RegistryAuth({sorted(self._logins)})"
+
+    @classmethod
+    def load(cls, path: Path) -> RegistryAuth:
+        """Read an auth file; :class:`ClientError` if it cannot be read or is malformed."""
+        try:
+            document = json.loads(path.read_bytes())
+        except OSError as e:
+            raise ClientError(f"registry auth file {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ClientError(f"registry auth file {path}: not JSON ({e})") from None
+        auths = document.get("auths", {}) if isinstance(document, dict) else None
+        if not isinstance(auths, dict):
+            raise ClientError(f"registry auth file {path}: 'auths' must be an object")
+        logins: dict[str, tuple[str, str]] = {}
+        for key, entry in auths.items():
+            where = _auth_key(str(key))
+            encoded = entry.get("auth") if isinstance(entry, dict) else None
+            if not encoded:
+                continue  # an identity token or an empty entry: nothing usable here
+            try:
+                user, sep, password = base64.b64decode(str(encoded), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                sep = ""
+            if not sep or not user:
+                raise ClientError(
+                    f"registry auth file {path}: the entry for {where} is not base64 of user:password"
+                )
+            logins[where] = (user, password)
+        helpers = document.get("credHelpers", {}) if isinstance(document, dict) else {}
+        named = frozenset(_auth_key(str(k)) for k in helpers) if isinstance(helpers, dict) else frozenset()
+        if isinstance(document, dict) and document.get("credsStore"):
+            named |= {"*"}
+        return cls(logins, named)
+
+    @staticmethod
+    def default_file() -> Path | None:
+        """Where skopeo and podman look, in their order: ``$REGISTRY_AUTH_FILE``,
+        ``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
+        ``~/.docker/config.json``; the first that exists (None: no file)."""
+        candidates = [os.environ.get("REGISTRY_AUTH_FILE", "")]
+        if os.environ.get("XDG_RUNTIME_DIR"):
+            candidates.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
+        candidates += ["~/.config/containers/auth.json", "~/.docker/config.json"]
+        for candidate in candidates:
+            if candidate and (path := Path(candidate).expanduser()).is_file():
+                return path
+        return None
+
+    def login(self, image: ImageRef) -> tuple[str, str] | None:
+        """The login for ``image``: the entry naming the longest prefix of registry/repository."""
+        parts = f"{image.registry}/{image.repository}".split("/")
+        for n in range(len(parts), 0, -1):
+            found = self._logins.get("/".join(parts[:n]))
+            if found is not None:
+                return found
+        return None
+
+    def missing(self, image: ImageRef) -> str:
+        """Why there is no login for ``image``, for an error message."""
+        if image.registry in self._helpers or "*" in self._helpers:
+            return (
+                f"the auth file names a credential helper for {image.registry}, which sign-image does not run"
+            )
+        return f"no login for {image.registry} in the registry auth file"
+
+
+def _auth_key(key: str) -> str:
+    """An ``auths`` key as ``registry[/namespace]``: docker writes URLs (``https://host/v1/``)."""
+    if "://" in key:
+        key = key.split("://", 1)[1].split("/", 1)[0]
+    return key.rstrip("/")
+
+
+def _basic(login: tuple[str, str]) -> str:
+    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``WWW-Authenticate``'s scheme (lower case) and parameters (``realm``, ``service``,
+    ``scope``...)."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
+    return scheme.lower(), params
 
 
 @dataclass(frozen=True)
@@ -122,38 +229,97 @@ def _sha256(data: bytes) -> str:
 
 
 class _Registry:
-    """The distribution API calls of one repository."""
+    """The distribution API calls of one repository, answering the registry's challenges."""
 
-    def __init__(self, session: aiohttp.ClientSession, image: ImageRef, insecure: bool) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, image: ImageRef, insecure: bool, auth: RegistryAuth | None
+    ) -> None:
         self._session = session
+        self._insecure = insecure
         self._base = yarl.URL(f"{'http' if insecure else 'https'}://{image.registry}/v2/{image.repository}")
         self._where = image.name
+        self._image = image
+        self._auth = auth
+        self._authorization: str | None = None  # sent with every request once a challenge is met
 
     async def _request(
         self, method: str, url: yarl.URL, ok: tuple[int, ...], **kw: Any
     ) -> tuple[int, bytes, Any]:
         """(status, body, headers); a status outside ``ok`` (and not 404 when 404 is in ``ok``)
-        raises RegistryError."""
+        raises RegistryError. A ``401`` is answered as its challenge asks, once per request."""
+        headers = dict(kw.pop("headers", {}))
+        for answered in (False, True):
+            if self._authorization is not None:
+                headers["Authorization"] = self._authorization
+            try:
+                async with self._session.request(method, url, headers=headers, **kw) as r:
+                    body = await r.content.read(MAX_DOCUMENT + 1)
+                    if len(body) > MAX_DOCUMENT:
+                        raise RegistryError(
+                            f"{self._where}: {method} {url.path}: answer larger than {MAX_DOCUMENT} bytes"
+                        )
+                    if r.status == 401 and not answered:
+                        await self._answer(r.headers.get("WWW-Authenticate", ""))
+                        continue
+                    if r.status not in ok:
+                        raise RegistryError(self._refusal(method, url, r.status, body, r.headers))
+                    return r.status, body, r.headers
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise RegistryError(f"{self._where}: {method} {url.path}: {describe_error(e)}") from None
+        raise AssertionError("unreachable")  # the second pass returns or raises
+
+    def _login(self) -> tuple[str, str] | None:
+        return self._auth.login(self._image) if self._auth is not None else None
+
+    async def _answer(self, header: str) -> None:
+        """Meet a ``401``'s challenge: Basic with the login, or a Bearer token from the realm
+        (with the login, or anonymous when there is none: public images pull that way)."""
+        scheme, params = _challenge(header)
+        login = self._login()
+        if scheme == "basic":
+            if login is None:
+                raise RegistryError(f"{self._where}: the registry asks for a login: {self._missing()}")
+            self._authorization = _basic(login)
+            return
+        if scheme != "bearer" or not params.get("realm"):
+            raise RegistryError(
+                f"{self._where}: the registry asks for credentials sign-image cannot give ({header[:100]!r})"
+            )
+        realm = yarl.URL(params["realm"])
+        if realm.scheme != "https" and not (self._insecure and realm.scheme == "http"):
+            raise RegistryError(
+                f"{self._where}: the registry's token service is not HTTPS: {realm.human_repr()[:100]}"
+            )
+        query = {k: v for k, v in params.items() if k in ("service", "scope")}
+        headers = {"Authorization": _basic(login)} if login is not None else {}
+        what = f"{self._where}: token service {realm.host}"
         try:
-            async with self._session.request(method, url, **kw) as r:
+            async with self._session.get(realm.update_query(query), headers=headers) as r:
                 body = await r.content.read(MAX_DOCUMENT + 1)
-                if len(body) > MAX_DOCUMENT:
-                    raise RegistryError(
-                        f"{self._where}: {method} {url.path}: answer larger than {MAX_DOCUMENT} bytes"
-                    )
-                if r.status not in ok:
-                    raise RegistryError(self._refusal(method, url, r.status, body, r.headers))
-                return r.status, body, r.headers
+                if r.status in (401, 403):
+                    why = "refused the login" if login is not None else f"wants a login: {self._missing()}"
+                    raise RegistryError(f"{what} {why} ({r.status})")
+                if r.status != 200:
+                    raise RegistryError(f"{what} answered {r.status}")
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise RegistryError(f"{self._where}: {method} {url.path}: {describe_error(e)}") from None
+            raise RegistryError(f"{what}: {describe_error(e)}") from None
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token or not token.isprintable():
+            raise RegistryError(f"{what} answered no token")
+        self._authorization = f"Bearer {token}"
+
+    def _missing(self) -> str:
+        if self._auth is None:
+            return "give a registry auth file (--registry-auth-file, or skopeo/podman/docker login)"
+        return self._auth.missing(self._image)
 
     def _refusal(self, method: str, url: yarl.URL, status: int, body: bytes, headers: Any) -> str:
-        if status == 401:
-            challenge = headers.get("WWW-Authenticate", "")[:200]
-            return (
-                f"{self._where}: the registry asks for credentials ({challenge}),"
-                " which sign-image does not send yet"
-            )
+        if status in (401, 403) and self._authorization is not None:
+            return f"{self._where}: {method} {url.path}: the registry refused the credentials ({status})"
         try:
             errors = json.loads(body)["errors"]
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)[:300]
@@ -275,6 +441,7 @@ async def sign_image_async(
     identity: str | None = None,
     insecure_registry: bool = False,
     registry_ca: Path | None = None,
+    registry_auth: RegistryAuth | None = None,
     timeout: float = REGISTRY_TIMEOUT,
 ) -> ImageSignature:
     """Sign the image ``image`` (``REGISTRY/REPO:TAG`` or ``REGISTRY/REPO@sha256:...``) by
@@ -284,6 +451,7 @@ async def sign_image_async(
     ``identity``: the docker-reference signed (default: the image's name, with its tag if one
     was given, as skopeo signs). ``insecure_registry``: plain HTTP (a test registry on
     loopback). ``registry_ca``: a CA bundle for the registry's TLS (default: the system's).
+    ``registry_auth``: logins for registries that ask (``RegistryAuth.load(path)``).
     ``timeout`` bounds each registry request. Raises :class:`RegistryError` for the registry's
     part and the signing client's errors for the signing."""
     ref = image if isinstance(image, ImageRef) else ImageRef.parse(image)
@@ -297,7 +465,7 @@ async def sign_image_async(
         headers={"User-Agent": USER_AGENT},
         timeout=aiohttp.ClientTimeout(total=timeout),
     ) as session:
-        registry = _Registry(session, ref, insecure_registry)
+        registry = _Registry(session, ref, insecure_registry, registry_auth)
         digest = await _resolve(registry, ref)
         payload = build(signed_as, digest, f"sealbox {__version__}")
         with tempfile.TemporaryDirectory(prefix="sealbox-image-") as tmp:
@@ -317,6 +485,7 @@ def sign_image(
     identity: str | None = None,
     insecure_registry: bool = False,
     registry_ca: Path | None = None,
+    registry_auth: RegistryAuth | None = None,
     timeout: float = REGISTRY_TIMEOUT,
 ) -> ImageSignature:
     """:func:`sign_image_async` for a blocking :class:`SigningClient` (run on its loop)."""
@@ -327,6 +496,7 @@ def sign_image(
             identity=identity,
             insecure_registry=insecure_registry,
             registry_ca=registry_ca,
+            registry_auth=registry_auth,
             timeout=timeout,
         )
     )
