@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import ssl
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from aiohttp import web
 
 from sealbox.deploy.local import BIN, Deployment, ServerProcess, free_port, start_server
 
@@ -15,6 +20,7 @@ __all__ = [
     "BIN",
     "Deployment",
     "ServerProcess",
+    "ThreadedApp",
     "env_without_proxy",
     "exec_image",
     "free_port",
@@ -75,3 +81,34 @@ def env_without_proxy() -> dict[str, str]:
             env.pop(k)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     return env
+
+
+class ThreadedApp:
+    """An aiohttp application serving on loopback from a thread of its own (its own event
+    loop), for a stand-in in front of or beside a real server; a context manager."""
+
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.app, self.ssl_context = app, ssl_context
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        runner = web.AppRunner(self.app)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
+        self.loop.run_until_complete(site.start())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> ThreadedApp:
+        self._thread.start()
+        assert self._ready.wait(30), "the stand-in did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)

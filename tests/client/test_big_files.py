@@ -8,12 +8,10 @@ the token, and checks it as it would a field sent first."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import secrets
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,7 @@ from aiohttp import web
 
 from sealbox.client import SigningClient, _aio
 from sealbox.client._hosts import Server
-from sealbox.deploy.local import free_port
-from tests.servers import ServerProcess, gpg_verify
+from tests.servers import ServerProcess, ThreadedApp, gpg_verify
 
 SIZE = 3 * 1024 * 1024
 
@@ -239,71 +236,47 @@ class _OlderRelease:
     def __init__(self, target: ServerProcess) -> None:
         self.target = target
         self.older = False
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.upstream = ssl.create_default_context(cafile=str(target.deployment.ca))
 
-    @property
-    def server(self) -> Server:
-        return Server("127.0.0.1", self.port)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        tls = self.target.deployment.root / "tls"
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
-        upstream = ssl.create_default_context(cafile=str(self.target.deployment.ca))
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-
-        async def forward(request: web.Request) -> web.Response:
-            skip = ("host", "content-length")
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
-            if self.older:
-                headers.pop("X-Sealbox-Hash-Upload", None)
-            async with aiohttp.ClientSession() as s, s.request(
-                request.method, f"{self.target.server.url}{request.path_qs}", data=await request.read(),
-                headers=headers, ssl=upstream,
-            ) as r:  # fmt: skip
-                body = await r.read()
-                out = {k: v for k, v in r.headers.items() if k.lower().startswith("x-")}
-            if self.older:
-                out.pop("X-Sealbox-Input-SHA1", None)
-                out.pop("X-Sealbox-Refusal", None)
-            return web.Response(status=r.status, body=body, headers=out)
-
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start())
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-
-    def __enter__(self) -> _OlderRelease:
-        self.thread.start()
-        assert self.ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
+    async def forward(self, request: web.Request) -> web.Response:
+        skip = ("host", "content-length")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        if self.older:
+            headers.pop("X-Sealbox-Hash-Upload", None)
+        async with aiohttp.ClientSession() as s, s.request(
+            request.method, f"{self.target.server.url}{request.path_qs}", data=await request.read(),
+            headers=headers, ssl=self.upstream,
+        ) as r:  # fmt: skip
+            body = await r.read()
+            out = {k: v for k, v in r.headers.items() if k.lower().startswith("x-")}
+        if self.older:
+            out.pop("X-Sealbox-Input-SHA1", None)
+            out.pop("X-Sealbox-Refusal", None)
+        return web.Response(status=r.status, body=body, headers=out)
 
 
 @pytest.fixture
-def older(gpg_server: ServerProcess) -> Iterator[_OlderRelease]:
-    with _OlderRelease(gpg_server) as proxy:
-        yield proxy
+def older(gpg_server: ServerProcess) -> Iterator[tuple[_OlderRelease, Server]]:
+    """The proxy, and the address it listens on (with the server's own certificate)."""
+    proxy = _OlderRelease(gpg_server)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", proxy.forward)
+    tls = gpg_server.deployment.root / "tls"
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
+    with ThreadedApp(app, ctx) as running:
+        yield proxy, Server("127.0.0.1", running.port)
 
 
 def test_a_server_that_stops_naming_uploads_gets_the_sha1_field_again(
-    gpg_server: ServerProcess, older: _OlderRelease, tmp_path: Path, hashed: _Hashed
+    gpg_server: ServerProcess, older: tuple[_OlderRelease, Server], tmp_path: Path, hashed: _Hashed
 ) -> None:
     src, _ = _big(tmp_path, "older.bin")
-    client = SigningClient([older.server], gpg_server.deployment.ca, gpg_server.token())
+    proxy, address = older
+    client = SigningClient([address], gpg_server.deployment.ca, gpg_server.token())
     with client:
         assert client.sign(_small(tmp_path), ["gpg"]).ok  # learnt: this address names uploads
-        older.older = True
+        proxy.older = True
         before_log, before = len(gpg_server.log_lines()), hashed.bytes
         out = client.sign(src, ["gpg"])
         assert out.ok, out.error

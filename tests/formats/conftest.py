@@ -1,5 +1,5 @@
-"""Fixtures shared by the files that test the Authenticode kinds signed in-process: one of
-each for the whole run, however many of those files run."""
+"""Fixtures shared by format test files: the Authenticode kinds signed in-process, and the
+container image tests' server; one of each for the whole run, however many of those files run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from sealbox.deploy.local import Deployment as Local
 from tests.formats._authenticode_util import dev_signers, refusing_server
 from tests.formats.test_authenticode import FORMATS, Deployment, LocalTSA
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, start_server
 
 
 @pytest.fixture(scope="session")
@@ -32,5 +33,13 @@ def inprocess_server(
     """A server (file keys) whose osslsigncode says it is 2.5 and refuses to sign; its -v2 name
     is stamped by :func:`inprocess_tsa`."""
     sp = refusing_server(tmp_path_factory.mktemp("inprocess-server"), inprocess_tsa)
+    yield sp
+    sp.stop()
+
+
+@pytest.fixture(scope="session")
+def sigstore_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of format ``sigstore`` (file key), for the container image tests."""
+    sp = start_server(Local.create(tmp_path_factory.mktemp("sigstore") / "dep", "dep", ["sigstore"]))
     yield sp
     sp.stop()

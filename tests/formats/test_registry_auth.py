@@ -7,12 +7,10 @@ its one login. Logins come from a containers auth file (:class:`RegistryAuth`)."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,7 +30,7 @@ from sealbox.client import RegistryAuth, RegistryError, sign_image
 from sealbox.client._images import ImageRef
 from sealbox.errors import SealboxError
 from tests.formats._registry import Registry, run_registry
-from tests.servers import BIN, Deployment, ServerProcess, env_without_proxy, free_port, start_server
+from tests.servers import BIN, ServerProcess, ThreadedApp, env_without_proxy
 
 USER, PASSWORD = "pusher", "s3cret-" + secrets.token_hex(4)
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -45,11 +43,9 @@ def _authfile(path: Path, host: str, user: str = USER, password: str = PASSWORD)
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    sp = start_server(Deployment.create(tmp_path_factory.mktemp("sigauth") / "dep", "dep", ["sigstore"]))
-    yield sp
-    sp.stop()
+@pytest.fixture
+def server(sigstore_server: ServerProcess) -> ServerProcess:
+    return sigstore_server
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +67,6 @@ class _TokenService:
     SERVICE, ISSUER = "sealbox-test-registry", "sealbox-test-issuer"
 
     def __init__(self, root: Path) -> None:
-        self.port = free_port()
         now = datetime.now(UTC)
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token CA")])
@@ -93,9 +88,7 @@ class _TokenService:
         self.bundle = root / "token-ca.pem"
         self.bundle.write_bytes(self.ca.public_bytes(serialization.Encoding.PEM))
         self.asked: list[tuple[str | None, str]] = []  # (user, scope) of each token asked for
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.port = 0  # once it serves
 
     @property
     def realm(self) -> str:
@@ -130,31 +123,18 @@ class _TokenService:
         self.asked.append((user, scope))
         return web.json_response({"token": self._jwt(user, scope)})
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/token", self._token)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-
-    def __enter__(self) -> _TokenService:
-        self.thread.start()
-        assert self.ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
+        return app
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_TokenService]:
-    with _TokenService(tmp_path_factory.mktemp("token-service")) as t:
-        yield t
+    service = _TokenService(tmp_path_factory.mktemp("token-service"))
+    with ThreadedApp(service.app()) as running:
+        service.port = running.port
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         yield r
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    sp = start_server(Deployment.create(tmp_path_factory.mktemp("sigstore") / "dep", "dep", ["sigstore"]))
-    yield sp
-    sp.stop()
+@pytest.fixture
+def server(sigstore_server: ServerProcess) -> ServerProcess:
+    return sigstore_server
 
 
 SIGSTORE_JSON = b"\x00sigstore-json\n"  # how containers/image writes a sigstore signature to dir:
