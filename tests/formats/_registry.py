@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sealbox.samples.sigstore import write_oci_layout
-from tests.servers import env_without_proxy, free_port
+from tests.servers import BIN, ServerProcess, env_without_proxy, free_port
 
 
 def registry_binary() -> str:
@@ -110,3 +110,12 @@ def run_registry(root: Path, auth: str = "", authfile: Path | None = None) -> It
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def sign_image_argv(server: ServerProcess, tmp: Path) -> list[str]:
+    """``sealbox sign-image`` for ``server`` (a token in ``tmp``), plain HTTP to the registry,
+    a JSON summary; the images and other options follow."""
+    token = tmp / "token"
+    token.write_text(server.token())
+    base = [str(BIN / "sealbox"), "sign-image", "-H", server.hostspec, "-c", str(server.deployment.ca)]
+    return [*base, "-t", str(token), "--insecure-registry", "--json"]

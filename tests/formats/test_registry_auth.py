@@ -29,8 +29,8 @@ from cryptography.x509.oid import NameOID
 from sealbox.client import RegistryAuth, RegistryError, sign_image
 from sealbox.client._images import ImageRef
 from sealbox.errors import SealboxError
-from tests.formats._registry import Registry, run_registry
-from tests.servers import BIN, ServerProcess, ThreadedApp, env_without_proxy
+from tests.formats._registry import Registry, run_registry, sign_image_argv
+from tests.servers import ServerProcess, ThreadedApp, env_without_proxy
 
 USER, PASSWORD = "pusher", "s3cret-" + secrets.token_hex(4)
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -224,10 +224,7 @@ def test_the_cli_takes_the_auth_file_and_finds_the_default_one(
     basic_registry: Registry, server: ServerProcess, tmp_path: Path
 ) -> None:
     digest = basic_registry.push("test/cli-auth", b"cli auth\n")
-    token = tmp_path / "token"
-    token.write_text(server.token())
-    base = [str(BIN / "sealbox"), "sign-image", "-H", server.hostspec, "-c", str(server.deployment.ca)]
-    base += ["-t", str(token), "--insecure-registry", "--json"]
+    base = sign_image_argv(server, tmp_path)
     env = {k: v for k, v in env_without_proxy().items() if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR")}
     env["HOME"] = str(tmp_path / "home")  # no ~/.docker/config.json to find
     image = f"{basic_registry.host}/test/cli-auth@{digest}"

@@ -25,8 +25,8 @@ from sealbox.errors import VerificationFailed
 from sealbox.formats.sigstore import SigstoreSigner
 from sealbox.samples.sigstore import write_payload
 from sealbox.simplesigning import PAYLOAD_MEDIA_TYPE, SIGNATURE_ANNOTATION, build, parse
-from tests.formats._registry import Registry, run_registry, skopeo
-from tests.servers import BIN, Deployment, ServerProcess, env_without_proxy, start_server
+from tests.formats._registry import Registry, run_registry, sign_image_argv, skopeo
+from tests.servers import Deployment, ServerProcess, env_without_proxy, start_server
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -172,10 +172,7 @@ def test_the_cli_signs_by_digest_and_appends_to_an_existing_attachment(
     registry: Registry, server: ServerProcess, tmp_path: Path
 ) -> None:
     digest = registry.push("test/cli", b"cli\n")
-    token = tmp_path / "token"
-    token.write_text(server.token())
-    base = [str(BIN / "sealbox"), "sign-image", "-H", server.hostspec, "-c", str(server.deployment.ca)]
-    base += ["-t", str(token), "--insecure-registry", "--json"]
+    base = sign_image_argv(server, tmp_path)
 
     def run(*extra: str) -> dict[str, object]:
         res = subprocess.run(
