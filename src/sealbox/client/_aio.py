@@ -186,7 +186,7 @@ class _Health:
     reason: str = ""
     alive_at: float = 0.0  # when the host last answered anything
     probe: asyncio.Task[bool] | None = None
-    names_uploads: bool = False  # its last upload answer named the upload: it hashes them
+    names_uploads: bool = False  # an upload answer named the upload: it hashes them
 
 
 @dataclass
@@ -734,11 +734,12 @@ class AsyncSigningClient:
             named = r.headers.get(INPUT_SHA1_HEADER, "")
             if is_sha1_hex(named):
                 h.names_uploads = True
-            elif REFUSAL_HEADER not in r.headers:  # not a refusal before the file was read: it
-                h.names_uploads = False  # read it, or would have, and named nothing
-                if unhashed:
-                    await r.read()
-                    return "unnamed"
+            elif unhashed and REFUSAL_HEADER not in r.headers:
+                # Not a refusal before the file was read: it read it (or would have) and named
+                # nothing, as a server of an earlier release does.
+                h.names_uploads = False
+                await r.read()
+                return "unnamed"
             if streamed is not None:
                 # the file went whole: its digest names it from now on
                 job.digest = named if unhashed else streamed.sha1
