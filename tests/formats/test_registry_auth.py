@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -120,13 +121,19 @@ class _TokenService:
                 return web.Response(status=401)
             user = USER
         scope = request.query.get("scope", "")
-        self.asked.append((user, scope))
+        # the registry names the actions in any order (pull,push or push,pull)
+        self.asked.append((user, " ".join(_sorted_actions(item) for item in scope.split())))
         return web.json_response({"token": self._jwt(user, scope)})
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/token", self._token)
         return app
+
+
+def _sorted_actions(scope: str) -> str:
+    kind, name, actions = scope.rsplit(":", 2)
+    return f"{kind}:{name}:{','.join(sorted(actions.split(',')))}"
 
 
 @pytest.fixture(scope="module")
@@ -254,16 +261,80 @@ def test_auth_files_as_podman_and_docker_write_them(tmp_path: Path) -> None:
             "registry.example/team": login("team", "pw-team-3"),  # a namespace: the longest match wins
             "token.example": {"identitytoken": "xyz"},  # nothing usable
         },
-        "credHelpers": {"gcr.io": "gcloud"},
     }))  # fmt: skip
     auth = RegistryAuth.load(path)
     assert auth.login(ImageRef.parse("index.docker.io/library/app:1")) == ("hub", "pw-hub-1")
     assert auth.login(ImageRef.parse("registry.example/other/app:1")) == ("all", "pw-all-2")
     assert auth.login(ImageRef.parse("registry.example/team/app:1")) == ("team", "pw-team-3")
     assert auth.login(ImageRef.parse("token.example/app:1")) is None
-    assert "credential helper" in auth.missing(ImageRef.parse("gcr.io/p/app:1"))
+    assert "no login for gcr.io" in auth.missing(ImageRef.parse("gcr.io/p/app:1"))
     assert not any(pw in repr(auth) for pw in ("pw-hub-1", "pw-all-2", "pw-team-3"))
-    for bad in ('{"auths": []}', "not json", '{"auths": {"r.example": {"auth": "bm9jb2xvbg=="}}}'):
+    bad_files = (
+        '{"auths": []}',
+        "not json",
+        '{"auths": {"r.example": {"auth": "bm9jb2xvbg=="}}}',  # base64 of a string without ':'
+        '{"credHelpers": {"r.example": "../../bin/sh"}}',  # a helper name, not a path
+        '{"credsStore": ["x"]}',
+    )
+    for bad in bad_files:
         path.write_text(bad)
         with pytest.raises(SealboxError, match="registry auth file"):
             RegistryAuth.load(path)
+
+
+HELPER = """#!/bin/sh
+# docker-credential-sealboxtest: the docker credential helper protocol, as ECR's or gcloud's
+[ "$1" = get ] || exit 2
+read -r registry
+case "$registry" in
+  {host}) printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{password}"}}' "$registry" ;;
+  token.example) printf '{{"ServerURL":"token.example","Username":"<token>","Secret":"refresh"}}' ;;
+  broken.example) echo "boom: secret-in-helper-output" >&2; exit 3 ;;
+  *) echo "credentials not found in native keychain"; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def helper(basic_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``docker-credential-sealboxtest`` on PATH, with the login of ``basic_registry``."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    program = bindir / "docker-credential-sealboxtest"
+    program.write_text(HELPER.format(host=basic_registry.host, user=USER, password=PASSWORD))
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return "sealboxtest"
+
+
+@pytest.mark.parametrize("where", ["credHelpers", "credsStore"])
+def test_a_credential_helper_gives_the_login(
+    basic_registry: Registry, server: ServerProcess, tmp_path: Path, helper: str, where: str
+) -> None:
+    digest = basic_registry.push(f"test/helper-{where.lower()}", b"helper " + where.encode())
+    path = tmp_path / "auth.json"
+    config = (
+        {"credHelpers": {basic_registry.host: helper}} if where == "credHelpers" else {"credsStore": helper}
+    )
+    path.write_text(json.dumps(config))
+    auth = RegistryAuth.load(path)
+    assert PASSWORD not in repr(auth)
+    image = f"{basic_registry.host}/test/helper-{where.lower()}:1"
+    with server.client() as c:
+        s = sign_image(c, image, insecure_registry=True, registry_auth=auth)
+    assert s.added and s.digest == digest
+
+
+def test_what_a_credential_helper_cannot_give_is_said(tmp_path: Path, helper: str) -> None:
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({"credsStore": helper, "credHelpers": {"absent.example": "nosuchhelper"}}))
+    auth = RegistryAuth.load(path)
+    assert auth.login(ImageRef.parse("other.example/app:1")) is None  # "credentials not found"
+    assert "has no login for other.example" in auth.missing(ImageRef.parse("other.example/app:1"))
+    with pytest.raises(SealboxError, match="identity token"):
+        auth.login(ImageRef.parse("token.example/app:1"))
+    with pytest.raises(SealboxError, match=r"failed for broken\.example") as e:
+        auth.login(ImageRef.parse("broken.example/app:1"))
+    assert "secret-in-helper-output" not in str(e.value)  # what a helper prints is not echoed
+    with pytest.raises(SealboxError, match=r"docker-credential-nosuchhelper \(.*\) is not on PATH"):
+        auth.login(ImageRef.parse("absent.example/app:1"))

@@ -33,7 +33,8 @@ from ._common import fail, server_options
     "--registry-auth-file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     default=None,
-    help="Registry logins, as `skopeo login`/`podman login`/`docker login` write them (default: "
+    help="Registry logins (or the credential helpers to ask), as `skopeo login`/`podman login`/"
+    "`docker login` write them (default: "
     "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, "
     "~/.docker/config.json, the first that exists).",
 )

@@ -12,6 +12,7 @@ auth file (:class:`RegistryAuth`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import ssl
+import subprocess
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,19 +71,27 @@ class RegistryError(ClientError):
 class RegistryAuth:
     """Registry logins from a containers auth file: podman's and skopeo's ``auth.json`` or
     docker's ``config.json`` (``{"auths": {"registry.example": {"auth": base64("user:pass")}}}``;
-    a key may also name ``registry/namespace``, the longest match wins). Credential helpers
-    and identity tokens are not supported: a registry that has only those is named in the error.
-    Never shows a password (``repr`` names the registries only).
+    a key may also name ``registry/namespace``, the longest match wins), or from the credential
+    helper it names for the registry (``credHelpers``) or for all (``credsStore``): the program
+    ``docker-credential-<name>``, asked ``get`` (as docker, podman and skopeo ask it; ECR, GCR and
+    ACR logins come that way). Identity tokens (a helper's ``<token>`` user) are not supported.
+    Never shows a password (``repr`` names the registries and helpers only).
 
     >>> auth = RegistryAuth.load(Path("~/.config/containers/auth.json").expanduser())
     """
 
-    def __init__(self, logins: Mapping[str, tuple[str, str]], helpers: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        logins: Mapping[str, tuple[str, str]],
+        helpers: Mapping[str, str] | None = None,
+        store: str | None = None,
+    ) -> None:
         self._logins = dict(logins)
-        self._helpers = helpers
+        self._helpers = dict(helpers or {})  # registry -> helper name
+        self._store = store  # the helper for every other registry
 
     def __repr__(self) -> str:
-        return f"RegistryAuth({sorted(self._logins)})"
+        return f"RegistryAuth({sorted(self._logins)}, helpers={self._helpers}, store={self._store!r})"
 
     @classmethod
     def load(cls, path: Path) -> RegistryAuth:
@@ -110,11 +120,13 @@ class RegistryAuth:
                     f"registry auth file {path}: the entry for {where} is not base64 of user:password"
                 )
             logins[where] = (user, password)
-        helpers = document.get("credHelpers", {}) if isinstance(document, dict) else {}
-        named = frozenset(_auth_key(str(k)) for k in helpers) if isinstance(helpers, dict) else frozenset()
-        if isinstance(document, dict) and document.get("credsStore"):
-            named |= {"*"}
-        return cls(logins, named)
+        helpers = document.get("credHelpers", {})
+        store = document.get("credsStore") or None
+        if not isinstance(helpers, dict) or not all(_HELPER.fullmatch(str(h)) for h in helpers.values()):
+            raise ClientError(f"registry auth file {path}: 'credHelpers' must map registries to helper names")
+        if store is not None and not (isinstance(store, str) and _HELPER.fullmatch(store)):
+            raise ClientError(f"registry auth file {path}: 'credsStore' must be a helper name")
+        return cls(logins, {_auth_key(str(k)): str(v) for k, v in helpers.items()}, store)
 
     @staticmethod
     def default_file() -> Path | None:
@@ -131,21 +143,67 @@ class RegistryAuth:
         return None
 
     def login(self, image: ImageRef) -> tuple[str, str] | None:
-        """The login for ``image``: the entry naming the longest prefix of registry/repository."""
+        """The login for ``image``: from the registry's own helper, else the entry naming the
+        longest prefix of registry/repository, else from the helper for all (None: no login).
+        A helper is a program: call this off the event loop. Raises :class:`ClientError` if a
+        helper fails or answers something unusable."""
+        helper = self._helpers.get(image.registry)
+        if helper is not None:
+            return _ask_helper(helper, image.registry)
         parts = f"{image.registry}/{image.repository}".split("/")
         for n in range(len(parts), 0, -1):
             found = self._logins.get("/".join(parts[:n]))
             if found is not None:
                 return found
-        return None
+        return _ask_helper(self._store, image.registry) if self._store is not None else None
 
     def missing(self, image: ImageRef) -> str:
         """Why there is no login for ``image``, for an error message."""
-        if image.registry in self._helpers or "*" in self._helpers:
-            return (
-                f"the auth file names a credential helper for {image.registry}, which sign-image does not run"
-            )
+        if self._store is not None:
+            return f"credential helper docker-credential-{self._store} has no login for {image.registry}"
         return f"no login for {image.registry} in the registry auth file"
+
+
+#: a credential helper's name: the program is docker-credential-<name>, found on PATH
+_HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HELPER_TIMEOUT = 60.0
+
+
+def _ask_helper(name: str, registry: str) -> tuple[str, str] | None:
+    """``docker-credential-<name> get`` with the registry on stdin (the docker credential helper
+    protocol): (user, secret), or None if it has no login for the registry."""
+    program = f"docker-credential-{name}"
+    try:
+        res = subprocess.run(
+            [program, "get"],
+            input=registry.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise ClientError(f"credential helper {program} (named for {registry}) is not on PATH") from None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ClientError(f"credential helper {program}: {e}") from None
+    if res.returncode != 0:
+        said = res.stdout.decode(errors="replace").strip() + res.stderr.decode(errors="replace").strip()
+        if "credentials not found" in said.lower():  # the protocol's answer for "no login"
+            return None
+        # what a helper prints is not echoed: it could hold a secret
+        raise ClientError(f"credential helper {program} failed for {registry} (exit status {res.returncode})")
+    try:
+        answer = json.loads(res.stdout)
+        user, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError):
+        raise ClientError(
+            f"credential helper {program} answered no Username and Secret for {registry}"
+        ) from None
+    if not isinstance(user, str) or not isinstance(secret, str) or not user:
+        raise ClientError(f"credential helper {program} answered no Username and Secret for {registry}")
+    if user == "<token>":
+        why = "which sign-image does not use"
+        raise ClientError(f"credential helper {program} holds an identity token for {registry}, {why}")
+    return user, secret
 
 
 def _auth_key(key: str) -> str:
@@ -241,6 +299,7 @@ class _Registry:
         self._image = image
         self._auth = auth
         self._authorization: str | None = None  # sent with every request once a challenge is met
+        self._looked_up: tuple[tuple[str, str] | None] | None = None
 
     async def _request(
         self, method: str, url: yarl.URL, ok: tuple[int, ...], **kw: Any
@@ -268,14 +327,19 @@ class _Registry:
                 raise RegistryError(f"{self._where}: {method} {url.path}: {describe_error(e)}") from None
         raise AssertionError("unreachable")  # the second pass returns or raises
 
-    def _login(self) -> tuple[str, str] | None:
-        return self._auth.login(self._image) if self._auth is not None else None
+    async def _login(self) -> tuple[str, str] | None:
+        """The login for this repository, looked up once (a helper is a program)."""
+        if self._auth is None:
+            return None
+        if self._looked_up is None:
+            self._looked_up = (await asyncio.to_thread(self._auth.login, self._image),)
+        return self._looked_up[0]
 
     async def _answer(self, header: str) -> None:
         """Meet a ``401``'s challenge: Basic with the login, or a Bearer token from the realm
         (with the login, or anonymous when there is none: public images pull that way)."""
         scheme, params = _challenge(header)
-        login = self._login()
+        login = await self._login()
         if scheme == "basic":
             if login is None:
                 raise RegistryError(f"{self._where}: the registry asks for a login: {self._missing()}")
