@@ -20,13 +20,19 @@ from typing import Literal
 __all__ = [
     "ALIASES",
     "FORMATS",
+    "HASH_UPLOAD_HEADER",
+    "INPUT_SHA1_HEADER",
     "KNOWN",
+    "LOG_INDEX_HEADER",
+    "REFUSAL_HEADER",
     "SMALL_FILE",
     "TABLE",
+    "WAIT_HEADER",
     "Family",
     "Format",
     "Packaging",
     "for_task",
+    "host_port",
     "https_url",
     "lookup",
     "of_family",
@@ -136,9 +142,28 @@ def for_task(task: Packaging) -> frozenset[str]:
     return frozenset(f.name for f in TABLE if f.task == task)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:9110``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def https_url(host: str, port: int) -> str:
-    """A server's base URL; an IPv6 address goes in brackets (``https://[::1]:9110``)."""
-    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    """A server's base URL (``https://[::1]:9110``)."""
+    return f"https://{host_port(host, port)}"
+
+
+# sealbox's extensions of the classic protocol, named once for the client and the server
+#: an upload asks to be answered as ``GET /sign/<fmt>/<sha1>`` would, waiting up to S seconds
+WAIT_HEADER = "X-Sealbox-Wait"
+#: an upload with this header ("1") and no ``sha1`` field is named by the SHA-1 of the
+#: ``filedata`` received (a client that did not hash what it sent)
+HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
+#: on every answer to an upload whose ``filedata`` was read whole: its SHA-1 as received
+INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
+#: a refusal's kind, one word of a fixed set (``token_...`` for the token, else the input)
+REFUSAL_HEADER = "X-Sealbox-Refusal"
+#: the signing log's index of a result, on the answer that delivers it
+LOG_INDEX_HEADER = "X-Sealbox-Log-Index"
 
 
 #: Files up to this size are small, on both sides of the wire: the client reads one whole,

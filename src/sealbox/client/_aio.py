@@ -52,10 +52,17 @@ import multipart
 import yarl
 
 from ..hashing import CHUNK, hash_file, is_sha1_hex
-from ..wire import SMALL_FILE
+from ..wire import (
+    HASH_UPLOAD_HEADER,
+    INPUT_SHA1_HEADER,
+    LOG_INDEX_HEADER,
+    REFUSAL_HEADER,
+    SMALL_FILE,
+    WAIT_HEADER,
+)
 from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
 from ._hosts import Server
-from ._logproof import LOG_INDEX_HEADER, LogProof, ProofFailed
+from ._logproof import LogProof, ProofFailed
 from ._logproof import check as check_proof
 from ._plan import detached_suffix, order_formats, wire_name
 
@@ -71,17 +78,10 @@ BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 3.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
 _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its host down
-#: Small uploads ask the server to answer with the result (sealbox servers honour
-#: ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual).
-WAIT_HEADER = "X-Sealbox-Wait"
+#: Uploads ask the server to answer with the result within this many seconds (sealbox servers
+#: honour ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual). A big file
+#: goes up unhashed to a server whose upload answers name uploads (``X-Sealbox-Input-SHA1``).
 UPLOAD_WAIT = 30.0
-#: A sealbox server names every upload it read whole (``X-Sealbox-Input-SHA1``); to such a
-#: server a big file goes up unhashed, with ``X-Sealbox-Hash-Upload: 1`` and no ``sha1`` field:
-#: no pass over it here beyond TLS. A classic server is sent the ``sha1`` field as always.
-HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
-INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
-#: what kind of refusal a 4xx is (sealbox servers): ``token_...`` for the token, else the input
-REFUSAL_HEADER = "X-Sealbox-Refusal"
 #: a big file is read (and hashed) this much at a time as it is sent, once under way; the first
 #: read is :data:`FIRST_CHUNK`, each next one twice the last: the server starts receiving (and
 #: hashing) after a short read instead of a whole chunk's
@@ -690,20 +690,23 @@ class AsyncSigningClient:
     async def _upload(self, server: Server, job: _File, deadline: _Deadline) -> str:
         """Upload; "done" if the server answered with the result (uploads ask it to wait for
         the job: a round trip less), "failed:<reason>" or "pending"."""
-        if self.token is None:
+        token = self.token
+        if token is None:
             raise _Refused("no token: pass -t/--token-file", TokenRefused)
         h = self._health_of(server)
         # The server may hash a big file for us unless the signing log proof is to be checked
         # against our own hash of the input.
         if job.data is None and not job.digest and h.names_uploads and not self.log_proof:
-            state = await self._send(server, job, deadline, h, unhashed=True)
+            state = await self._send(server, job, token, deadline, h, unhashed=True)
             if state != "unnamed":
                 return state
             # it stopped naming uploads (a replica of an older release behind the same
             # address?): the same upload again, hashed as it goes
-        return await self._send(server, job, deadline, h, unhashed=False)
+        return await self._send(server, job, token, deadline, h, unhashed=False)
 
-    async def _send(self, server: Server, job: _File, deadline: _Deadline, h: _Health, unhashed: bool) -> str:
+    async def _send(
+        self, server: Server, job: _File, token: str, deadline: _Deadline, h: _Health, unhashed: bool
+    ) -> str:
         """One upload (:meth:`_upload`); "unnamed" if it went ``unhashed`` and the answer did
         not name it."""
         source, data, size, dest = job.source, job.data, job.size, job.dest
@@ -711,7 +714,6 @@ class AsyncSigningClient:
         if self.nonce_file is not None:
             with contextlib.suppress(OSError):
                 nonce = self.nonce_file.read_text()
-        token = self.token or ""  # checked by _upload
         fields = {"sha1": job.digest, "filename": source.name, "token": token, "nonce": nonce}
         body: Any
         streamed: _StreamedForm | None = None

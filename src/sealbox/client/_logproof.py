@@ -22,8 +22,6 @@ from ..hashing import hash_file
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-LOG_INDEX_HEADER = "X-Sealbox-Log-Index"
-
 
 class ProofFailed(Exception):
     """The server's proof does not show the signature in its log."""

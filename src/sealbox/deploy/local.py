@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import Server, SigningClient, request_token
+from ..wire import host_port
 from .dev import init_dev
 
 BIN = Path(sys.executable).parent
@@ -104,7 +105,7 @@ class ServerProcess:
 
     @property
     def hostspec(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def token(self, ip: str | None = None, duration: int = 600) -> str:
         """A token bound to ``ip`` (default: the address the server is reached at)."""
@@ -166,7 +167,7 @@ def start_server(
         "--config",
         str(deployment.config),
         "--listen",
-        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        host_port(host, port),
         "--passphrase-file",
         str(passphrase_file or deployment.root / "passphrases"),
         *extra,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-__all__ = ["MAX_REASON", "REFUSAL", "REFUSAL_HEADER", "refuse", "safe_text"]
+from ..wire import REFUSAL_HEADER
 
-#: why an upload was refused, for the metrics (one of :data:`.metrics.REFUSALS`)
+__all__ = ["MAX_REASON", "REFUSAL", "refuse", "safe_text"]
+
+#: why an upload was refused, for the metrics (one of :data:`.metrics.REFUSALS`), and in
+#: :data:`~sealbox.wire.REFUSAL_HEADER` for clients (a refused token told from a refused input)
 REFUSAL = web.ResponseKey("refusal", str)
-#: the same, for clients: they tell a refused token from a refused input by it, not by the text
-REFUSAL_HEADER = "X-Sealbox-Refusal"
 
 
 MAX_REASON = 1000  # far below any client's header limit (aiohttp 8 KiB, h11 16 KiB)
@@ -28,7 +29,7 @@ def refuse(
 ) -> web.Response:
     """The one way a refusal is answered: the reason in ``X-Sealbox-Error`` and the body;
     ``refusal`` sorts a refused upload (one of a fixed set of words) for the metrics and, in
-    :data:`REFUSAL_HEADER`, for the client."""
+    :data:`~sealbox.wire.REFUSAL_HEADER`, for the client."""
     reason = safe_text(reason)
     h = {"X-Sealbox-Error": reason, **(headers or {})}
     if refusal is not None:

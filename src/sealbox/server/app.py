@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..errors import TokenError
 from ..hashing import CHUNK, is_sha1_hex
 from ..signlog import RequestContext
-from ..wire import SMALL_FILE
+from ..wire import HASH_UPLOAD_HEADER, INPUT_SHA1_HEADER, LOG_INDEX_HEADER, SMALL_FILE, WAIT_HEADER
 from . import logapi, tokens
 from .answers import REFUSAL, refuse, safe_text
 from .config import Network, ServerConfig
@@ -71,8 +71,6 @@ def _allowed(ip: str, networks: Sequence[Network]) -> bool:
 HANDLED = web.RequestKey("handled", bool)
 #: the upload's token, once verified (its bound address and validity go to the signing log)
 TOKEN = web.RequestKey("token", tokens.TokenInfo)
-#: the signing log's index of a result, on the answer that delivers it
-LOG_INDEX_HEADER = "X-Sealbox-Log-Index"
 
 
 @web.middleware
@@ -248,12 +246,6 @@ async def _send_result(
 
 # -- POST /sign/<fmt> -----------------------------------------------------------------------------
 FIELDS = ("sha1", "filename", "token", "nonce")
-WAIT_HEADER = "X-Sealbox-Wait"
-#: sealbox extension: an upload with this header ("1") and no ``sha1`` field is named by the
-#: SHA-1 of the ``filedata`` received (a client that did not hash what it sent)
-HASH_UPLOAD_HEADER = "X-Sealbox-Hash-Upload"
-#: on every answer to an upload whose ``filedata`` was read whole: its SHA-1 as received
-INPUT_SHA1_HEADER = "X-Sealbox-Input-SHA1"
 #: the SHA-1 of an upload's ``filedata``, once read whole (for :data:`INPUT_SHA1_HEADER`)
 INPUT_SHA1 = web.RequestKey("input_sha1", str)
 MAX_FIELD = 4096
