@@ -195,9 +195,7 @@ def _ask_helper(name: str, registry: str) -> tuple[str, str] | None:
         answer = json.loads(res.stdout)
         user, secret = answer["Username"], answer["Secret"]
     except (ValueError, KeyError, TypeError):
-        raise ClientError(
-            f"credential helper {program} answered no Username and Secret for {registry}"
-        ) from None
+        user = secret = None
     if not isinstance(user, str) or not isinstance(secret, str) or not user:
         raise ClientError(f"credential helper {program} answered no Username and Secret for {registry}")
     if user == "<token>":
@@ -307,25 +305,30 @@ class _Registry:
         """(status, body, headers); a status outside ``ok`` (and not 404 when 404 is in ``ok``)
         raises RegistryError. A ``401`` is answered as its challenge asks, once per request."""
         headers = dict(kw.pop("headers", {}))
+        what = f"{self._where}: {method} {url.path}"
         for answered in (False, True):
             if self._authorization is not None:
                 headers["Authorization"] = self._authorization
-            try:
-                async with self._session.request(method, url, headers=headers, **kw) as r:
-                    body = await r.content.read(MAX_DOCUMENT + 1)
-                    if len(body) > MAX_DOCUMENT:
-                        raise RegistryError(
-                            f"{self._where}: {method} {url.path}: answer larger than {MAX_DOCUMENT} bytes"
-                        )
-                    if r.status == 401 and not answered:
-                        await self._answer(r.headers.get("WWW-Authenticate", ""))
-                        continue
-                    if r.status not in ok:
-                        raise RegistryError(self._refusal(method, url, r.status, body, r.headers))
-                    return r.status, body, r.headers
-            except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise RegistryError(f"{self._where}: {method} {url.path}: {describe_error(e)}") from None
+            status, body, got = await self._fetch(what, method, url, headers=headers, **kw)
+            if status == 401 and not answered:
+                await self._answer(got.get("WWW-Authenticate", ""))
+                continue
+            if status not in ok:
+                raise RegistryError(self._refusal(method, url, status, body, got))
+            return status, body, got
         raise AssertionError("unreachable")  # the second pass returns or raises
+
+    async def _fetch(self, what: str, method: str, url: yarl.URL, **kw: Any) -> tuple[int, bytes, Any]:
+        """One request: (status, body of at most MAX_DOCUMENT bytes, headers); RegistryError
+        (saying ``what`` was asked) if it fails or the answer is larger."""
+        try:
+            async with self._session.request(method, url, **kw) as r:
+                body = await r.content.read(MAX_DOCUMENT + 1)
+                if len(body) > MAX_DOCUMENT:
+                    raise RegistryError(f"{what}: answer larger than {MAX_DOCUMENT} bytes")
+                return r.status, body, r.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise RegistryError(f"{what}: {describe_error(e)}") from None
 
     async def _login(self) -> tuple[str, str] | None:
         """The login for this repository, looked up once (a helper is a program)."""
@@ -357,16 +360,12 @@ class _Registry:
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
         headers = {"Authorization": _basic(login)} if login is not None else {}
         what = f"{self._where}: token service {realm.host}"
-        try:
-            async with self._session.get(realm.update_query(query), headers=headers) as r:
-                body = await r.content.read(MAX_DOCUMENT + 1)
-                if r.status in (401, 403):
-                    why = "refused the login" if login is not None else f"wants a login: {self._missing()}"
-                    raise RegistryError(f"{what} {why} ({r.status})")
-                if r.status != 200:
-                    raise RegistryError(f"{what} answered {r.status}")
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise RegistryError(f"{what}: {describe_error(e)}") from None
+        status, body, _ = await self._fetch(what, "GET", realm.update_query(query), headers=headers)
+        if status in (401, 403):
+            why = "refused the login" if login is not None else f"wants a login: {self._missing()}"
+            raise RegistryError(f"{what} {why} ({status})")
+        if status != 200:
+            raise RegistryError(f"{what} answered {status}")
         try:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
