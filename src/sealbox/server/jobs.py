@@ -1,7 +1,7 @@
 """Signing jobs: keyed by (format, input sha1), run in a bounded pool with a timeout.
 
 An attempt reads as: get the input (the upload, or what the store holds), choose where it
-runs (:meth:`JobManager._attempt`, the one place: a signing worker process for a small
+runs (:meth:`JobManager._runs_in`, the one place: a signing worker process for a small
 input of an in-process format, a thread for everything else), sign, put the output in the
 store (:meth:`JobManager._store`, the one place a result is published; a thread job signs
 and publishes in the same thread); the job then remembers the outcome. Signing never runs on
