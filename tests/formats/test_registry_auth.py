@@ -3,7 +3,9 @@ HTTP Basic (htpasswd), and with the distribution token protocol (Bearer tokens f
 service, as Docker Hub, GHCR, GitLab, Harbor and Quay use). The registry is the real one; the
 token service is a small issuer written here (no token service is packaged for Debian): it
 signs ES256 JWTs with a certificate the registry trusts, grants pull to anyone and push to
-its one login. Logins come from a containers auth file (:class:`RegistryAuth`)."""
+its one login, which may also come as an identity token (OAuth2 refresh-token grant, as ACR
+logins do). Logins come from a containers auth file (:class:`RegistryAuth`). Docker Hub's
+names are checked without the network (its API is not reachable from here)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from sealbox.client import RegistryAuth, RegistryError, sign_image
-from sealbox.client._images import ImageRef
+from sealbox.client import ImageRef, RegistryAuth, RegistryError, RegistryLogin, sign_image
 from sealbox.errors import SealboxError
 from tests.formats._registry import Registry, run_registry, sign_image_argv
 from tests.servers import ServerProcess, ThreadedApp, env_without_proxy
@@ -90,6 +91,8 @@ class _TokenService:
         self.bundle.write_bytes(self.ca.public_bytes(serialization.Encoding.PEM))
         self.asked: list[tuple[str | None, str]] = []  # (user, scope) of each token asked for
         self.port = 0  # once it serves
+        #: the identity token (refresh token) it takes now; each grant hands out a new one
+        self.identity = "idt-" + secrets.token_hex(8)
 
     @property
     def realm(self) -> str:
@@ -125,9 +128,24 @@ class _TokenService:
         self.asked.append((user, " ".join(_sorted_actions(item) for item in scope.split())))
         return web.json_response({"token": self._jwt(user, scope)})
 
+    async def _oauth(self, request: web.Request) -> web.Response:
+        """The refresh-token grant: the identity token for an access token and a new identity
+        token (the old one no longer works, so a client must take the new one)."""
+        form = await request.post()
+        if form.get("grant_type") != "refresh_token" or not form.get("client_id"):
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        if form.get("refresh_token") != self.identity or form.get("service") != self.SERVICE:
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        scope = str(form.get("scope", ""))
+        self.asked.append(("oauth:" + USER, " ".join(_sorted_actions(item) for item in scope.split())))
+        self.identity = "idt-" + secrets.token_hex(8)
+        body = {"access_token": self._jwt(USER, scope), "refresh_token": self.identity, "expires_in": 300}
+        return web.json_response(body)
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/token", self._token)
+        app.router.add_post("/token", self._oauth)
         return app
 
 
@@ -227,6 +245,93 @@ def test_an_anonymous_token_reads_but_cannot_push(
         sign_image(c, f"{token_registry.host}/test/anon:1", insecure_registry=True)
 
 
+def _identity_authfile(path: Path, host: str, identity: str) -> Path:
+    """An auth file as ``docker login`` writes it for ACR: a placeholder user and the token."""
+    user = base64.b64encode(b"00000000-0000-0000-0000-000000000000:").decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": user, "identitytoken": identity}}}))
+    return path
+
+
+def test_an_identity_token_is_exchanged_at_the_token_service(
+    token_registry: Registry, tokens: _TokenService, server: ServerProcess, tmp_path: Path
+) -> None:
+    digest = token_registry.push("test/identity", b"identity\n")
+    tokens.asked.clear()
+    first = tokens.identity
+    auth = RegistryAuth.load(_identity_authfile(tmp_path / "auth.json", token_registry.host, first))
+    with server.client() as c:
+        s = sign_image(
+            c, f"{token_registry.host}/test/identity:1", insecure_registry=True, registry_auth=auth
+        )
+    assert s.added and s.digest == digest
+    # a grant per scope; the second could only succeed with the identity token the first handed back
+    assert tokens.asked == [
+        ("oauth:" + USER, "repository:test/identity:pull"),
+        ("oauth:" + USER, "repository:test/identity:pull,push"),
+    ], tokens.asked
+    assert tokens.identity != first
+    # the first identity token no longer works: the service refuses it, and the error says so
+    with server.client() as c, pytest.raises(RegistryError, match="refused the identity token") as e:
+        sign_image(c, f"{token_registry.host}/test/identity:1", insecure_registry=True, registry_auth=auth)
+    assert first not in str(e.value)
+
+
+def test_an_identity_token_from_a_credential_helper(
+    token_registry: Registry, tokens: _TokenService, server: ServerProcess, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    digest = token_registry.push("test/identity-helper", b"identity helper\n")
+    program = tmp_path / "bin" / "docker-credential-idtest"
+    program.parent.mkdir()
+    program.write_text(
+        '#!/bin/sh\n[ "$1" = get ] || exit 2\nread -r registry\n'
+        f'[ "$registry" = "{token_registry.host}" ] || {{ echo \'credentials not found\'; exit 1; }}\n'
+        f'printf \'{{"ServerURL":"%s","Username":"<token>","Secret":"{tokens.identity}"}}\' "$registry"\n'
+    )
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
+    (tmp_path / "auth.json").write_text(json.dumps({"credHelpers": {token_registry.host: "idtest"}}))
+    auth = RegistryAuth.load(tmp_path / "auth.json")
+    with server.client() as c:
+        s = sign_image(
+            c, f"{token_registry.host}/test/identity-helper:1", insecure_registry=True, registry_auth=auth
+        )
+    assert s.added and s.digest == digest
+
+
+def test_a_basic_registry_cannot_take_an_identity_token(
+    basic_registry: Registry, server: ServerProcess, tmp_path: Path
+) -> None:
+    basic_registry.push("test/basic-identity", b"basic identity\n")
+    auth = RegistryAuth.load(_identity_authfile(tmp_path / "auth.json", basic_registry.host, "idt-secret"))
+    with server.client() as c, pytest.raises(RegistryError, match="identity token, which only a token") as e:
+        sign_image(
+            c, f"{basic_registry.host}/test/basic-identity:1", insecure_registry=True, registry_auth=auth
+        )
+    assert "idt-secret" not in str(e.value)
+
+
+def test_docker_hub_is_docker_io_as_docker_names_it() -> None:
+    """Docker Hub's names, without the network: the name signed, the API host, the error for a
+    short name. (Its logins: ``test_auth_files_as_podman_and_docker_write_them``.)"""
+    digest = "sha256:" + "a" * 64
+    for text in (
+        "docker.io/alpine:3.20",
+        "index.docker.io/alpine:3.20",
+        "registry-1.docker.io/library/alpine:3.20",
+    ):
+        ref = ImageRef.parse(text)
+        assert (ref.registry, ref.repository, ref.tag) == ("docker.io", "library/alpine", "3.20"), text
+        assert ref.api_host == "registry-1.docker.io"
+        assert str(ref) == "docker.io/library/alpine:3.20"
+    org = ImageRef.parse(f"docker.io/org/app@{digest}")
+    assert (org.name, org.digest, org.api_host) == ("docker.io/org/app", digest, "registry-1.docker.io")
+    other = ImageRef.parse("ghcr.io/org/app:1")
+    assert (other.name, other.api_host) == ("ghcr.io/org/app", "ghcr.io")
+    with pytest.raises(SealboxError, match=r"Docker Hub: docker\.io/NAME"):
+        ImageRef.parse("alpine:3.20")
+
+
 def test_the_cli_takes_the_auth_file_and_finds_the_default_one(
     basic_registry: Registry, server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -263,12 +368,22 @@ def test_auth_files_as_podman_and_docker_write_them(tmp_path: Path) -> None:
         },
     }))  # fmt: skip
     auth = RegistryAuth.load(path)
-    assert auth.login(ImageRef.parse("index.docker.io/library/app:1")) == ("hub", "pw-hub-1")
-    assert auth.login(ImageRef.parse("registry.example/other/app:1")) == ("all", "pw-all-2")
-    assert auth.login(ImageRef.parse("registry.example/team/app:1")) == ("team", "pw-team-3")
-    assert auth.login(ImageRef.parse("token.example/app:1")) is None
+    hub = RegistryLogin("hub", "pw-hub-1")
+    assert auth.login(ImageRef.parse("index.docker.io/library/app:1")) == hub
+    assert auth.login(ImageRef.parse("docker.io/app:1")) == hub  # Docker Hub by any of its names
+    assert auth.login(ImageRef.parse("registry.example/other/app:1")) == RegistryLogin("all", "pw-all-2")
+    assert auth.login(ImageRef.parse("registry.example/team/app:1")) == RegistryLogin("team", "pw-team-3")
+    token = auth.login(ImageRef.parse("token.example/app:1"))
+    assert token == RegistryLogin("<token>", "xyz", identity_token=True)
     assert "no login for gcr.io" in auth.missing(ImageRef.parse("gcr.io/p/app:1"))
-    assert not any(pw in repr(auth) for pw in ("pw-hub-1", "pw-all-2", "pw-team-3"))
+    shown = repr(auth) + repr(auth.login(ImageRef.parse("docker.io/app:1"))) + repr(token)
+    assert not any(secret in shown for secret in ("pw-hub-1", "pw-all-2", "pw-team-3", "xyz"))
+    path.write_text(json.dumps({"auths": {"docker.io": login("podman", "pw-podman-4")}}))  # podman's key
+    assert RegistryAuth.load(path).login(ImageRef.parse("index.docker.io/org/app:1")) == (
+        "podman",
+        "pw-podman-4",
+        False,
+    )
     bad_files = (
         '{"auths": []}',
         "not json",
@@ -288,6 +403,7 @@ HELPER = """#!/bin/sh
 read -r registry
 case "$registry" in
   {host}) printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{password}"}}' "$registry" ;;
+  https://index.docker.io/v1/) printf '{{"ServerURL":"%s","Username":"hub","Secret":"pw-hub"}}' "$registry" ;;
   token.example) printf '{{"ServerURL":"token.example","Username":"<token>","Secret":"refresh"}}' ;;
   broken.example) echo "boom: secret-in-helper-output" >&2; exit 3 ;;
   *) echo "credentials not found in native keychain"; exit 1 ;;
@@ -331,8 +447,9 @@ def test_what_a_credential_helper_cannot_give_is_said(tmp_path: Path, helper: st
     auth = RegistryAuth.load(path)
     assert auth.login(ImageRef.parse("other.example/app:1")) is None  # "credentials not found"
     assert "has no login for other.example" in auth.missing(ImageRef.parse("other.example/app:1"))
-    with pytest.raises(SealboxError, match="identity token"):
-        auth.login(ImageRef.parse("token.example/app:1"))
+    assert auth.login(ImageRef.parse("token.example/app:1")) == RegistryLogin("<token>", "refresh", True)
+    # Docker Hub: the helper is asked for the server docker names it by
+    assert auth.login(ImageRef.parse("docker.io/app:1")) == RegistryLogin("hub", "pw-hub")
     with pytest.raises(SealboxError, match=r"failed for broken\.example") as e:
         auth.login(ImageRef.parse("broken.example/app:1"))
     assert "secret-in-helper-output" not in str(e.value)  # what a helper prints is not echoed

@@ -40,11 +40,27 @@ from ._logproof import LogProof, load_log_key
 from ._plan import detached_suffix, order_formats, wire_name
 
 if TYPE_CHECKING:
-    from ._images import ImageRef, ImageSignature, RegistryAuth, RegistryError, sign_image, sign_image_async
+    from ._images import (
+        ImageRef,
+        ImageSignature,
+        RegistryAuth,
+        RegistryError,
+        RegistryLogin,
+        sign_image,
+        sign_image_async,
+    )
 
 #: imported when first asked for: ``sealbox sign`` (a cold start per call) never needs them
 _IMAGES = frozenset(
-    {"ImageRef", "ImageSignature", "RegistryAuth", "RegistryError", "sign_image", "sign_image_async"}
+    {
+        "ImageRef",
+        "ImageSignature",
+        "RegistryAuth",
+        "RegistryError",
+        "RegistryLogin",
+        "sign_image",
+        "sign_image_async",
+    }
 )
 
 
@@ -64,6 +80,7 @@ __all__ = [
     "LogProof",
     "RegistryAuth",
     "RegistryError",
+    "RegistryLogin",
     "Server",
     "ServerUnavailable",
     "SignOutcome",

@@ -6,8 +6,10 @@ and push the signature as a cosign attachment (``sha256-<hex>.sig``), as ``cosig
 Only the few OCI distribution API calls this needs: GET a manifest or a blob, a blob upload
 (POST then PUT), a manifest PUT. A registry that asks for credentials (``401``) gets them as
 its challenge says: HTTP Basic, or a Bearer token from its token service (the distribution
-token protocol: Docker Hub, GHCR, GitLab, Harbor, Quay...), the login taken from a containers
-auth file (:class:`RegistryAuth`).
+token protocol: Docker Hub, GHCR, GitLab, Harbor, Quay...; with an identity token, its OAuth2
+refresh-token grant, as ACR logins need), the login taken from a containers auth file
+(:class:`RegistryAuth`). Docker Hub is ``docker.io`` (its API at ``registry-1.docker.io``,
+one-part names under ``library/``), as docker and containers/image name it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 import yarl
@@ -47,7 +49,15 @@ if TYPE_CHECKING:
     from ._aio import AsyncSigningClient
     from ._core import SigningClient
 
-__all__ = ["ImageRef", "ImageSignature", "RegistryAuth", "RegistryError", "sign_image", "sign_image_async"]
+__all__ = [
+    "ImageRef",
+    "ImageSignature",
+    "RegistryAuth",
+    "RegistryError",
+    "RegistryLogin",
+    "sign_image",
+    "sign_image_async",
+]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -63,9 +73,33 @@ FORMAT = "sigstore"
 
 _REF = re.compile(r"(?P<name>[^@]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[^@]+))?")
 
+#: Docker Hub: the name images and signatures use, the other names it goes by (auth files key
+#: it as docker writes it, ``https://index.docker.io/v1/``), and where its API answers
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
+DOCKER_HUB_API = "registry-1.docker.io"
+#: the server name docker gives credential helpers for Docker Hub
+DOCKER_HUB_HELPER_URL = "https://index.docker.io/v1/"
+#: what an OAuth2 token request names as its client (docker's is "docker")
+OAUTH_CLIENT_ID = "sealbox"
+
 
 class RegistryError(ClientError):
     """The registry refused a request, did not answer, or holds something unexpected."""
+
+
+class RegistryLogin(NamedTuple):
+    """A registry login: a user and password, or (``identity_token``) an identity token, the
+    OAuth2 refresh token ``docker login`` keeps for registries such as ACR, which only the
+    registry's token service takes. ``repr`` never shows the secret."""
+
+    user: str
+    secret: str
+    identity_token: bool = False
+
+    def __repr__(self) -> str:
+        kind = "identity token" if self.identity_token else "password"
+        return f"RegistryLogin({self.user!r}, <{kind}>)"
 
 
 class RegistryAuth:
@@ -74,15 +108,16 @@ class RegistryAuth:
     a key may also name ``registry/namespace``, the longest match wins), or from the credential
     helper it names for the registry (``credHelpers``) or for all (``credsStore``): the program
     ``docker-credential-<name>``, asked ``get`` (as docker, podman and skopeo ask it; ECR, GCR and
-    ACR logins come that way). Identity tokens (a helper's ``<token>`` user) are not supported.
-    Never shows a password (``repr`` names the registries and helpers only).
+    ACR logins come that way). An entry's ``identitytoken``, or a helper's ``<token>`` user, is an
+    identity token (:class:`RegistryLogin`). Docker Hub's entry may be keyed by any of its names. Never
+    shows a password or token (``repr`` names the registries and helpers only).
 
     >>> auth = RegistryAuth.load(Path("~/.config/containers/auth.json").expanduser())
     """
 
     def __init__(
         self,
-        logins: Mapping[str, tuple[str, str]],
+        logins: Mapping[str, RegistryLogin],
         helpers: Mapping[str, str] | None = None,
         store: str | None = None,
     ) -> None:
@@ -105,21 +140,16 @@ class RegistryAuth:
         auths = document.get("auths", {}) if isinstance(document, dict) else None
         if not isinstance(auths, dict):
             raise ClientError(f"registry auth file {path}: 'auths' must be an object")
-        logins: dict[str, tuple[str, str]] = {}
+        logins: dict[str, RegistryLogin] = {}
         for key, entry in auths.items():
             where = _auth_key(str(key))
-            encoded = entry.get("auth") if isinstance(entry, dict) else None
-            if not encoded:
-                continue  # an identity token or an empty entry: nothing usable here
-            try:
-                user, sep, password = base64.b64decode(str(encoded), validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                sep = ""
-            if not sep or not user:
+            found = _entry_login(entry if isinstance(entry, dict) else {})
+            if found is None:
                 raise ClientError(
                     f"registry auth file {path}: the entry for {where} is not base64 of user:password"
                 )
-            logins[where] = (user, password)
+            if found.user or found.secret:  # an empty entry: nothing usable here
+                logins[where] = found
         helpers = document.get("credHelpers", {})
         store = document.get("credsStore") or None
         if not isinstance(helpers, dict) or not all(_HELPER.fullmatch(str(h)) for h in helpers.values()):
@@ -142,20 +172,23 @@ class RegistryAuth:
                 return path
         return None
 
-    def login(self, image: ImageRef) -> tuple[str, str] | None:
+    def login(self, image: ImageRef) -> RegistryLogin | None:
         """The login for ``image``: from the registry's own helper, else the entry naming the
         longest prefix of registry/repository, else from the helper for all (None: no login).
         A helper is a program: call this off the event loop. Raises :class:`ClientError` if a
         helper fails or answers something unusable."""
-        helper = self._helpers.get(image.registry)
+        names = _auth_names(image.registry)
+        asked = DOCKER_HUB_HELPER_URL if image.registry == DOCKER_HUB else image.registry
+        helper = next((self._helpers[n] for n in names if n in self._helpers), None)
         if helper is not None:
-            return _ask_helper(helper, image.registry)
-        parts = f"{image.registry}/{image.repository}".split("/")
-        for n in range(len(parts), 0, -1):
-            found = self._logins.get("/".join(parts[:n]))
-            if found is not None:
-                return found
-        return _ask_helper(self._store, image.registry) if self._store is not None else None
+            return _ask_helper(helper, asked)
+        parts = image.repository.split("/")
+        for n in range(len(parts), -1, -1):
+            for name in names:
+                found = self._logins.get("/".join([name, *parts[:n]]))
+                if found is not None:
+                    return found
+        return _ask_helper(self._store, asked) if self._store is not None else None
 
     def missing(self, image: ImageRef) -> str:
         """Why there is no login for ``image``, for an error message."""
@@ -169,9 +202,9 @@ _HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HELPER_TIMEOUT = 60.0
 
 
-def _ask_helper(name: str, registry: str) -> tuple[str, str] | None:
+def _ask_helper(name: str, registry: str) -> RegistryLogin | None:
     """``docker-credential-<name> get`` with the registry on stdin (the docker credential helper
-    protocol): (user, secret), or None if it has no login for the registry."""
+    protocol): its login (user ``<token>``: an identity token), or None if it has none."""
     program = f"docker-credential-{name}"
     try:
         res = subprocess.run(
@@ -198,10 +231,26 @@ def _ask_helper(name: str, registry: str) -> tuple[str, str] | None:
         user = secret = None
     if not isinstance(user, str) or not isinstance(secret, str) or not user:
         raise ClientError(f"credential helper {program} answered no Username and Secret for {registry}")
-    if user == "<token>":
-        why = "which sign-image does not use"
-        raise ClientError(f"credential helper {program} holds an identity token for {registry}, {why}")
-    return user, secret
+    if not secret:
+        raise ClientError(f"credential helper {program} answered an empty secret for {registry}")
+    return RegistryLogin(user, secret, identity_token=user == "<token>")
+
+
+def _entry_login(entry: Mapping[str, Any]) -> RegistryLogin | None:
+    """An ``auths`` entry's login: its ``identitytoken`` (the user, if any, from ``auth``), else
+    ``auth`` = base64("user:password"); an empty login if it has neither; None if malformed."""
+    encoded, token = entry.get("auth") or "", entry.get("identitytoken") or ""
+    user, password = "", ""
+    if encoded:
+        try:
+            user, sep, password = base64.b64decode(str(encoded), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        if not sep or not (user or token):
+            return None
+    if token:
+        return RegistryLogin(user or "<token>", str(token), identity_token=True)
+    return RegistryLogin(user, password)
 
 
 def _auth_key(key: str) -> str:
@@ -211,8 +260,13 @@ def _auth_key(key: str) -> str:
     return key.rstrip("/")
 
 
-def _basic(login: tuple[str, str]) -> str:
-    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+def _auth_names(registry: str) -> tuple[str, ...]:
+    """The names an auth file may key ``registry`` by (Docker Hub has three)."""
+    return (DOCKER_HUB, *DOCKER_HUB_ALIASES) if registry == DOCKER_HUB else (registry,)
+
+
+def _basic(login: RegistryLogin) -> str:
+    return "Basic " + base64.b64encode(f"{login.user}:{login.secret}".encode()).decode()
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -235,7 +289,12 @@ class ImageRef:
     @classmethod
     def parse(cls, text: str) -> ImageRef:
         """``host[:port]/path:tag``, ``host[:port]/path@sha256:...`` (or both); the registry
-        must be named (a host with a dot or a port, or ``localhost``)."""
+        must be named (a host with a dot or a port, or ``localhost``). Docker Hub's names
+        become ``docker.io``, and a one-part name there ``library/NAME``, as docker names them.
+
+        >>> ImageRef.parse("docker.io/alpine:3.20").name
+        'docker.io/library/alpine'
+        """
         m = _REF.fullmatch(text.strip())
         if m is None or (m.group("tag") is None and m.group("digest") is None):
             raise ClientError(
@@ -247,9 +306,18 @@ class ImageRef:
             if digest is not None:
                 check_digest(digest)
         except PayloadError as e:
-            raise ClientError(f"image '{text}': {e}") from None
+            hint = " (Docker Hub: docker.io/NAME)" if "/" not in name or "must name" in str(e) else ""
+            raise ClientError(f"image '{text}': {e}{hint}") from None
         registry, _, repository = name.partition("/")
+        if registry in DOCKER_HUB_ALIASES or registry == DOCKER_HUB:
+            registry = DOCKER_HUB
+            repository = repository if "/" in repository else f"library/{repository}"
         return cls(registry, repository, tag, digest)
+
+    @property
+    def api_host(self) -> str:
+        """Where the registry's API answers (``host[:port]``)."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
 
     @property
     def name(self) -> str:
@@ -292,12 +360,13 @@ class _Registry:
     ) -> None:
         self._session = session
         self._insecure = insecure
-        self._base = yarl.URL(f"{'http' if insecure else 'https'}://{image.registry}/v2/{image.repository}")
+        self._base = yarl.URL(f"{'http' if insecure else 'https'}://{image.api_host}/v2/{image.repository}")
         self._where = image.name
         self._image = image
         self._auth = auth
         self._authorization: str | None = None  # sent with every request once a challenge is met
-        self._looked_up: tuple[tuple[str, str] | None] | None = None
+        self._looked_up: tuple[RegistryLogin | None] | None = None
+        self._refresh: str | None = None  # an identity token, as the token service last gave it
 
     async def _request(
         self, method: str, url: yarl.URL, ok: tuple[int, ...], **kw: Any
@@ -330,7 +399,7 @@ class _Registry:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise RegistryError(f"{what}: {describe_error(e)}") from None
 
-    async def _login(self) -> tuple[str, str] | None:
+    async def _login(self) -> RegistryLogin | None:
         """The login for this repository, looked up once (a helper is a program)."""
         if self._auth is None:
             return None
@@ -346,6 +415,11 @@ class _Registry:
         if scheme == "basic":
             if login is None:
                 raise RegistryError(f"{self._where}: the registry asks for a login: {self._missing()}")
+            if login.identity_token:
+                raise RegistryError(
+                    f"{self._where}: the registry asks for HTTP Basic, and the login for it is an "
+                    "identity token, which only a token service takes"
+                )
             self._authorization = _basic(login)
             return
         if scheme != "bearer" or not params.get("realm"):
@@ -358,9 +432,22 @@ class _Registry:
                 f"{self._where}: the registry's token service is not HTTPS: {realm.human_repr()[:100]}"
             )
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        headers = {"Authorization": _basic(login)} if login is not None else {}
         what = f"{self._where}: token service {realm.host}"
-        status, body, _ = await self._fetch(what, "GET", realm.update_query(query), headers=headers)
+        if login is not None and login.identity_token:
+            # OAuth2's refresh-token grant (the distribution token spec's POST form), as docker
+            # uses an identity token; the service may hand back a new one for the next scope.
+            form = {
+                **query,
+                "grant_type": "refresh_token",
+                "refresh_token": self._refresh or login.secret,
+                "client_id": OAUTH_CLIENT_ID,
+            }
+            status, body, _ = await self._fetch(what, "POST", realm, data=form)
+        else:
+            headers = {"Authorization": _basic(login)} if login is not None else {}
+            status, body, _ = await self._fetch(what, "GET", realm.update_query(query), headers=headers)
+        if status in (400, 401, 403) and login is not None and login.identity_token:
+            raise RegistryError(f"{what} refused the identity token ({status})")
         if status in (401, 403):
             why = "refused the login" if login is not None else f"wants a login: {self._missing()}"
             raise RegistryError(f"{what} {why} ({status})")
@@ -369,10 +456,13 @@ class _Registry:
         try:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
+            refresh = answer.get("refresh_token")
         except (ValueError, AttributeError):
-            token = None
+            token = refresh = None
         if not isinstance(token, str) or not token or not token.isprintable():
             raise RegistryError(f"{what} answered no token")
+        if isinstance(refresh, str) and refresh and refresh.isprintable():
+            self._refresh = refresh
         self._authorization = f"Bearer {token}"
 
     def _missing(self) -> str:
