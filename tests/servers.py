@@ -103,6 +103,7 @@ class ThreadedApp:
         self._ready.set()
         self.loop.run_forever()
         self.loop.run_until_complete(runner.cleanup())
+        self.loop.close()
 
     def __enter__(self) -> ThreadedApp:
         self._thread.start()

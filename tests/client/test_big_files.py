@@ -9,6 +9,7 @@ the token, and checks it as it would a field sent first."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import ssl
@@ -243,8 +244,9 @@ class _OlderRelease:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         if self.older:
             headers.pop("X-Sealbox-Hash-Upload", None)
+        sent = io.BytesIO(await request.read())  # raw bytes over 1 MiB make aiohttp warn
         async with aiohttp.ClientSession() as s, s.request(
-            request.method, f"{self.target.server.url}{request.path_qs}", data=await request.read(),
+            request.method, f"{self.target.server.url}{request.path_qs}", data=sent,
             headers=headers, ssl=self.upstream,
         ) as r:  # fmt: skip
             body = await r.read()

@@ -723,11 +723,12 @@ class TreeVerifier:
                     main = got
             else:
                 raise _Bad(f"{label}: Versions/{entry.name} is not sealed by any signature")
-        for entry in os.scandir(d):
-            if entry.name != "Versions":
-                if not entry.is_symlink():
-                    raise _Bad(f"{label}: {entry.name} is not sealed by any signature")
-                _check_inside(Path(entry.path), d, label)
+        with os.scandir(d) as entries:
+            for entry in entries:
+                if entry.name != "Versions":
+                    if not entry.is_symlink():
+                        raise _Bad(f"{label}: {entry.name} is not sealed by any signature")
+                    _check_inside(Path(entry.path), d, label)
         if main is None:
             raise _Bad(f"{label}: Versions/Current does not name a version folder")
         return main
@@ -811,18 +812,19 @@ class TreeVerifier:
         stack = [root]
         while stack:
             d = stack.pop()
-            for entry in os.scandir(d):
-                p = Path(entry.path)
-                rel = p.relative_to(root).as_posix()
-                # a stapled notarization ticket is Contents/CodeResources: outside the seal by design
-                if rel in ("_CodeSignature", "CodeResources") or p == exe or rel in files2:
-                    continue
-                if self._rule(rules2, rel).get("omit"):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(p)
-                else:
-                    raise _Bad(f"{label}/{rel}: not sealed in CodeResources (added after signing?)")
+            with os.scandir(d) as entries:  # closed at once when an unsealed file stops the walk
+                for entry in entries:
+                    p = Path(entry.path)
+                    rel = p.relative_to(root).as_posix()
+                    # a stapled notarization ticket is Contents/CodeResources: outside the seal by design
+                    if rel in ("_CodeSignature", "CodeResources") or p == exe or rel in files2:
+                        continue
+                    if self._rule(rules2, rel).get("omit"):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(p)
+                    else:
+                        raise _Bad(f"{label}/{rel}: not sealed in CodeResources (added after signing?)")
 
     def _rule(self, rules: dict[str, Any], rel: str) -> dict[str, Any]:
         """The highest-weight rule whose pattern matches ``rel`` (Apple's resource rules)."""
