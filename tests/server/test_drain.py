@@ -141,8 +141,11 @@ class _SlowUpload:
         self.send(BLOCKS - SENT_BEFORE_STOP)
         self.sock.sendall(self.tail)
         response = http.client.HTTPResponse(self.sock)
-        response.begin()
-        response.read()
+        try:
+            response.begin()
+            response.read()
+        finally:
+            self.sock.close()  # the answer says Connection: close
         return response
 
 
@@ -207,6 +210,7 @@ def test_sigterm_drains_uploads_polls_and_jobs(tmp_path: Path) -> None:
         assert (SLOW, sha1s[2]) not in polled["jobs"]  # type: ignore[operator]
         # The idle keep-alive connection is closed.
         assert _closed(idle), "the idle keep-alive connection was left open"
+        idle.close()
         # The upload sends the rest of its body and is answered.
         answer = upload.finish()
         assert answer.status == 202, answer.status
