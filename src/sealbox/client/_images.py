@@ -69,6 +69,8 @@ IMAGE_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 #: manifests and attachment configs are small; a larger answer is not one
 MAX_DOCUMENT = 4 * 1024 * 1024
 REGISTRY_TIMEOUT = 60.0
+#: how often a signature is merged into an attachment that other signers keep changing
+ATTACH_ATTEMPTS = 5
 FORMAT = "sigstore"
 
 _REF = re.compile(r"(?P<name>[^@]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[^@]+))?")
@@ -543,41 +545,66 @@ def _layer(payload_digest: str, size: int, signature_b64: str) -> dict[str, Any]
 
 async def _attach(registry: _Registry, tag: str, payload: bytes, signature: bytes) -> bool:
     """Add the signature to the attachment ``tag`` (made if absent; another signature there
-    stays, as cosign does). False if this very signature is there already."""
+    stays, as cosign does). False if this very signature is there already.
+
+    Registries have no conditional manifest PUT, so two signers of one image can each read the
+    tag, add their own layer and write it back, the second dropping the first's (cosign can).
+    Here the tag is read again right before the PUT (changed since it was merged: merge again)
+    and after it (the layer gone, a writer that read before this PUT wrote after it: merge
+    again), at most :data:`ATTACH_ATTEMPTS` times; what is left is the time between that last
+    read and the PUT."""
     layer = _layer(_sha256(payload), len(payload), base64.b64encode(signature).decode())
-    found = await registry.manifest(tag, (OCI_MANIFEST,))
-    config: dict[str, Any] = {
-        "architecture": "",
-        "os": "",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": []},
-    }
-    manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}
-    if found is not None:
-        try:
-            manifest = json.loads(found[0])
-            layers = manifest["layers"]
-            config = json.loads(await registry.blob(manifest["config"]["digest"]))
-            diff_ids = config["rootfs"]["diff_ids"]
-            if not isinstance(layers, list) or not isinstance(diff_ids, list):
-                raise TypeError
-        except (ValueError, KeyError, TypeError) as e:
-            raise RegistryError(
-                f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})"
-            ) from None
-        if layer in layers:
-            return False
-    await registry.put_blob(payload)
-    manifest["layers"].append(layer)
-    config["rootfs"]["diff_ids"].append(layer["digest"])  # the payload is its own uncompressed layer
-    config_bytes = json.dumps(config, separators=(",", ":")).encode()
-    manifest["config"] = {
-        "mediaType": OCI_CONFIG,
-        "size": len(config_bytes),
-        "digest": await registry.put_blob(config_bytes),
-    }
-    await registry.put_manifest(tag, json.dumps(manifest, separators=(",", ":")).encode(), OCI_MANIFEST)
-    return True
+    wrote = False
+    for _ in range(ATTACH_ATTEMPTS):
+        found = await registry.manifest(tag, (OCI_MANIFEST,))
+        manifest, config = await _attachment(registry, tag, found)
+        if layer in manifest["layers"]:
+            return wrote  # there: before this call (False), or since it (True)
+        await registry.put_blob(payload)
+        manifest["layers"].append(layer)
+        config["rootfs"]["diff_ids"].append(layer["digest"])  # the payload is its own uncompressed layer
+        config_bytes = json.dumps(config, separators=(",", ":")).encode()
+        manifest["config"] = {
+            "mediaType": OCI_CONFIG,
+            "size": len(config_bytes),
+            "digest": await registry.put_blob(config_bytes),
+        }
+        if await registry.manifest(tag, (OCI_MANIFEST,)) != found:
+            continue  # another signer wrote meanwhile: merge with what it wrote
+        await registry.put_manifest(tag, json.dumps(manifest, separators=(",", ":")).encode(), OCI_MANIFEST)
+        wrote = True
+        if layer in _layers(await registry.manifest(tag, (OCI_MANIFEST,))):
+            return True
+    raise RegistryError(
+        f"the attachment {tag} kept changing under other signers ({ATTACH_ATTEMPTS} attempts): sign again"
+    )
+
+
+def _layers(found: tuple[bytes, str] | None) -> list[Any]:
+    """The layers of an attachment manifest as read ([] if none, or not one: the next merge
+    says what is wrong with it)."""
+    try:
+        layers = json.loads(found[0])["layers"] if found is not None else []
+    except (ValueError, KeyError, TypeError):
+        return []
+    return layers if isinstance(layers, list) else []
+
+
+async def _attachment(
+    registry: _Registry, tag: str, found: tuple[bytes, str] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The attachment manifest ``found`` (None: a new, empty one) and its config, parsed."""
+    if found is None:
+        config = {"architecture": "", "os": "", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
+        return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}, config
+    try:
+        manifest = json.loads(found[0])
+        config = json.loads(await registry.blob(manifest["config"]["digest"]))
+        if not isinstance(manifest["layers"], list) or not isinstance(config["rootfs"]["diff_ids"], list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})") from None
+    return manifest, config
 
 
 def _registry_ssl(registry_ca: Path | None) -> ssl.SSLContext:
