@@ -208,6 +208,10 @@ class Paired:
         return out
 
 
+#: files in :func:`paired_throughput`'s untimed warm-up run on each server
+WARM_UP_FILES = 50
+
+
 def paired_throughput(
     servers: Mapping[str, ServerProcess], base: str, test: str, folder: Path, pairs: int, files: int = 500
 ) -> Paired:
@@ -217,7 +221,9 @@ def paired_throughput(
     for mode, sp in servers.items():
         tokens[mode] = folder / f"token-{mode}"
         tokens[mode].write_text(sp.token(duration=3600))
-        small_file_throughput(sp.hostspec, sp.deployment.ca, folder / f"warm-{mode}", tokens[mode], 50)
+        small_file_throughput(
+            sp.hostspec, sp.deployment.ca, folder / f"warm-{mode}", tokens[mode], WARM_UP_FILES
+        )
     rates: dict[str, list[float]] = {base: [], test: []}
     cpu: dict[str, list[float]] = {base: [], test: []}
     load = os.getloadavg()[0]

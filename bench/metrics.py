@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench._util import paired_throughput, table
+from bench._util import WARM_UP_FILES, paired_throughput, table
 from sealbox.deploy.local import Deployment, ServerProcess, start_server
 from sealbox.server.metrics import PrometheusMetrics
 
@@ -63,7 +63,7 @@ def run() -> tuple[dict[str, Any], bool]:
                 stack.callback(sp.stop)
             paired = paired_throughput(servers, "off", "on", tmp, PAIRS, FILES)
             # the metrics saw every file: the warm-up's and each run's
-            assert _signed(servers["on"]) == 50 + PAIRS * FILES
+            assert _signed(servers["on"]) == WARM_UP_FILES + PAIRS * FILES
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     counting = _counting_us()
