@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sealbox.deploy.local import ServerProcess
@@ -185,6 +185,17 @@ class Paired:
     def _wide(self) -> bool:
         q1, q3 = self.spread
         return q3 - q1 > 0.1
+
+    def figures(self) -> dict[str, Any]:
+        """The raw figures for ``bench/results/latest.json``, keyed by the modes' names."""
+        return {
+            f"{self.base}_runs": self.rates[self.base],
+            f"{self.test}_runs": self.rates[self.test],
+            "pair_ratios": self.ratios,
+            f"{self.test}_over_{self.base}": self.ratio,
+            "cpu_ms_per_file": self.cpu_ms,
+            f"cpu_{self.test}_over_{self.base}": self.cpu_ratio,
+        }
 
     def rows(self, goal: str) -> list[tuple[str, ...]]:
         """Table rows: each mode's median and runs, the pair ratios, the CPU per file."""

@@ -202,12 +202,7 @@ def run() -> tuple[dict[str, Any], bool]:
     )
     sys.stdout.flush()
     res = {
-        "file_runs": paired.rates["file"],
-        "hsm_runs": paired.rates["hsm"],
-        "pair_ratios": paired.ratios,
-        "hsm_over_file": ratio,
-        "cpu_ms_per_file": paired.cpu_ms,
-        "cpu_hsm_over_file": paired.cpu_ratio,
+        **paired.figures(),
         "signature_ms": sig_ms,
         "tool_formats_s": tools,
         "tool_formats_hsm_over_file": tool_ratios,

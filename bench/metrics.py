@@ -78,12 +78,7 @@ def run() -> tuple[dict[str, Any], bool]:
     print(table(rows, ("metrics", "median", "server CPU", "runs, in order")))
     sys.stdout.flush()
     res = {
-        "off_runs": paired.rates["off"],
-        "on_runs": paired.rates["on"],
-        "pair_ratios": paired.ratios,
-        "on_over_off": paired.ratio,
-        "cpu_ms_per_file": paired.cpu_ms,
-        "cpu_on_over_off": paired.cpu_ratio,
+        **paired.figures(),
         "counting_us": counting,
     }
     return res, passed
