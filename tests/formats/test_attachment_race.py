@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sealbox.client import RegistryError, sign_image
+from sealbox.client import ImageSignature, RegistryError, sign_image
 from sealbox.client._images import ATTACH_ATTEMPTS, _Registry
 from sealbox.simplesigning import SIGNATURE_ANNOTATION, build
 from tests.formats._registry import Registry, run_registry
@@ -107,12 +107,26 @@ def _signatures(registry: Registry, repo: str, tag: str) -> list[bytes]:
     ]
 
 
+def _image(
+    registry: Registry, server: ServerProcess, tmp: Path, repo: str, others: int = 1
+) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """A new image ``repo:1`` and ``others`` signatures of it by other signers."""
+    digest = registry.push(repo, repo.encode() + b"\n")
+    return digest, [
+        _other_signature(server, tmp, f"{registry.host}/{repo}", digest, n) for n in range(others)
+    ]
+
+
+def _sign(registry: Registry, server: ServerProcess, repo: str, digest: str) -> ImageSignature:
+    with server.client() as c:
+        return sign_image(c, f"{registry.host}/{repo}@{digest}", insecure_registry=True)
+
+
 def test_a_signature_written_while_this_one_merges_is_kept(
     registry: Registry, sigstore_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = "race/meanwhile"
-    digest = registry.push(repo, b"meanwhile\n")
-    other = _other_signature(sigstore_server, tmp_path, f"{registry.host}/{repo}", digest)
+    digest, (other,) = _image(registry, sigstore_server, tmp_path, repo)
     upload = _Registry.put_blob
     injected: list[bool] = []
 
@@ -123,8 +137,7 @@ def test_a_signature_written_while_this_one_merges_is_kept(
         return await upload(self, data)
 
     monkeypatch.setattr(_Registry, "put_blob", put_blob)
-    with sigstore_server.client() as c:
-        s = sign_image(c, f"{registry.host}/{repo}@{digest}", insecure_registry=True)
+    s = _sign(registry, sigstore_server, repo, digest)
     assert injected and s.added
     assert _signatures(registry, repo, _tag(digest)) == [other[1], s.signature]
 
@@ -133,8 +146,7 @@ def test_a_signature_dropped_right_after_the_put_is_merged_again(
     registry: Registry, sigstore_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = "race/after"
-    digest = registry.push(repo, b"after\n")
-    other = _other_signature(sigstore_server, tmp_path, f"{registry.host}/{repo}", digest)
+    digest, (other,) = _image(registry, sigstore_server, tmp_path, repo)
     put = _Registry.put_manifest
     puts: list[bytes] = []
 
@@ -146,8 +158,7 @@ def test_a_signature_dropped_right_after_the_put_is_merged_again(
             _stale_write(registry, repo, tag, before, other)
 
     monkeypatch.setattr(_Registry, "put_manifest", put_manifest)
-    with sigstore_server.client() as c:
-        s = sign_image(c, f"{registry.host}/{repo}@{digest}", insecure_registry=True)
+    s = _sign(registry, sigstore_server, repo, digest)
     assert s.added and len(puts) == 2  # its layer was gone: merged into what the other wrote
     assert _signatures(registry, repo, _tag(digest)) == [other[1], s.signature]
 
@@ -156,11 +167,7 @@ def test_a_tag_that_never_settles_is_an_error(
     registry: Registry, sigstore_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = "race/never"
-    digest = registry.push(repo, b"never\n")
-    others = [
-        _other_signature(sigstore_server, tmp_path, f"{registry.host}/{repo}", digest, n)
-        for n in range(ATTACH_ATTEMPTS)
-    ]
+    digest, others = _image(registry, sigstore_server, tmp_path, repo, ATTACH_ATTEMPTS)
     put = _Registry.put_manifest
     puts: list[bytes] = []
 
@@ -171,10 +178,7 @@ def test_a_tag_that_never_settles_is_an_error(
         puts.append(data)
 
     monkeypatch.setattr(_Registry, "put_manifest", put_manifest)
-    with (
-        sigstore_server.client() as c,
-        pytest.raises(RegistryError, match="kept changing under other signers"),
-    ):
-        sign_image(c, f"{registry.host}/{repo}@{digest}", insecure_registry=True)
+    with pytest.raises(RegistryError, match="kept changing under other signers"):
+        _sign(registry, sigstore_server, repo, digest)
     assert len(puts) == ATTACH_ATTEMPTS
     assert _signatures(registry, repo, _tag(digest)) == [o[1] for o in others]  # theirs, none lost
