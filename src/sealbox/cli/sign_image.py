@@ -59,9 +59,9 @@ def sign_image(
     as_json: bool,
     images: tuple[str, ...],
 ) -> None:
-    """Sign IMAGES (REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...) by manifest digest and push
-    each signature to the registry as a cosign attachment (verify with skopeo/podman and a
-    sigstoreSigned policy; see docs/formats/container.md)."""
+    """Sign IMAGES (REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...; Docker Hub is docker.io) by
+    manifest digest and push each signature to the registry as a cosign attachment (verify with
+    skopeo/podman and a sigstoreSigned policy; see docs/formats/container.md)."""
     from ..client import ClientError, ImageRef, RegistryAuth, SigningClient, parse_host
     from ..errors import SealboxError
 
