@@ -233,8 +233,8 @@ def _ask_helper(name: str, registry: str) -> RegistryLogin | None:
         user = secret = None
     if not isinstance(user, str) or not isinstance(secret, str) or not user:
         raise ClientError(f"credential helper {program} answered no Username and Secret for {registry}")
-    if not secret:
-        raise ClientError(f"credential helper {program} answered an empty secret for {registry}")
+    if user == "<token>" and not secret:
+        raise ClientError(f"credential helper {program} answered an empty identity token for {registry}")
     return RegistryLogin(user, secret, identity_token=user == "<token>")
 
 
