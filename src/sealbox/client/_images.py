@@ -555,8 +555,8 @@ async def _attach(registry: _Registry, tag: str, payload: bytes, signature: byte
     read and the PUT."""
     layer = _layer(_sha256(payload), len(payload), base64.b64encode(signature).decode())
     wrote = False
+    found = await registry.manifest(tag, (OCI_MANIFEST,))
     for _ in range(ATTACH_ATTEMPTS):
-        found = await registry.manifest(tag, (OCI_MANIFEST,))
         manifest, config = await _attachment(registry, tag, found)
         if layer in manifest["layers"]:
             return wrote  # there: before this call (False), or since it (True)
@@ -569,38 +569,48 @@ async def _attach(registry: _Registry, tag: str, payload: bytes, signature: byte
             "size": len(config_bytes),
             "digest": await registry.put_blob(config_bytes),
         }
-        if await registry.manifest(tag, (OCI_MANIFEST,)) != found:
-            continue  # another signer wrote meanwhile: merge with what it wrote
+        now = await registry.manifest(tag, (OCI_MANIFEST,))
+        if now != found:  # another signer wrote meanwhile: merge with what it wrote
+            found = now
+            continue
         await registry.put_manifest(tag, json.dumps(manifest, separators=(",", ":")).encode(), OCI_MANIFEST)
         wrote = True
-        if layer in _layers(await registry.manifest(tag, (OCI_MANIFEST,))):
+        found = await registry.manifest(tag, (OCI_MANIFEST,))  # what the next merge starts from
+        if layer in _manifest(tag, found)["layers"]:
             return True
     raise RegistryError(
         f"the attachment {tag} kept changing under other signers ({ATTACH_ATTEMPTS} attempts): sign again"
     )
 
 
-def _layers(found: tuple[bytes, str] | None) -> list[Any]:
-    """The layers of an attachment manifest as read ([] if none, or not one: the next merge
-    says what is wrong with it)."""
+def _manifest(tag: str, found: tuple[bytes, str] | None) -> dict[str, Any]:
+    """The attachment manifest ``found`` (None: a new, empty one), parsed; its layers a list."""
+    if found is None:
+        return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}
     try:
-        layers = json.loads(found[0])["layers"] if found is not None else []
-    except (ValueError, KeyError, TypeError):
-        return []
-    return layers if isinstance(layers, list) else []
+        manifest = json.loads(found[0])
+        if not isinstance(manifest["layers"], list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})") from None
+    return manifest  # type: ignore[no-any-return]
 
 
 async def _attachment(
     registry: _Registry, tag: str, found: tuple[bytes, str] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The attachment manifest ``found`` (None: a new, empty one) and its config, parsed."""
+    manifest = _manifest(tag, found)
     if found is None:
-        config = {"architecture": "", "os": "", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
-        return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}, config
+        return manifest, {
+            "architecture": "",
+            "os": "",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }
     try:
-        manifest = json.loads(found[0])
         config = json.loads(await registry.blob(manifest["config"]["digest"]))
-        if not isinstance(manifest["layers"], list) or not isinstance(config["rootfs"]["diff_ids"], list):
+        if not isinstance(config["rootfs"]["diff_ids"], list):
             raise TypeError
     except (ValueError, KeyError, TypeError) as e:
         raise RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})") from None
