@@ -197,8 +197,10 @@ class Paired:
             f"cpu_{self.test}_over_{self.base}": self.cpu_ratio,
         }
 
-    def rows(self, goal: str) -> list[tuple[str, ...]]:
-        """Table rows: each mode's median and runs, the pair ratios, the CPU per file."""
+    def rows(self, goal: float) -> list[tuple[str, ...]]:
+        """Table rows: each mode's median and runs, the pair ratios against ``goal`` (the
+        least test / base ratio), the CPU per file."""
+        verdict = f">= {goal} " + ("ok" if self.ratio >= goal else "MISSED")
         out: list[tuple[str, ...]] = [
             (
                 mode,
@@ -213,7 +215,7 @@ class Paired:
                 f"{self.test} / {self.base}",
                 f"{self.ratio:.3f} (median of pairs)",
                 f"CPU/file {self.cpu_ratio:.3f}",
-                goal + "; pairs: " + ", ".join(f"{x:.3f}" for x in self.ratios),
+                verdict + "; pairs: " + ", ".join(f"{x:.3f}" for x in self.ratios),
             )
         )
         return out
