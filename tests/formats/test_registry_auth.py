@@ -124,8 +124,7 @@ class _TokenService:
                 return web.Response(status=401)
             user = USER
         scope = request.query.get("scope", "")
-        # the registry names the actions in any order (pull,push or push,pull)
-        self.asked.append((user, " ".join(_sorted_actions(item) for item in scope.split())))
+        self.asked.append((user, _sorted_actions(scope)))
         return web.json_response({"token": self._jwt(user, scope)})
 
     async def _oauth(self, request: web.Request) -> web.Response:
@@ -137,7 +136,7 @@ class _TokenService:
         if form.get("refresh_token") != self.identity or form.get("service") != self.SERVICE:
             return web.json_response({"error": "invalid_grant"}, status=401)
         scope = str(form.get("scope", ""))
-        self.asked.append(("oauth:" + USER, " ".join(_sorted_actions(item) for item in scope.split())))
+        self.asked.append(("oauth:" + USER, _sorted_actions(scope)))
         self.identity = "idt-" + secrets.token_hex(8)
         body = {"access_token": self._jwt(USER, scope), "refresh_token": self.identity, "expires_in": 300}
         return web.json_response(body)
@@ -150,8 +149,13 @@ class _TokenService:
 
 
 def _sorted_actions(scope: str) -> str:
-    kind, name, actions = scope.rsplit(":", 2)
-    return f"{kind}:{name}:{','.join(sorted(actions.split(',')))}"
+    """A scope's items with their actions sorted: the registry names them in any order
+    (``pull,push`` or ``push,pull``)."""
+    items = []
+    for item in scope.split():
+        kind, name, actions = item.rsplit(":", 2)
+        items.append(f"{kind}:{name}:{','.join(sorted(actions.split(',')))}")
+    return " ".join(items)
 
 
 @pytest.fixture(scope="module")
