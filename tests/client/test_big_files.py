@@ -107,7 +107,8 @@ def test_a_late_sha1_is_checked_like_an_early_one(gpg_server: ServerProcess) -> 
     sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
     ok = _post(gpg_server, *_late_form(gpg_server.token(), data, sha1))
     assert ok.status_code == 200 and ok.headers["X-SHA1-Digest"]
-    wrong = _post(gpg_server, *_late_form(gpg_server.token(), data[:-1] + b"\0", sha1))
+    changed = data[:-1] + bytes([data[-1] ^ 1])  # a different last byte, always (a 0 one was left as it was)
+    wrong = _post(gpg_server, *_late_form(gpg_server.token(), changed, sha1))
     assert wrong.status_code == 400 and "Hash mismatch" in wrong.headers["X-Sealbox-Error"]
     bad = _post(gpg_server, *_late_form(gpg_server.token(), os.urandom(1000), "not-hex"))
     assert bad.status_code == 400 and "40 lowercase hex" in bad.headers["X-Sealbox-Error"]
