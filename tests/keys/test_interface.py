@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pkcs11 import Attribute, ObjectClass
 
 from sealbox.deploy import pki
@@ -286,18 +287,87 @@ def test_file_key_digests_match_cryptography_prehashed() -> None:
     assert FileKey("k", raw).sign_digest(digest, "sha384", "pkcs1v15") == expected
 
 
-def test_a_signature_that_does_not_verify_never_leaves_sign_digest_checked() -> None:
-    """The guard every signer of digests uses: a faulty signature (a hardware or library
-    fault, here a flipped bit) is a retryable SigningFailed, never returned."""
-    from cryptography.hazmat.primitives.asymmetric import ec
+def _faulty(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> SigningKey:
+    """``key`` with a fault where its backend answers: one bit of every signature flipped. A
+    test double of a faulty HSM or library (none fails on demand), named as such."""
 
-    class Faulty(FileKey):
-        def _sign_digest(self, digest: bytes, hash_name: Any, pad: Any) -> bytes:
-            good = super()._sign_digest(digest, hash_name, pad)
+    def flipping(real: Any) -> Any:
+        def flipped(*args: Any) -> bytes:
+            good: bytes = real(*args)
             return good[:-1] + bytes([good[-1] ^ 1])
 
-    digest = hashlib.sha256(b"data").digest()
-    key = FileKey("k", ec.generate_private_key(ec.SECP256R1()))
-    assert key.verifies(key.sign_digest_checked(digest, "sha256", "ecdsa"), digest, "sha256", "ecdsa")
+        return flipped
+
+    for name in ("_sign_digest", "_sign_message"):
+        monkeypatch.setattr(key, name, flipping(getattr(key, name)))
+    return key
+
+
+@pytest.mark.parametrize(
+    ("where", "algorithm", "pad"),
+    [
+        ("pkcs11", "rsa", "pkcs1v15"),
+        ("pkcs11", "rsa", "pss"),
+        ("pkcs11", "ec", "ecdsa"),
+        ("file", "ec", "ecdsa"),
+    ],
+)
+def test_a_faulty_signature_never_leaves_the_key(
+    token: Token, monkeypatch: pytest.MonkeyPatch, where: str, algorithm: str, pad: Any
+) -> None:
+    """Every signature is checked with the public half before it is returned, by digest or by
+    message: a faulty one is a retryable SigningFailed (file RSA keys excepted: OpenSSL checks
+    those itself, below the interface)."""
+    key = _faulty(_keys(token, algorithm)[where], monkeypatch)
+    digest = hashlib.sha256(DATA).digest()
+    with pytest.raises(SigningFailed, match=f"key '{key.name}' made a {pad} signature that does not verify"):
+        key.sign_digest(digest, "sha256", pad)
     with pytest.raises(SigningFailed, match="does not verify"):
-        Faulty("k", ec.generate_private_key(ec.SECP256R1())).sign_digest_checked(digest, "sha256", "ecdsa")
+        key.sign(DATA, "sha256", pad)
+
+
+def test_a_faulty_ed25519_signature_never_leaves_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ed25519 is deterministic: a faulty signature of a message can give the key away."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = FileKey("ed", ed25519.Ed25519PrivateKey.generate())
+    assert key.verifies(key.sign(DATA, "sha256", "ed25519"), DATA, "sha256", "ed25519")
+    with pytest.raises(SigningFailed, match="made a ed25519 signature that does not verify"):
+        _faulty(key, monkeypatch).sign(DATA, "sha256", "ed25519")
+
+
+def test_formats_that_build_their_own_packets_stop_a_faulty_token_signature(
+    token: Token, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """OpenPGP (gpg) and CMS (emevoucher) wrap the key's signature in packets of their own: a
+    faulty one from the token fails the attempt instead of being packed and sent."""
+    import time
+
+    from sealbox.formats import _openpgp
+    from sealbox.formats.emevoucher import EmeVoucherSigner
+    from sealbox.formats.gpg import GpgSigner
+
+    key = _pkcs11(token, "rsa", RSA_ID)
+    ca = pki.make_ca("tests root")
+    public = key.public_key
+    assert isinstance(public, rsa.RSAPublicKey)
+    cert = pki.certify(ca, "voucher signer", public, ekus=[ExtendedKeyUsageOID.EMAIL_PROTECTION])
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem())
+    key = _pkcs11(token, "rsa", RSA_ID, chain)
+    block = tmp_path / "gpg.asc"
+    block.write_bytes(_openpgp.public_key_block(key, "Tests <tests@example.invalid>", int(time.time())))
+    src = tmp_path / "input.bin"
+    src.write_bytes(DATA)
+    signers = [
+        GpgSigner(FormatSettings("gpg", "rsa", {"public_key": str(block)}, tmp_path), lambda _: key),
+        EmeVoucherSigner(FormatSettings("emevoucher", "rsa", {}, tmp_path), lambda _: key),
+    ]
+    for signer in signers:  # both sign with the sound key
+        signer.sign(SignRequest(src, tmp_path / f"ok-{signer.format}", src.name, tmp_path))
+    _faulty(key, monkeypatch)
+    for signer in signers:
+        out = tmp_path / f"faulty-{signer.format}"
+        with pytest.raises(SigningFailed, match="does not verify"):
+            signer.sign(SignRequest(src, out, src.name, tmp_path))
+        assert not out.exists()

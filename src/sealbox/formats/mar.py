@@ -332,7 +332,7 @@ class MarSigner(Signer):
         try:
             digest = self._rewrite(request.input, tmp, info)
             hash_name = _HASHLIB[self._algo_id]
-            signature = self._key.sign_digest_checked(digest, hash_name, "pkcs1v15")
+            signature = self._key.sign_digest(digest, hash_name, "pkcs1v15")
             with tmp.open("r+b") as f:
                 f.seek(SIGNATURE_OFFSET)
                 f.write(signature)

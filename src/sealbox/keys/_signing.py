@@ -175,7 +175,12 @@ class SigningKey(ABC):
             raise ConfigError(f"format '{fmt}': key '{self.name}' is shorter than {min_bits} bits")
 
     def sign_digest(self, digest: bytes, hash_name: HashName, pad: Padding) -> bytes:
-        """Sign a digest made with ``hash_name`` (RSA: PKCS#1 v1.5 or PSS; EC: DER ECDSA)."""
+        """Sign a digest made with ``hash_name`` (RSA: PKCS#1 v1.5 or PSS; EC: DER ECDSA).
+
+        The signature is checked with the public half before it is returned (unless the
+        backend's library checked it already): a faulty one (a hardware or library fault)
+        never leaves the server. Raises :class:`~sealbox.errors.SigningFailed` for one (another
+        attempt may do)."""
         self._check(hash_name, pad)
         if pad == "ed25519":
             raise ConfigError(f"key '{self.name}': Ed25519 signs messages, not digests")
@@ -183,23 +188,26 @@ class SigningKey(ABC):
             raise ValueError(
                 f"a {hash_name} digest is {HASHES[hash_name].digest_size} bytes, not {len(digest)}"
             )
-        return self._sign_digest(digest, hash_name, pad)
+        return self._checked(self._sign_digest(digest, hash_name, pad), digest, hash_name, pad)
 
-    def sign_digest_checked(self, digest: bytes, hash_name: HashName, pad: Padding) -> bytes:
-        """:meth:`sign_digest`, the signature checked with the public half before it is returned:
-        a faulty one (a hardware or library fault) never leaves the server. Raises
-        :class:`~sealbox.errors.SigningFailed` (another attempt may do)."""
-        signature = self.sign_digest(digest, hash_name, pad)
-        if not self.verifies(signature, digest, hash_name, pad):
+    def sign(self, data: bytes, hash_name: HashName, pad: Padding) -> bytes:
+        """Sign a message (hashed here with ``hash_name``, except for Ed25519); checked as
+        :meth:`sign_digest` checks."""
+        self._check(hash_name, pad)
+        if pad == "ed25519":
+            return self._checked(self._sign_message(data), data, hash_name, pad)
+        digest = hashlib.new(hash_name, data).digest()
+        return self._checked(self._sign_digest(digest, hash_name, pad), digest, hash_name, pad)
+
+    def _checked(self, signature: bytes, signed: bytes, hash_name: HashName, pad: Padding) -> bytes:
+        if not self._self_checked(pad) and not self.verifies(signature, signed, hash_name, pad):
             raise SigningFailed(f"key '{self.name}' made a {pad} signature that does not verify")
         return signature
 
-    def sign(self, data: bytes, hash_name: HashName, pad: Padding) -> bytes:
-        """Sign a message (hashed here with ``hash_name``, except for Ed25519)."""
-        self._check(hash_name, pad)
-        if pad == "ed25519":
-            return self._sign_message(data)
-        return self._sign_digest(hashlib.new(hash_name, data).digest(), hash_name, pad)
+    def _self_checked(self, pad: Padding) -> bool:
+        """Whether the backend's own library checks its ``pad`` signatures before returning
+        them (a second check here would only cost time). None does, unless it says so."""
+        return False
 
     def verifies(self, signature: bytes, digest: bytes, hash_name: HashName, pad: Padding) -> bool:
         """Whether ``signature`` over ``digest`` checks out with this key's public half (a

@@ -48,6 +48,12 @@ class FileKey(SigningKey):
         assert isinstance(self._key, ed25519.Ed25519PrivateKey)
         return self._key.sign(data)
 
+    def _self_checked(self, pad: Padding) -> bool:
+        # OpenSSL checks every RSA private-key result (crypto/rsa/rsa_ossl.c, rsa_ossl_mod_exp:
+        # a miscalculated CRT result is recomputed, never returned). It checks no ECDSA or
+        # Ed25519 signature (a faulty deterministic Ed25519 one can give the key away).
+        return self.algorithm == "rsa"
+
     def tool_handoff(self) -> FileHandoff:
         """The in-memory key and its chain, for tools that are given key material."""
         return FileHandoff(self.name, self.chain, self._key)
