@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -108,6 +109,31 @@ def test_cache_hit_needs_no_network(gpg_server: ServerProcess, tmp_path: Path, p
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["files"][0]["cached"] == ["gpg"]
     assert payload.with_name(payload.name + ".asc").read_bytes() == first
+
+
+def test_a_summary_that_cannot_be_written_fails_the_command(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    """``sealbox sign`` ends without the interpreter's teardown, but only once its output is
+    out: a summary whose reader is gone (a closed pipe) makes the exit code 1, quietly. The
+    signatures themselves are written."""
+    token = tmp_path / "token"
+    token.write_text(gpg_server.token())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader at all: every write to the pipe fails
+    # buffered standard output, as by default: the summary only reaches the pipe when flushed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        res = subprocess.run(
+            [str(BIN / "sealbox"), "sign", "-H", gpg_server.hostspec, "-c", str(gpg_server.deployment.ca),
+             "-t", str(token), "-f", "gpg", "--json", str(payload)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False, env=env,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert verified(gpg_server, payload)
 
 
 def test_server_that_never_answers_times_out(

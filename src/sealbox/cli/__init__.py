@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .. import __version__
+from . import _common
 
 _COMMANDS = {
     "init": ("sealbox.cli.init", "init"),
@@ -48,4 +49,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """The ``sealbox`` command: with ``argv`` None, this process is it (see ``_common.finish``)."""
+    if argv is None:
+        _common.own_process = True
     return cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="sealbox")

@@ -13,6 +13,10 @@ import click
 
 F = TypeVar("F", bound=Callable[..., object])
 
+#: set by :func:`sealbox.cli.main` when this process is the ``sealbox`` command itself (not a
+#: caller running the CLI in-process, as tests do): :func:`finish` may then end it at once
+own_process = False
+
 
 def trust_only(ca: Path) -> None:
     """For a command that talks to signing servers alone, before it imports the client: this
@@ -49,6 +53,23 @@ def server_options(command: F) -> F:
     ):
         command = option(command)
     return command
+
+
+def finish(code: int) -> NoReturn:
+    """Exit with ``code``, for a command that has closed everything it opened.
+
+    As the ``sealbox`` process itself, without the interpreter's teardown: freeing hundreds of
+    modules the process is about to lose anyway takes about 30 ms, 15% of a cold ``sealbox
+    sign`` (a pipeline may run one per file). Standard output and error are flushed first; a
+    flush that fails makes the exit code 1, as it would at a normal exit."""
+    if not own_process:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream
+            code = code or 1
+    os._exit(code)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

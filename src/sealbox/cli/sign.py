@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..wire import KNOWN
-from ._common import fail, server_options, trust_only
+from ._common import fail, finish, server_options, trust_only
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -169,7 +169,7 @@ def sign(
             results = client.sign_many(items, jobs)
 
     _report(results, as_json=as_json, quiet=quiet, verbose=verbose)
-    sys.exit(0 if all(r.ok for r in results) else 1)
+    finish(0 if all(r.ok for r in results) else 1)
 
 
 def _report(results: Sequence[SignOutcome], *, as_json: bool, quiet: bool, verbose: bool) -> None:
