@@ -136,6 +136,26 @@ def test_a_summary_that_cannot_be_written_fails_the_command(
     assert verified(gpg_server, payload)
 
 
+def test_an_empty_token_file_or_an_empty_folder_is_said(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    """An empty token file (a failed mint in the pipeline) stops the command before any
+    request, naming the file; a folder with nothing to sign succeeds, as signtool does, but
+    says so (a wrong folder does not pass unnoticed)."""
+    (tmp_path / "token").write_text("\n")
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(payload))
+    assert res.returncode == 2 and f"the token file {tmp_path / 'token'} is empty" in res.stderr
+    assert not payload.with_name(payload.name + ".asc").exists()
+    (tmp_path / "token").write_text(gpg_server.token())
+    empty = tmp_path / "nothing here"
+    empty.mkdir()
+    (empty / "README").write_text("not a match")
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-i", "*.bin", str(empty))
+    assert res.returncode == 0 and "warning: no files to sign" in res.stderr, res.stderr
+    res = sign_cli(gpg_server, tmp_path, "-q", "-f", "gpg", "-i", "*.bin", str(empty))
+    assert res.returncode == 0 and res.stderr == ""
+
+
 def test_server_that_never_answers_times_out(
     gpg_server: ServerProcess, tmp_path: Path, payload: Path
 ) -> None:

@@ -120,10 +120,16 @@ def sign(
         fail(f"cannot read {e.filename or token_file}: {e.strerror}", 2)
     except SealboxError as e:
         fail(str(e), 2)
+    if not token:
+        fail(f"the token file {token_file} is empty", 2)
     files = list(find_files([Path(p) for p in paths], includes, excludes))
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         fail(f"no such file: {missing[0]}", 2)
+    if not files and not quiet:
+        # not an error (signtool signs nothing and succeeds: a filter may rightly match
+        # nothing), but a wrong folder should not pass unnoticed
+        click.echo("sealbox: warning: no files to sign in the folders given", err=True)
     if output_file is not None and len(files) != 1:
         fail("-o / --output-file can only be used when signing a single file", 2)
     if output_file is not None and output_dir is not None:

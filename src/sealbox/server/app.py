@@ -425,7 +425,7 @@ def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
     if not name or len(name) > 255 or name in (".", "..") or any(c in name for c in "/\\\x00"):
         return "the filename must be a plain file name"
     if not any(re.match(p, name) for p in patterns):
-        return "Unacceptable filename"
+        return "Unacceptable filename: not allowed by this server's allowed_filenames"
     return None
 
 
