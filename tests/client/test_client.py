@@ -156,6 +156,28 @@ def test_an_empty_token_file_or_an_empty_folder_is_said(
     assert res.returncode == 0 and res.stderr == ""
 
 
+def test_an_unusable_ca_bundle_or_input_is_one_line(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    """A CA bundle that is not one, a named pipe: one error line and exit 2, no traceback."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text("not a certificate\n")
+    token = tmp_path / "token"
+    token.write_text(gpg_server.token())
+    res = subprocess.run(
+        [str(BIN / "sealbox"), "sign", "-H", gpg_server.hostspec, "-c", str(bundle), "-t", str(token),
+         "-f", "gpg", str(payload)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"sealbox: error: CA bundle {bundle} cannot be loaded")
+    assert "Traceback" not in res.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(fifo))
+    assert res.returncode == 2 and f"not a regular file: {fifo}" in res.stderr, res.stderr
+
+
 def test_server_that_never_answers_times_out(
     gpg_server: ServerProcess, tmp_path: Path, payload: Path
 ) -> None:

@@ -364,6 +364,21 @@ def test_wrong_token_credentials(upstream: Path, worker: Worker, tmp_path: Path)
     refused(go(config, upstream, tmp_path), 5, "gave a token")
 
 
+def test_an_unusable_ca_bundle_fails_the_task_not_retries_it(
+    upstream: Path, worker: Worker, tmp_path: Path
+) -> None:
+    """A level's CA bundle that is not one is the worker's configuration, not a server that did
+    not answer: exit 5 (failed), not 4 (a worker would retry that for ever)."""
+    bundle = tmp_path / "not-a-bundle.pem"
+    bundle.write_text("not a certificate\n")
+
+    def broken(data: dict[str, Any]) -> None:
+        data["levels"]["dep"]["ca"] = str(bundle)
+
+    write_task(upstream, [entry("Build1", ["public/build/notes.txt"], ["gpg"])])
+    refused(go(worker.variant("bad-ca", broken), upstream, tmp_path), 5, "level 'dep'", "cannot be loaded")
+
+
 def test_config_errors_name_the_field(tmp_path: Path, worker: Worker, upstream: Path) -> None:
     def typo(data: dict[str, Any]) -> None:
         data["worker"]["prodcution"] = True

@@ -40,6 +40,21 @@ def find_files(paths: Sequence[Path], includes: Sequence[str], excludes: Sequenc
             yield p
 
 
+def _files(
+    paths: Sequence[Path], includes: Sequence[str], excludes: Sequence[str], quiet: bool
+) -> list[Path]:
+    """What the command signs: :func:`find_files`, each a regular file (else exit 2)."""
+    files = list(find_files(paths, includes, excludes))
+    for p in files:
+        if not p.is_file():
+            fail(f"not a regular file: {p}" if p.exists() else f"no such file: {p}", 2)
+    if not files and not quiet:
+        # not an error (signtool signs nothing and succeeds: a filter may rightly match
+        # nothing), but a wrong folder should not pass unnoticed
+        click.echo("sealbox: warning: no files to sign in the folders given", err=True)
+    return files
+
+
 @click.command()
 @server_options
 @click.option(
@@ -122,14 +137,7 @@ def sign(
         fail(str(e), 2)
     if not token:
         fail(f"the token file {token_file} is empty", 2)
-    files = list(find_files([Path(p) for p in paths], includes, excludes))
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        fail(f"no such file: {missing[0]}", 2)
-    if not files and not quiet:
-        # not an error (signtool signs nothing and succeeds: a filter may rightly match
-        # nothing), but a wrong folder should not pass unnoticed
-        click.echo("sealbox: warning: no files to sign in the folders given", err=True)
+    files = _files([Path(p) for p in paths], includes, excludes, quiet)
     if output_file is not None and len(files) != 1:
         fail("-o / --output-file can only be used when signing a single file", 2)
     if output_file is not None and output_dir is not None:
@@ -147,18 +155,22 @@ def sign(
 
     show_progress = sys.stderr.isatty() and not quiet and not as_json
     items = [(p, fmts, dest_of(p)) for p in files]
-    with SigningClient(
-        servers,
-        ca,
-        token,
-        timeout=timeout,
-        cache_dir=cachedir,
-        nonce_file=nonce_file,
-        connections=max(4, jobs * 2),
-        on_retry=retrying if verbose else None,
-        log_proof=log_proof or pinned is not None,
-        log_key=pinned,
-    ) as client:
+    try:
+        client = SigningClient(
+            servers,
+            ca,
+            token,
+            timeout=timeout,
+            cache_dir=cachedir,
+            nonce_file=nonce_file,
+            connections=max(4, jobs * 2),
+            on_retry=retrying if verbose else None,
+            log_proof=log_proof or pinned is not None,
+            log_key=pinned,
+        )
+    except SealboxError as e:  # a CA bundle that is not one
+        fail(str(e), 2)
+    with client:
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 

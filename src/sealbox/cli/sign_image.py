@@ -82,7 +82,11 @@ def sign_image(
     from ..client import sign_image as sign
 
     results: list[dict[str, object]] = []
-    with SigningClient(servers, ca, token, timeout=timeout) as client:
+    try:
+        client = SigningClient(servers, ca, token, timeout=timeout)
+    except SealboxError as e:  # a CA bundle that is not one
+        fail(str(e), 2)
+    with client:
         for ref in refs:
             try:
                 s = sign(

@@ -39,6 +39,7 @@ from ..client import (
     ClientError,
     LogProof,
     Server,
+    ServerUnavailable,
     SigningClient,
     TokenRefused,
     load_log_key,
@@ -279,10 +280,12 @@ class _Runner:
                 token = request_token(
                     server, ca, user, password, config.worker.ip, config.worker.token_duration
                 )
-            except ClientError as e:
+            except (TokenRefused, ServerUnavailable) as e:
                 errors.append(str(e))
                 refused += isinstance(e, TokenRefused)
                 continue
+            except ClientError as e:  # not a server's answer: the level's CA bundle is unusable
+                raise TaskFailure(EXIT_FAILED, f"level '{grant.level}': {e}") from None
             if token:
                 return token
             errors.append(f"{server.url}: empty token")
