@@ -328,3 +328,14 @@ def test_https_artifact_store(
     write_task(work3, [entry("NotThere1", ["public/build/setup.exe"], ["sha2signcode"])])
     gone = run(config, work3, tmp_path / "out3")
     assert gone.code == 4 and "404" in gone.first
+    # a CA bundle that is not one: the worker's configuration, failed at once (not retried)
+    (tmp_path / "not-a-bundle.pem").write_text("not a certificate\n")
+
+    def broken(data: dict[str, Any]) -> None:
+        store(data)
+        data["worker"]["artifact_store_ca"] = str(tmp_path / "not-a-bundle.pem")
+
+    work4 = tmp_path / "work4"
+    write_task(work4, [entry("HttpsBuild1", ["public/build/setup.exe"], ["sha2signcode"])])
+    misconfigured = run(worker.variant("bad-store-ca", broken), work4, tmp_path / "out4")
+    assert misconfigured.code == 5 and "worker.artifact_store_ca" in misconfigured.first, misconfigured.text

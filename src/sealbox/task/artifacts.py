@@ -24,7 +24,7 @@ from types import TracebackType
 import aiohttp
 
 from ..client import describe_error
-from ..errors import SealboxError
+from ..errors import ConfigError, SealboxError
 
 CHUNK = 1 << 20
 
@@ -106,7 +106,10 @@ def fetch(
     max_size: int = 8 * 1024**3,
     timeout: float = 300.0,
 ) -> Path:
-    """Make sure ``dest`` (= ``W/cot/<taskId>/<path>``) holds the artifact; returns it."""
+    """Make sure ``dest`` (= ``W/cot/<taskId>/<path>``) holds the artifact; returns it.
+
+    Raises :class:`Unavailable` when it cannot be had now (worth another try later), and
+    :class:`~sealbox.errors.ConfigError` when ``ca`` cannot be loaded (it will not be)."""
     if dest.is_file() and not dest.is_symlink():
         return dest
     if dest.exists() or dest.is_symlink():
@@ -158,8 +161,8 @@ def _download(
 ) -> int:
     try:
         verify = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-    except (OSError, ssl.SSLError) as e:
-        raise Unavailable(f"{name}: cannot load the artifact store CA {ca}: {e}") from None
+    except (OSError, ssl.SSLError) as e:  # the worker's configuration: retrying will not help
+        raise ConfigError(f"cannot load the artifact store CA {ca}: {e}") from None
     try:
         return asyncio.run(_fetch(url, tmp, name, progress, verify, max_size, timeout))
     except (aiohttp.ClientError, TimeoutError) as e:

@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..errors import ConfigError
 from . import cot
 from .artifacts import Progress, Unavailable, fetch
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
@@ -85,6 +86,8 @@ class _Fetcher:
             return fetch(task_id, rel, dest, self.store, self.progress, ca=self.ca, max_size=self.max_size)
         except Unavailable as e:
             raise TaskFailure(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
+        except ConfigError as e:
+            raise TaskFailure(EXIT_FAILED, f"worker.artifact_store_ca: {e}") from None
 
 
 def _verify(config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream) -> None:
