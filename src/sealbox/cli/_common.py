@@ -61,7 +61,8 @@ def finish(code: int) -> NoReturn:
     As the ``sealbox`` process itself, without the interpreter's teardown: freeing hundreds of
     modules the process is about to lose anyway takes about 30 ms, 15% of a cold ``sealbox
     sign`` (a pipeline may run one per file). Standard output and error are flushed first; a
-    flush that fails makes the exit code 1, as it would at a normal exit."""
+    flush that fails (a closed pipe) makes the exit code 1 (a normal exit would print a warning
+    and exit 120)."""
     if not own_process:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
