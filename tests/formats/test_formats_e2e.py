@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import ssl
 import subprocess
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from sealbox.client import detached_suffix
+from sealbox.errors import VerificationFailed
 from sealbox.formats import all_formats, signer_class
 from sealbox.samples import pe
 from sealbox.samples.mar import write_mar
@@ -91,12 +93,13 @@ def _served(sp: ServerProcess) -> list[str]:
     return [f for f in all_formats() if f in sp.deployment.config.read_text()]
 
 
-def _verify(sp: ServerProcess, fmt: str, src: Path, out: Path) -> None:
+def _verify(sp: ServerProcess, fmt: str, src: Path, out: Path, public: Path | None = None) -> None:
+    public = public or sp.deployment.public
     suffix = detached_suffix(fmt)
     if suffix:
-        signer_class(fmt).verify(fmt, out.with_name(out.name + suffix), out, sp.deployment.public)
+        signer_class(fmt).verify(fmt, out.with_name(out.name + suffix), out, public)
     else:
-        signer_class(fmt).verify(fmt, out, None, sp.deployment.public)
+        signer_class(fmt).verify(fmt, out, None, public)
 
 
 @pytest.mark.parametrize("fmt", list(GOOD))
@@ -112,6 +115,12 @@ def test_every_format_signs_and_verifies(full: ServerProcess, tmp_path: Path, fm
             _verify(full, fmt, src, out)
             if not detached_suffix(fmt):
                 assert out.read_bytes() != src.read_bytes()
+    # a folder without the public halves: the verifier names the file it needs, whatever the tool
+    # would have said about it
+    empty = tmp_path / "not-public"
+    empty.mkdir()
+    with pytest.raises(VerificationFailed, match=rf"{re.escape(str(empty))}/\S+ is missing"):
+        _verify(full, fmt, src, out, empty)
 
 
 def _no_temp_left(sp: ServerProcess) -> bool:

@@ -14,7 +14,7 @@ from ..errors import ConfigError, VerificationFailed
 from ..fsutil import remove_tree
 from ..keys import SigningKey
 from . import _openpgp
-from .base import FormatSettings, KeyResolver
+from .base import FormatSettings, KeyResolver, public_file
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -48,7 +48,7 @@ def dev_key(ctx: DevContext, name: str, what: str, readme: str) -> str:
 
 def public_key(public_dir: Path, name: str) -> tuple[_openpgp.PublicKey, bytes]:
     """The verifier's view of ``public/<name>.asc``: the key, and the block as a binary keyring."""
-    path = public_dir / f"{name}.asc"
+    path = public_file(public_dir, f"{name}.asc")
     try:
         armoured = path.read_bytes()
         return _openpgp.PublicKey.from_armored(armoured), _openpgp.dearmor(armoured)

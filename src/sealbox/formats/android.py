@@ -50,7 +50,7 @@ from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFai
 from ..keys import HashName
 from ..procs import tool_reason
 from ._apksig import APKSIG_JAR, V1, V2, V3, JvmSettings, jvm_for
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -404,7 +404,7 @@ def _run_verifier(argv: list[str], work: Path) -> tuple[int, str]:
 def _apksigner_verify(fmt: str, signed: Path, public_dir: Path, schemes: tuple[str, ...]) -> str:
     """apksigner verify: one signer, this format's certificate, each of ``schemes`` verified.
     Returns the command line (without the file)."""
-    cert_path = public_dir / f"{fmt}.pem"
+    cert_path = public_file(public_dir, f"{fmt}.pem")
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError) as e:
@@ -458,9 +458,7 @@ def _verify_classic_apk(fmt: str, signed: Path, public_dir: Path) -> str:
 
 
 def _verify_jar(fmt: str, signed: Path, public_dir: Path) -> str:
-    trust = public_dir / f"{fmt}-truststore.p12"
-    if not trust.is_file():
-        raise VerificationFailed(f"missing truststore {trust}")
+    trust = public_file(public_dir, f"{fmt}-truststore.p12")
     cmd = [
         "jarsigner",
         "-verify",

@@ -71,7 +71,16 @@ from ._cab import sign_cab
 from ._catalog import sign_catalog
 from ._pe import Sign, request_timestamp, sign_pe_file, signed_data
 from ._script import sign_script
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_tool, run_verifier
+from .base import (
+    FormatSettings,
+    KeyResolver,
+    Signer,
+    SignRequest,
+    child_env,
+    public_file,
+    run_tool,
+    run_verifier,
+)
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -431,7 +440,7 @@ class AuthenticodeSigner(Signer):
         version = osslsigncode_version(tool)
         if need is not None and (version is None or version < need):
             raise VerificationFailed(f"verifying {KIND_NAMES[kind]} needs osslsigncode {need[0]}.{need[1]}")
-        argv = [tool, "verify", "-CAfile", str(public_dir / CA_FILE)]
+        argv = [tool, "verify", "-CAfile", str(public_file(public_dir, CA_FILE))]
         if (public_dir / TSA_CA_FILE).is_file():
             argv += ["-TSA-CAfile", str(public_dir / TSA_CA_FILE)]
         with tempfile.TemporaryDirectory(prefix="sealbox-verify-") as tmp:

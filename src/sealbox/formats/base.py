@@ -37,6 +37,7 @@ __all__ = [
     "SignRequest",
     "Signer",
     "child_env",
+    "public_file",
     "run_tool",
     "run_verifier",
 ]
@@ -101,6 +102,15 @@ class FormatSettings:
         if self.key is None:
             raise ConfigError(f"format '{self.name}': 'key' is required")
         return self.key
+
+
+def public_file(public_dir: Path, name: str) -> Path:
+    """``public_dir/name``, a public half a verifier needs; VerificationFailed naming it if the
+    folder does not hold it (rather than the verifier's own words for a missing file)."""
+    path = public_dir / name
+    if not path.is_file():
+        raise VerificationFailed(f"{path} is missing (is {public_dir} a deployment's public/ folder?)")
+    return path
 
 
 def run_verifier(

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from . import _cms
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -116,9 +116,7 @@ class EmeVoucherSigner(Signer):
         openssl = shutil.which("openssl")
         if openssl is None:
             raise VerificationFailed("openssl is not installed")
-        ca = public_dir / "emevoucher-ca.pem"
-        if not ca.is_file():
-            raise VerificationFailed(f"{ca} is missing")
+        ca = public_file(public_dir, "emevoucher-ca.pem")
         with tempfile.TemporaryDirectory(prefix="sbeme") as tmp:
             content = Path(tmp) / "voucher"
             cmd = [

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VerificationFailed
 from ..keys import HashName
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, child_env, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -52,11 +52,12 @@ class GpgSigner(Signer):
         gpg = shutil.which("gpg")
         if gpg is None:
             raise VerificationFailed("gpg is not installed")
+        keys = public_file(public_dir, "gpg.asc")
         with _pgpkeys.scratch("sbg") as home:
             base = [gpg, "--homedir", str(home), "--batch", "--no-tty"]
             try:
                 env = child_env(home)
-                imp = run_verifier([*base, "--import", str(public_dir / "gpg.asc")], "gpg --import", 60, env)
+                imp = run_verifier([*base, "--import", str(keys)], "gpg --import", 60, env)
                 if imp.returncode != 0:
                     why = imp.stderr.decode(errors="replace").strip()
                     raise VerificationFailed(f"gpg --import failed: {why}")

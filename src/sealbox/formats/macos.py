@@ -64,7 +64,7 @@ from ._macho import (
     read_slices,
 )
 from ._macho import path_identifier as _path_identifier
-from .base import FormatSettings, KeyResolver, Signer, SignRequest
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -379,9 +379,7 @@ class MacSigner(Signer):
 
     @classmethod
     def verify(cls, fmt: str, signed: Path, original: Path | None, public_dir: Path) -> str:
-        ca = public_dir / CA_FILE
-        if not ca.is_file():
-            raise VerificationFailed(f"{ca} is missing")
+        ca = public_file(public_dir, CA_FILE)
         tsa = public_dir / TSA_CA_FILE
         with tempfile.TemporaryDirectory(prefix="sbmac") as tmp:
             try:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK, copy_hashed
 from ..keys import HashName
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -423,7 +423,7 @@ class MarSigner(Signer):
             raise VerificationFailed(
                 f"expected one {fmt} signature (algorithm id {algo_id}), found ids {found}"
             )
-        pub = public_dir / f"{fmt}.pem"
+        pub = public_file(public_dir, f"{fmt}.pem")
         try:
             key = serialization.load_pem_public_key(pub.read_bytes())
         except (OSError, ValueError) as e:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..simplesigning import MAX_PAYLOAD, PayloadError, parse
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -99,7 +99,7 @@ class SigstoreSigner(Signer):
         openssl = shutil.which("openssl")
         if openssl is None:
             raise VerificationFailed("openssl is not installed")
-        public = public_dir / PUBLIC_KEY
+        public = public_file(public_dir, PUBLIC_KEY)
         res = run_verifier(
             _openssl_argv(openssl, public, signed, original), "openssl dgst -verify", VERIFY_TIMEOUT
         )

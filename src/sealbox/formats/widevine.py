@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from ..errors import ConfigError, FormatRejected, SigningFailed, VerificationFailed
 from ..hashing import CHUNK
 from ..keys import PublicKey
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -286,7 +286,7 @@ class WidevineSigner(Signer):
             raise VerificationFailed(f"'{fmt}' is not a widevine format")
         if original is None:
             raise VerificationFailed("widevine signatures are detached: the signed file is needed too")
-        pub = public_dir / "widevine.pem"
+        pub = public_file(public_dir, "widevine.pem")
         try:
             sig_bytes = signed.read_bytes()
             pem = pub.read_bytes()
