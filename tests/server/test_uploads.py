@@ -57,7 +57,7 @@ def still_serving(server: ServerProcess, tmp: Path) -> bool:
         ("hash mismatch", 400, "Hash mismatch"),
         ("too small", 400, "File too small"),
         ("bad sha1", 400, "40 lowercase hex"),
-        ("rejected filename", 403, "Unacceptable filename"),
+        ("rejected filename", 403, "Unacceptable filename: not allowed by this server's allowed_filenames"),
         ("path in filename", 403, "plain file name"),
         ("unknown format", 400, "unknown format"),
     ],
