@@ -381,12 +381,18 @@ class LocalTSA:
             "ess_cert_id_chain = no\ness_cert_id_alg = sha256\n"
         )
         self.requests = 0
+        self.available = True  # False: answer 503, as a timestamp server that is down
         self._lock = threading.Lock()
         tsa_self = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if not tsa_self.available:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 with tsa_self._lock:
                     tsa_self.requests += 1
                     reply = tsa_self.reply(body)
