@@ -20,7 +20,7 @@ from ..errors import FormatRejected, VerificationFailed
 from ..keys import HashName
 from ..procs import child_env
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier, verifier_failed
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier, verifier_failed
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -107,7 +107,7 @@ def _sqv(signature: Path, data: Path | None, public_dir: Path) -> str:
     """Also check a detached signature with sqv (what apt uses from Debian 13 on), if installed."""
     if data is None or shutil.which("sqv") is None:
         return ""
-    argv = ["sqv", "--keyring", str(public_file(public_dir, "apt.asc")), str(signature), str(data)]
+    argv = ["sqv", "--keyring", str(public_dir / "apt.asc"), str(signature), str(data)]
     res = run_verifier(argv, "sqv", 60, child_env())
     if res.returncode != 0:
         raise verifier_failed("sqv", res)

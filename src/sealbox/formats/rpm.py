@@ -25,7 +25,7 @@ from ..errors import FormatRejected, SigningFailed, VerificationFailed
 from ..keys import HashName
 from ..procs import child_env, run_process
 from . import _openpgp, _pgpkeys
-from .base import FormatSettings, KeyResolver, Signer, SignRequest, public_file, run_verifier
+from .base import FormatSettings, KeyResolver, Signer, SignRequest, run_verifier
 
 if TYPE_CHECKING:
     from ..deploy.context import DevContext
@@ -226,9 +226,7 @@ class RpmSigner(Signer):
         with _pgpkeys.scratch("sbr") as tmp:
             env = child_env(tmp)
             base = ["rpmkeys", "--dbpath", str(tmp / "db")]
-            imp = run_verifier(
-                [*base, "--import", str(public_file(public_dir, "rpm.asc"))], "rpmkeys --import", 60, env
-            )
+            imp = run_verifier([*base, "--import", str(public_dir / "rpm.asc")], "rpmkeys --import", 60, env)
             if imp.returncode != 0:
                 raise VerificationFailed(
                     f"rpmkeys --import failed: {imp.stderr.decode(errors='replace').strip()}"
