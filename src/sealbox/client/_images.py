@@ -592,7 +592,7 @@ def _manifest(tag: str, found: tuple[bytes, str] | None) -> dict[str, Any]:
         if not isinstance(manifest["layers"], list):
             raise TypeError
     except (ValueError, KeyError, TypeError) as e:
-        raise RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})") from None
+        raise _not_an_attachment(tag, e) from None
     return manifest  # type: ignore[no-any-return]
 
 
@@ -613,8 +613,12 @@ async def _attachment(
         if not isinstance(config["rootfs"]["diff_ids"], list):
             raise TypeError
     except (ValueError, KeyError, TypeError) as e:
-        raise RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})") from None
+        raise _not_an_attachment(tag, e) from None
     return manifest, config
+
+
+def _not_an_attachment(tag: str, e: Exception) -> RegistryError:
+    return RegistryError(f"the attachment {tag} is not a cosign signature manifest ({e!r:.80})")
 
 
 def _registry_ssl(registry_ca: Path | None) -> ssl.SSLContext:
