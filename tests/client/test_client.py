@@ -16,14 +16,20 @@ from tests.servers import BIN, ServerProcess, gpg_verify, refusing_port
 
 
 def sign_cli(
-    server: ServerProcess, tmp: Path, *args: str, hosts: list[str] | None = None, timeout: float = 120
+    server: ServerProcess,
+    tmp: Path,
+    *args: str,
+    hosts: list[str] | None = None,
+    timeout: float = 120,
+    ca: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     token = tmp / "token"
     if not token.exists():
         token.write_text(server.token())
     host_args = [a for h in (hosts or [server.hostspec]) for a in ("-H", h)]
+    ca = ca or server.deployment.ca
     return subprocess.run(
-        [str(BIN / "sealbox"), "sign", *host_args, "-c", str(server.deployment.ca), "-t", str(token), *args],
+        [str(BIN / "sealbox"), "sign", *host_args, "-c", str(ca), "-t", str(token), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -162,13 +168,7 @@ def test_an_unusable_ca_bundle_or_input_is_one_line(
     """A CA bundle that is not one, a named pipe: one error line and exit 2, no traceback."""
     bundle = tmp_path / "bundle.pem"
     bundle.write_text("not a certificate\n")
-    token = tmp_path / "token"
-    token.write_text(gpg_server.token())
-    res = subprocess.run(
-        [str(BIN / "sealbox"), "sign", "-H", gpg_server.hostspec, "-c", str(bundle), "-t", str(token),
-         "-f", "gpg", str(payload)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(payload), ca=bundle)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith(f"sealbox: error: CA bundle {bundle} cannot be loaded")
     assert "Traceback" not in res.stderr
