@@ -7,13 +7,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sealbox.deploy.local import ServerProcess
+    from sealbox.deploy.local import Deployment, ServerProcess
 
 
 def median_time(fn: Callable[[int], object], n: int) -> float:
@@ -219,6 +219,18 @@ class Paired:
             )
         )
         return out
+
+
+def start_servers(stack: ExitStack, deps: Mapping[str, Deployment]) -> dict[str, ServerProcess]:
+    """A server per deployment, by mode; each stopped when ``stack`` closes, also when a later
+    one fails to start."""
+    from sealbox.deploy.local import start_server
+
+    servers: dict[str, ServerProcess] = {}
+    for mode, dep in deps.items():
+        servers[mode] = start_server(dep)
+        stack.callback(servers[mode].stop)
+    return servers
 
 
 #: files in :func:`paired_throughput`'s untimed warm-up run on each server

@@ -33,8 +33,8 @@ from typing import Any
 import pkcs11
 
 from bench import _formats_inputs as inputs
-from bench._util import paired_throughput, table
-from sealbox.deploy.local import Deployment, ServerProcess, start_server
+from bench._util import paired_throughput, start_servers, table
+from sealbox.deploy.local import Deployment, ServerProcess
 from sealbox.keys import PassphraseSource, load_key
 from sealbox.keys._signing import DIGEST_INFO
 from sealbox.server.config import load_config
@@ -127,9 +127,7 @@ def _tool_formats(tmp: Path) -> dict[str, dict[str, float]]:
     }
     out: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
-        servers = {mode: start_server(dep) for mode, dep in deps.items()}
-        for sp in servers.values():
-            stack.callback(sp.stop)
+        servers = start_servers(stack, deps)
         clients = {mode: stack.enter_context(sp.client(timeout=300)) for mode, sp in servers.items()}
         for fmt, make, n in TOOL_CASES:
             folder = tmp / f"in-{fmt}"
@@ -156,9 +154,7 @@ def run() -> tuple[dict[str, Any], bool]:
     }
     try:
         with ExitStack() as stack:
-            servers = {mode: start_server(dep) for mode, dep in deps.items()}
-            for sp in servers.values():
-                stack.callback(sp.stop)
+            servers = start_servers(stack, deps)
             for mode, sp in servers.items():
                 assert _backend(sp) == ("pkcs11" if mode == "hsm" else "file")
             paired = paired_throughput(servers, "file", "hsm", tmp, PAIRS, FILES)

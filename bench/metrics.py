@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from bench._util import WARM_UP_FILES, paired_throughput, table
-from sealbox.deploy.local import Deployment, ServerProcess, start_server
+from bench._util import WARM_UP_FILES, paired_throughput, start_servers, table
+from sealbox.deploy.local import Deployment, ServerProcess
 from sealbox.server.metrics import PrometheusMetrics
 
 FILES = 500
@@ -58,9 +58,7 @@ def run() -> tuple[dict[str, Any], bool]:
         f.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
     try:
         with ExitStack() as stack:
-            servers = {mode: start_server(dep) for mode, dep in deps.items()}
-            for sp in servers.values():
-                stack.callback(sp.stop)
+            servers = start_servers(stack, deps)
             paired = paired_throughput(servers, "off", "on", tmp, PAIRS, FILES)
             # the metrics saw every file: the warm-up's and each run's
             assert _signed(servers["on"]) == WARM_UP_FILES + PAIRS * FILES

@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import tomli_w
 
-from bench._util import WARM_UP_FILES, paired_throughput, table
-from sealbox.deploy.local import BIN, Deployment, ServerProcess, start_server
+from bench._util import WARM_UP_FILES, paired_throughput, start_servers, table
+from sealbox.deploy.local import BIN, Deployment, ServerProcess
 
 FILES = 500
 PAIRS = 8
@@ -48,9 +48,7 @@ def run() -> tuple[dict[str, Any], bool]:
         dep.config.write_text(tomli_w.dumps(cfg))
     try:
         with ExitStack() as stack:
-            servers = {mode: start_server(dep) for mode, dep in deps.items()}
-            for sp in servers.values():
-                stack.callback(sp.stop)
+            servers = start_servers(stack, deps)
             paired = paired_throughput(servers, "off", "on", tmp, PAIRS, FILES)
             check = _log_check(servers["on"])
         done = subprocess.run(  # once the server stopped: its last checkpoint is written
