@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from sealbox.deploy.taskdev import BUILD_TASK_ID, verify_release_outputs, write_
 from sealbox.formats import signer_class
 from sealbox.samples.macos import write_app_tarball
 from sealbox.samples.pe import write_pe
-from sealbox.task import cot
+from sealbox.task import artifacts, cot
 from tests.servers import BIN, ServerProcess, env_without_proxy, gpg_verify
 
 from .helpers import Result, Worker, entry, run, write_task, write_upstream
@@ -272,9 +273,23 @@ def test_worker_key_must_be_private(tmp_path: Path, worker: Worker) -> None:
     assert key.read_text().strip() not in res.text
 
 
+@dataclass
+class StoreStats:
+    """What the test artifact store saw."""
+
+    connections: int = 0
+    requests: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0
+
+
 @pytest.fixture
-def https_store(tmp_path: Path, servers: dict[str, ServerProcess]) -> Iterator[tuple[str, Path, Path]]:
-    """An HTTPS artifact store on loopback (the dev deployment's TLS certificate)."""
+def https_store(
+    tmp_path: Path, servers: dict[str, ServerProcess]
+) -> Iterator[tuple[str, Path, Path, StoreStats]]:
+    """An HTTPS artifact store on loopback (the dev deployment's TLS certificate) that keeps
+    connections alive, as real stores do, and counts connections and concurrent requests. A
+    request waits (10 s at most) until a second one is in flight or one has already been."""
     import functools
     import ssl
     import threading
@@ -283,28 +298,85 @@ def https_store(tmp_path: Path, servers: dict[str, ServerProcess]) -> Iterator[t
     root = tmp_path / "https-store"
     root.mkdir()
     tls = servers["dep"].deployment.root / "tls"
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    stats, lock, together = StoreStats(), threading.Lock(), threading.Event()
+
+    class Handler(SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            with lock:
+                stats.connections += 1
+
+        def do_GET(self) -> None:
+            with lock:
+                stats.requests += 1
+                stats.in_flight += 1
+                stats.most_in_flight = max(stats.most_in_flight, stats.in_flight)
+                if stats.in_flight > 1:
+                    together.set()
+            try:
+                together.wait(timeout=10)
+                super().do_GET()
+            finally:
+                with lock:
+                    stats.in_flight -= 1
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"https://127.0.0.1:{httpd.server_address[1]}/{{taskId}}/{{path}}", root, tls / "ca.pem"
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/{{taskId}}/{{path}}"
+    yield url, root, tls / "ca.pem", stats
     httpd.shutdown()
     httpd.server_close()
 
 
-def test_https_artifact_store(
-    tmp_path: Path, worker: Worker, https_store: tuple[str, Path, Path], servers: dict[str, ServerProcess]
-) -> None:
-    url, root, ca = https_store
-
+def _store_config(worker: Worker, url: str, ca: Path) -> Path:
     def store(data: dict[str, Any]) -> None:
         data["worker"]["artifact_store"] = url
         data["worker"]["artifact_store_ca"] = str(ca)
 
-    config = worker.variant("https-store", store)
+    return worker.variant("https-store", store)
+
+
+def test_artifact_downloads_share_one_session(
+    tmp_path: Path, worker: Worker, https_store: tuple[str, Path, Path, StoreStats]
+) -> None:
+    """A task's downloads run a few at a time over kept-alive connections: 8 files, from two
+    upstream tasks, over at most artifacts.PARALLEL connections (one per file before)."""
+    url, root, ca, stats = https_store
+    staging = tmp_path / "staging"
+    entries = []
+    for task_id in ("ManyBuild1", "ManyBuild2"):
+        files: dict[str, bytes | Path] = {
+            f"public/{task_id}/f{i}.txt": f"{task_id} artifact {i}\n".encode() for i in range(2)
+        }
+        write_upstream(staging, task_id, files, worker.dir / "keys/build.key")
+        shutil.copytree(staging / "cot" / task_id, root / task_id)
+        entries.append(entry(task_id, list(files), ["gpg"]))
+    work = tmp_path / "work"
+    write_task(work, entries)
+    res = run(_store_config(worker, url, ca), work, tmp_path / "out")
+    assert res.code == 0, res.text
+    assert sum(ln.startswith("fetched ") for ln in res.lines) == stats.requests == 8  # 2 x (record, .sig, 2)
+    assert stats.most_in_flight >= 2, stats
+    assert stats.connections <= artifacts.PARALLEL, stats
+
+
+def test_https_artifact_store(
+    tmp_path: Path,
+    worker: Worker,
+    https_store: tuple[str, Path, Path, StoreStats],
+    servers: dict[str, ServerProcess],
+) -> None:
+    url, root, ca, _ = https_store
+    config = _store_config(worker, url, ca)
     staging = tmp_path / "staging"
     src = write_pe(tmp_path, "setup.exe")
     write_upstream(staging, "HttpsBuild1", {"public/build/setup.exe": src}, worker.dir / "keys/build.key")
@@ -332,7 +404,7 @@ def test_https_artifact_store(
     (tmp_path / "not-a-bundle.pem").write_text("not a certificate\n")
 
     def broken(data: dict[str, Any]) -> None:
-        store(data)
+        data["worker"]["artifact_store"] = url
         data["worker"]["artifact_store_ca"] = str(tmp_path / "not-a-bundle.pem")
 
     work4 = tmp_path / "work4"

@@ -4,7 +4,8 @@ A file already present there is used as it is (the caller verifies it against th
 chain-of-trust record). Otherwise it is fetched from the artifact store: an ``https://`` or
 ``file://`` URL template with ``{taskId}`` and ``{path}``. Downloads are bounded in size,
 written to a temporary name and renamed into place when complete, and shown with a progress
-display (a live bar on a terminal, one line per file otherwise).
+display (a live bar on a terminal, one line per file otherwise). A task's downloads share one
+HTTPS session (one TLS context, kept-alive connections) and run a few at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -95,42 +96,159 @@ def store_url(template: str, task_id: str, path: str) -> str:
     )
 
 
-def fetch(
-    task_id: str,
-    path: str,
-    dest: Path,
-    store: str | None,
-    progress: Progress,
-    *,
-    ca: Path | None = None,
-    max_size: int = 8 * 1024**3,
-    timeout: float = 300.0,
-) -> Path:
-    """Make sure ``dest`` (= ``W/cot/<taskId>/<path>``) holds the artifact; returns it.
+#: downloads of one batch at once: most tasks wait on a store's latency, not its bandwidth
+PARALLEL = 4
 
-    Raises :class:`Unavailable` when it cannot be had now (worth another try later), and
-    :class:`~sealbox.errors.ConfigError` when ``ca`` cannot be loaded (it will not be)."""
-    if dest.is_file() and not dest.is_symlink():
+
+class ArtifactStore:
+    """Fetches artifacts into ``W/cot/<taskId>/<path>`` from the store URL template ``store``
+    (None: only files already there are used). Use it as a context manager.
+
+    One HTTPS session serves every download: its TLS context is built once, before the first
+    download (an unusable ``ca`` is a :class:`~sealbox.errors.ConfigError` then, not a retry),
+    connections are kept alive, and :meth:`prefetch` downloads a batch ``PARALLEL`` at a time.
+    :meth:`fetch` takes a file from there, or says why it could not be had."""
+
+    def __init__(
+        self,
+        store: str | None,
+        progress: Progress,
+        *,
+        ca: Path | None = None,
+        max_size: int = 8 * 1024**3,
+        timeout: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.progress = progress
+        self.ca = ca
+        self.max_size = max_size
+        self.timeout = timeout
+        self._failed: dict[Path, Unavailable] = {}  # what a prefetch could not have, by destination
+        self._runner: asyncio.Runner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def __enter__(self) -> ArtifactStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session and its connections."""
+        if self._runner is not None:
+            if self._session is not None:
+                self._runner.run(self._session.close())
+            self._runner.close()
+        self._runner = self._session = None
+
+    def prefetch(self, wanted: Iterable[tuple[str, str, Path]]) -> None:
+        """Fetch each (taskId, path, destination) not there yet, up to ``PARALLEL`` at once; what
+        cannot be had is remembered for :meth:`fetch` to raise, in the caller's order."""
+        todo: dict[Path, tuple[str, str]] = {}
+        for task_id, path, dest in wanted:
+            try:
+                if self._missing(task_id, path, dest):
+                    todo[dest] = (task_id, path)
+            except Unavailable as e:
+                self._failed[dest] = e
+        if not todo:
+            return
+        assert self.store is not None  # _missing said so
+        if self.store.startswith("file://"):
+            for dest, (task_id, path) in todo.items():
+                try:
+                    self._copy(task_id, path, dest)
+                except Unavailable as e:
+                    self._failed[dest] = e
+            return
+        session = self._http()
+        assert self._runner is not None
+        self._runner.run(self._download_all(session, todo))
+
+    def fetch(self, task_id: str, path: str, dest: Path) -> Path:
+        """Make sure ``dest`` (= ``W/cot/<taskId>/<path>``) holds the artifact; returns it.
+
+        Raises :class:`Unavailable` when it cannot be had now (worth another try later), and
+        :class:`~sealbox.errors.ConfigError` when ``ca`` cannot be loaded (it will not be)."""
+        failed = self._failed.pop(dest, None)
+        if failed is not None:
+            raise failed
+        if self._missing(task_id, path, dest):
+            self.prefetch([(task_id, path, dest)])
+            if (failed := self._failed.pop(dest, None)) is not None:
+                raise failed
         return dest
-    if dest.exists() or dest.is_symlink():
-        raise Unavailable(f"{task_id}/{path}: {dest} exists but is not a regular file")
-    if store is None:
-        raise Unavailable(f"{task_id}/{path}: not in {dest.parent} and no artifact store is configured")
-    url = store_url(store, task_id, path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    started = time.monotonic()
-    name = f"{task_id}/{path}"
-    try:
-        if url.startswith("file://"):
-            size = _copy_file(url, tmp, name, progress, max_size)
-        else:
-            size = _download(url, tmp, name, progress, ca, max_size, timeout)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    progress.done(name, size, time.monotonic() - started, url)
-    return dest
+
+    # -- internals -------------------------------------------------------------------------
+    def _missing(self, task_id: str, path: str, dest: Path) -> bool:
+        """False if ``dest`` is there to use; raises :class:`Unavailable` if it cannot be fetched."""
+        if dest.is_file() and not dest.is_symlink():
+            return False
+        if dest.exists() or dest.is_symlink():
+            raise Unavailable(f"{task_id}/{path}: {dest} exists but is not a regular file")
+        if self.store is None:
+            raise Unavailable(f"{task_id}/{path}: not in {dest.parent} and no artifact store is configured")
+        return True
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            try:
+                verify = ssl.create_default_context(cafile=str(self.ca) if self.ca is not None else None)
+            except (OSError, ssl.SSLError) as e:  # the worker's configuration: retrying will not help
+                raise ConfigError(f"cannot load the artifact store CA {self.ca}: {e}") from None
+            self._runner = asyncio.Runner()
+            self._session = self._runner.run(self._open(verify))
+        return self._session
+
+    @staticmethod
+    async def _open(verify: ssl.SSLContext) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=verify, limit=PARALLEL))
+
+    def _target(self, task_id: str, path: str, dest: Path) -> tuple[str, Path, str]:
+        """(URL, temporary file beside ``dest``, name shown)."""
+        assert self.store is not None
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        return store_url(self.store, task_id, path), tmp, f"{task_id}/{path}"
+
+    def _copy(self, task_id: str, path: str, dest: Path) -> None:
+        url, tmp, name = self._target(task_id, path, dest)
+        started = time.monotonic()
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            size = _copy_file(url, tmp, name, self.progress, self.max_size)
+            os.replace(tmp, dest)
+        except OSError as e:  # the folder or the rename (the copy's own errors are Unavailable)
+            raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.progress.done(name, size, time.monotonic() - started, url)
+
+    async def _download_all(self, session: aiohttp.ClientSession, todo: dict[Path, tuple[str, str]]) -> None:
+        slots = asyncio.Semaphore(PARALLEL)
+
+        async def one(dest: Path, task_id: str, path: str) -> None:
+            async with slots:
+                try:
+                    await self._download(session, task_id, path, dest)
+                except Unavailable as e:
+                    self._failed[dest] = e
+
+        await asyncio.gather(*(one(dest, task_id, path) for dest, (task_id, path) in todo.items()))
+
+    async def _download(self, session: aiohttp.ClientSession, task_id: str, path: str, dest: Path) -> None:
+        url, tmp, name = self._target(task_id, path, dest)
+        started = time.monotonic()
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            size = await _fetch(session, url, tmp, name, self.progress, self.max_size, self.timeout)
+            os.replace(tmp, dest)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise Unavailable(f"{name}: cannot download {url}: {describe_error(e)}") from None
+        except OSError as e:
+            raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.progress.done(name, size, time.monotonic() - started, url)
 
 
 def _copy_file(url: str, tmp: Path, name: str, progress: Progress, max_size: int) -> int:
@@ -156,30 +274,18 @@ def _copy_file(url: str, tmp: Path, name: str, progress: Progress, max_size: int
     return size
 
 
-def _download(
-    url: str, tmp: Path, name: str, progress: Progress, ca: Path | None, max_size: int, timeout: float
-) -> int:
-    try:
-        verify = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-    except (OSError, ssl.SSLError) as e:  # the worker's configuration: retrying will not help
-        raise ConfigError(f"cannot load the artifact store CA {ca}: {e}") from None
-    try:
-        return asyncio.run(_fetch(url, tmp, name, progress, verify, max_size, timeout))
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise Unavailable(f"{name}: cannot download {url}: {describe_error(e)}") from None
-    except OSError as e:
-        raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
-
-
 async def _fetch(
-    url: str, tmp: Path, name: str, progress: Progress, verify: ssl.SSLContext, max_size: int, timeout: float
+    session: aiohttp.ClientSession,
+    url: str,
+    tmp: Path,
+    name: str,
+    progress: Progress,
+    max_size: int,
+    timeout: float,
 ) -> int:
     size = 0
     limits = aiohttp.ClientTimeout(total=timeout, connect=min(15.0, timeout))
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=verify)) as session,
-        session.get(url, timeout=limits) as r,
-    ):
+    async with session.get(url, timeout=limits) as r:
         if r.status != 200:
             raise Unavailable(f"{name}: {url} answered {r.status} {r.reason}")
         total = r.content_length

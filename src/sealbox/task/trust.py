@@ -8,6 +8,8 @@ of the bytes fetched. The records and signatures themselves are :mod:`sealbox.ta
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ConfigError
 from . import cot
-from .artifacts import Progress, Unavailable, fetch
+from .artifacts import ArtifactStore, Progress, Unavailable
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import Item
 from .schema import WorkerConfig
@@ -34,12 +36,16 @@ def verify_upstreams(
     for item in items:
         by_task.setdefault(item.upstream.taskId, []).append(item)
     checked = "signature verified" if config.worker.production else "signature not checked (dep worker)"
-    with Progress(echo, live) as progress:
-        fetcher = _Fetcher(config, work, progress)
-        for tid, group in by_task.items():
-            upstream = _Upstream(tid, group)
-            _verify(config, trusted, fetcher, upstream)
-            echo(f"chain of trust: {upstream.what}: {checked}, {len(group)} artifact(s) match their sha256")
+    heads = [cot.RECORD, cot.SIGNATURE] if config.worker.production else [cot.RECORD]
+    with Progress(echo, live) as progress, _Fetcher(config, work, progress) as get:
+        upstreams = [_Upstream(tid, group) for tid, group in by_task.items()]
+        get.prefetch((up.task_id, rel) for up in upstreams for rel in heads)
+        records = [_trusted_record(config, trusted, get, up) for up in upstreams]
+        # the artifacts, once every record that lists them is trusted
+        get.prefetch((up.task_id, item.path) for up in upstreams for item in up.items)
+        for up, record in zip(upstreams, records, strict=True):
+            _check_files(get, up, record)
+            echo(f"chain of trust: {up.what}: {checked}, {len(up.items)} artifact(s) match their sha256")
 
 
 def trusted_keys(config: WorkerConfig) -> Trusted:
@@ -70,31 +76,58 @@ class _Upstream:
 
 
 class _Fetcher:
-    """Fetches upstream artifacts into ``work/cot/<taskId>/<path>``."""
+    """Upstream artifacts in ``work/cot/<taskId>/<path>``, from the worker's artifact store; a
+    failure is a :class:`TaskFailure`. A context manager (it holds the store's session)."""
 
     def __init__(self, config: WorkerConfig, work: Path, progress: Progress) -> None:
         w = config.worker
         self.work = work
-        self.progress = progress
-        self.store = w.artifact_store
-        self.ca = config.path(w.artifact_store_ca) if w.artifact_store_ca else None
-        self.max_size = config.limits.max_download_size
+        self.store = ArtifactStore(
+            w.artifact_store,
+            progress,
+            ca=config.path(w.artifact_store_ca) if w.artifact_store_ca else None,
+            max_size=config.limits.max_download_size,
+        )
+
+    def __enter__(self) -> _Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+    def prefetch(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Fetch these (taskId, path) together; a failure is raised when one is asked for."""
+        with _failures():
+            self.store.prefetch((task_id, rel, self._dest(task_id, rel)) for task_id, rel in wanted)
 
     def __call__(self, task_id: str, rel: str) -> Path:
-        dest = self.work / "cot" / task_id / rel
-        try:
-            return fetch(task_id, rel, dest, self.store, self.progress, ca=self.ca, max_size=self.max_size)
-        except Unavailable as e:
-            raise TaskFailure(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
-        except ConfigError as e:
-            raise TaskFailure(EXIT_FAILED, f"worker.artifact_store_ca: {e}") from None
+        with _failures():
+            return self.store.fetch(task_id, rel, self._dest(task_id, rel))
+
+    def _dest(self, task_id: str, rel: str) -> Path:
+        return self.work / "cot" / task_id / rel
 
 
-def _verify(config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream) -> None:
+@contextlib.contextmanager
+def _failures() -> Iterator[None]:
+    try:
+        yield
+    except Unavailable as e:
+        raise TaskFailure(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
+    except ConfigError as e:
+        raise TaskFailure(EXIT_FAILED, f"worker.artifact_store_ca: {e}") from None
+
+
+def _trusted_record(config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream) -> dict[str, Any]:
+    """The upstream's record, its signature checked (production) and its contents too."""
     data = get(up.task_id, cot.RECORD).read_bytes()
     if config.worker.production:
         _check_signature(config, trusted, get, up, data)
-    record = _parse_record(up, data)
+    return _parse_record(up, data)
+
+
+def _check_files(get: _Fetcher, up: _Upstream, record: dict[str, Any]) -> None:
+    """Every artifact taken from the upstream has the sha256 its record gives; sets ``source``."""
     files = {item.path: get(up.task_id, item.path) for item in up.items}
     try:
         cot.check_files(record, files)
