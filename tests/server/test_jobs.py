@@ -252,12 +252,16 @@ def signers_pool(signers: Signers, tmp_path: Path) -> Iterator[Callable[[str], W
         p.close()
 
 
-def test_an_input_no_longer_held_is_rejected(storage: Storage, signers: Signers, job_lines: Any) -> None:
+def test_an_input_no_longer_held_is_gone_not_remembered(
+    storage: Storage, signers: Signers, job_lines: Any
+) -> None:
+    """Nothing is known about content that is not there: no failure is remembered (a remembered
+    one would refuse the upload the client is told to make)."""
     sha1 = "b" * 40
     _with_jobs(storage, signers, lambda jobs: _sign(jobs, "gpg", sha1))
-    assert job_lines()[("gpg", sha1)]["outcome"] == "rejected"
-    failure = storage.failure("gpg", sha1, 60)
-    assert failure is not None and failure.permanent and failure.reason == GONE
+    line = job_lines()[("gpg", sha1)]
+    assert line["outcome"] == "gone" and line["reason"] == GONE
+    assert storage.failure("gpg", sha1, 60) is None
 
 
 def test_a_corrupt_stored_file_is_dropped_not_signed(
@@ -267,10 +271,10 @@ def test_a_corrupt_stored_file_is_dropped_not_signed(
     item = _spooled(storage, data)
     (tmp_path / "data" / "unsigned" / item.sha1).write_bytes(b"bit rot" + data[7:])
     _with_jobs(storage, signers, lambda jobs: _sign(jobs, "gpg", item.sha1))  # as a GET submits it
-    # The first attempt finds it corrupt and drops it; the retry finds it gone: upload it again.
-    assert job_lines()[("gpg", item.sha1)]["outcome"] == "rejected"
-    failure = storage.failure("gpg", item.sha1, 60)
-    assert failure is not None and failure.permanent and failure.reason == GONE
+    # Found corrupt and dropped, and nothing remembered: the client is to upload it again.
+    line = job_lines()[("gpg", item.sha1)]
+    assert line["outcome"] == "gone" and "upload it again" in line["reason"]
+    assert storage.failure("gpg", item.sha1, 60) is None
     assert storage.result("gpg", item.sha1) is None and not storage.has_input(item.sha1)
 
 

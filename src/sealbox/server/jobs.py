@@ -34,7 +34,7 @@ from ..hashing import hash_stream
 from ..signlog import Recorder, RequestContext
 from ..wire import SMALL_FILE
 from .metrics import Metrics
-from .storage import GONE, Blob, Input, Result, Storage
+from .storage import GONE, Blob, Input, InputGone, Result, Storage
 from .workers import Order, WorkerLost, WorkerPool
 
 log = logging.getLogger("sealbox.jobs")
@@ -195,6 +195,9 @@ class JobManager:
             except FormatRejected as e:
                 self.storage.add_failure(job.fmt, job.sha1, True, str(e))
                 return "rejected", str(e)
+            except InputGone as e:  # nothing learnt about the content: no failure to remember
+                self.storage.drop_input(job.sha1)  # what is left of it: a poll then says "upload it"
+                return "gone", str(e)
             except TimeoutError:
                 reason = f"signing timed out after {self.timeout:g} s"
             except (SigningFailed, OSError) as e:
@@ -208,7 +211,7 @@ class JobManager:
         """Get the input, choose the executor, sign, put the output."""
         item = job.input = job.input or self.storage.get_input(job.sha1)
         if item is None:
-            raise FormatRejected(GONE)
+            raise InputGone(GONE)
         job.ran_in = self._runs_in(job.fmt, item)
         if job.ran_in == "worker" and self.workers is not None and item.body is not None:
             try:

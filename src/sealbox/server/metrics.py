@@ -53,7 +53,7 @@ class JobsView(Protocol):
 log = logging.getLogger("sealbox.server")
 
 #: what a job can end as (the ``outcome`` of the job log line)
-OUTCOMES = ("signed", "rejected", "failed", "error")
+OUTCOMES = ("signed", "rejected", "gone", "failed", "error")
 #: why an upload was refused: a fixed set, so no client string ever becomes a label value
 REFUSALS = (
     "token_missing",

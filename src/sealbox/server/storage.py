@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import FormatRejected, SigningFailed
+from ..errors import SigningFailed
 from ..fsutil import MAX_REPORTED, private, remove_tree, take_lock
 from ..hashing import hash_file, hash_stream
 from ..wire import SMALL_FILE
@@ -62,6 +62,12 @@ GONE = "the input is no longer on the server; upload it again"
 #: the content of an input whose bytes were not kept: a path that can never exist, so a read
 #: fails (a signer must never sign other bytes than the upload's)
 NOT_KEPT = Path("/dev/null/sealbox-not-kept")
+
+
+class InputGone(SigningFailed):
+    """The input left the store before its job read it (removed, or dropped as corrupt). Nothing
+    is then known about the content, so nothing is remembered: a poll answers a plain 404 and
+    the client uploads it again."""
 
 
 @dataclass(frozen=True)
@@ -242,17 +248,17 @@ class Storage:
         if not item.kept:
             return item  # its digests were taken as it arrived
         if isinstance(item.content, Path) and not item.content.is_file():
-            raise FormatRejected(GONE)
+            raise InputGone(GONE)
         if item.checked:
             return item
         try:
             with item.open() as f:
                 states = hash_stream(f, ("sha1", "sha256"))
         except FileNotFoundError:
-            raise FormatRejected(GONE) from None
+            raise InputGone(GONE) from None
         if states["sha1"].hexdigest() != item.sha1:
             self.drop_input(item.sha1)
-            raise SigningFailed("stored input was corrupt and has been dropped; upload it again")
+            raise InputGone("stored input was corrupt and has been dropped; upload it again")
         return dataclasses.replace(item, digests={"sha256": states["sha256"]}, checked=True)
 
     def drop_input(self, sha1: str) -> None:
