@@ -65,6 +65,21 @@ def test_invalid_config_value_is_named(tmp_path: Path) -> None:
     assert res.returncode == 2 and "server.level" in res.stderr
 
 
+def test_a_path_in_the_way_is_named(tmp_path: Path) -> None:
+    """A file where the store needs a folder: the refusal says which path, not only
+    "File exists"."""
+    d = Deployment.create(tmp_path / "cfg", "dep", ["gpg"])
+    (d.root / "data").mkdir(exist_ok=True)
+    blocker = d.root / "data" / "tmp"
+    if blocker.is_dir():
+        blocker.rmdir()
+    blocker.write_text("not a folder\n")
+    sp = start_server(d, wait=False)
+    assert sp.proc.wait(60) == 2
+    out = sp.log.read_text()
+    assert f"not starting: File exists: {blocker}" in out, out
+
+
 def test_passphrases_never_logged(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
     with gpg_server.client() as c:
         assert c.sign(payload, ["gpg"]).ok

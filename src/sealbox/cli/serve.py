@@ -55,5 +55,6 @@ def serve(
         run(cfg, signers, listen)
     except (SealboxError, ValueError) as e:
         fail(f"not starting: {e}", 2)
-    except OSError as e:
-        fail(f"not starting: {e.strerror or e}", 2)
+    except OSError as e:  # the path it is about, which strerror alone does not say
+        where = f": {e.filename}" if e.filename is not None else ""
+        fail(f"not starting: {e.strerror or e}{where}", 2)
