@@ -5,14 +5,19 @@ gives exactly one JSON request line, and nothing but JSON reaches the server's l
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import random
+import resource
 import socket
 import sqlite3
 import ssl
 import time
+import urllib.parse
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ from tests.servers import Deployment, ServerProcess, start_server
 CAP = 30.0  # bound of every wait
 SHA1 = "ab" * 20
 SECRET = b"0123456789abcdef0123456789abcdef"
+SMALL_LIMIT = 100_000
 
 
 # -- raw HTTP over TLS ---------------------------------------------------------------------------
@@ -453,10 +459,13 @@ def test_fuzz(gpg_server: ServerProcess, tmp_path: Path) -> None:
 # -- a body that stops coming ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server that gives up on a silent upload body after 2 s."""
+    """A server that gives up on a silent upload body, or a connection that sends no request,
+    after 2 s, and takes gpg uploads up to SMALL_LIMIT bytes."""
     d = Deployment.create(tmp_path_factory.mktemp("impatient") / "dep", "dep", ["gpg"])
-    text = d.config.read_text()
-    d.config.write_text(text.replace("[server]\n", "[server]\nbody_timeout = 2.0\n", 1))
+    text = d.config.read_text().replace(
+        "[server]\n", "[server]\nbody_timeout = 2.0\nheader_timeout = 2.0\n", 1
+    )
+    d.config.write_text(text.replace("[formats.gpg]\n", f"[formats.gpg]\nmax_filesize = {SMALL_LIMIT}\n", 1))
     sp = start_server(d)
     yield sp
     sp.stop()
@@ -497,3 +506,188 @@ def test_a_bad_chunk_after_the_headers_is_answered(impatient_server: ServerProce
     )
     answer = _stalled(impatient_server, head, b"ZZ\r\nabc\r\n0\r\n\r\n")
     assert 400 <= answer.status < 500
+
+
+def _closed_by_server(sp: ServerProcess, first: bytes) -> bool:
+    """Send ``first`` (maybe nothing) on a new connection, then nothing: True if the server
+    closes it (well within CAP), False if it is still open at CAP."""
+    ctx = ssl.create_default_context(cafile=str(sp.deployment.ca))
+    with (
+        socket.create_connection(("127.0.0.1", sp.port), timeout=CAP) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(first)
+        try:
+            while tls.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except (ssl.SSLError, ConnectionError):
+            pass
+    return True
+
+
+@pytest.mark.parametrize(
+    "first", [b"", b"GET /__lbheartbeat__ HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "slow head"]
+)
+def test_a_connection_that_sends_no_request_is_closed(impatient_server: ServerProcess, first: bytes) -> None:
+    start = marker(impatient_server)
+    assert _closed_by_server(impatient_server, first)
+    closed = [e for e in logged_since(impatient_server, start) if e.get("event") == "no_request"]
+    assert len(closed) == 1 and closed[0]["reason"] == "no request within 2 s", closed
+
+
+def _padded_form(token: bytes, padding: int) -> bytes:
+    """A valid gpg upload preceded by a part of an unknown name, ``padding`` bytes long."""
+    data = f"padded {uuid.uuid4()}".encode() * 4
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest().encode()
+    pad = b'--xx\r\nContent-Disposition: form-data; name="padding"\r\n\r\n' + b"p" * padding + b"\r\n"
+    return pad + form({"sha1": sha1, "filename": b"t.bin", "token": token, "nonce": b""}, data)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "deflate"])
+def test_a_body_without_a_length_is_bounded_too(impatient_server: ServerProcess, framing: str) -> None:
+    body = _padded_form(impatient_server.token().encode(), 2 * SMALL_LIMIT)
+    head = b"POST /sign/gpg HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+    if framing == "chunked":
+        chunks = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+        request = head + b"Transfer-Encoding: chunked\r\n\r\n"
+        request += b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    else:  # a small body on the wire that inflates past the limit
+        packed = zlib.compress(body, 9)
+        assert len(packed) < SMALL_LIMIT
+        request = head + b"Content-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % len(packed) + packed
+    answer = exchange(impatient_server, request)
+    assert answer.status == 413 and "File too large" in (answer.header("X-Sealbox-Error") or ""), answer
+    # the same form, under the limit, is signed
+    assert (
+        exchange(
+            impatient_server, post(b"/sign/gpg", _padded_form(impatient_server.token().encode(), 10))
+        ).status
+        == 202
+    )
+
+
+@pytest.mark.parametrize("field", [b"filename", b"token", b"sha1", b"nonce"])
+def test_no_field_may_follow_filedata(gpg_server: ServerProcess, field: bytes) -> None:
+    """What was checked when filedata began is what is used: a later part may not replace a
+    name that allowed_filenames would refuse, or the token the signing log names the issuer by."""
+    token = gpg_server.token().encode()
+    data = f"late field {uuid.uuid4()}".encode() * 4
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest().encode()
+    late = {b"filename": b"../evil\r\nX: y", b"token": b"garbage", b"sha1": sha1, b"nonce": b""}[field]
+    body = form({"sha1": sha1, "filename": b"t.bin", "token": token, "nonce": b""}, data)
+    body = body[: -len(b"--xx--\r\n")]
+    body += b'--xx\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n--xx--\r\n' % (field, late)
+    answer = exchange(gpg_server, post(b"/sign/gpg", body))
+    assert answer.status == 400, answer
+    assert answer.header("X-Sealbox-Error") == f"field {field.decode()} after filedata"
+    assert answer.header("X-Sealbox-Refusal") == "malformed"
+
+
+def test_a_late_sha1_may_follow_filedata_once(gpg_server: ServerProcess) -> None:
+    token = gpg_server.token().encode()
+    data = f"late sha1 {uuid.uuid4()}".encode() * 4
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest().encode()
+    body = form({"filename": b"t.bin", "token": token, "nonce": b""}, data)[: -len(b"--xx--\r\n")]
+    late = b'--xx\r\nContent-Disposition: form-data; name="sha1"\r\n\r\n%s\r\n' % sha1
+    assert exchange(gpg_server, post(b"/sign/gpg", body + late + b"--xx--\r\n")).status == 202
+    twice = exchange(gpg_server, post(b"/sign/gpg", body + late + late + b"--xx--\r\n"))
+    assert twice.status == 400 and twice.header("X-Sealbox-Error") == "field sha1 after filedata"
+
+
+@pytest.mark.parametrize("name", [b"evil.bin\n", b"evil\r\n.bin", b"tab\t.bin", b"bell\x07.bin"])
+def test_control_characters_in_a_filename_are_refused(gpg_server: ServerProcess, name: bytes) -> None:
+    token = gpg_server.token().encode()
+    data = f"named {uuid.uuid4()}".encode() * 4
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest().encode()
+    answer = exchange(
+        gpg_server, post(b"/sign/gpg", form({"sha1": sha1, "filename": name, "token": token}, data))
+    )
+    assert answer.status == 403 and answer.header("X-Sealbox-Refusal") == "filename", answer
+    assert_clean_headers(answer)
+
+
+def test_the_same_upload_twice_at_once_is_signed_once(gpg_server: ServerProcess) -> None:
+    """Uploads of the same content whose forms were read side by side: the first is signed,
+    the others (finished once its result is there) are not signed again: the check made
+    before filedata is made again once it is read (a result is a function of the content)."""
+    token = gpg_server.token().encode()
+    data = f"twice at once {uuid.uuid4()}".encode() * 64
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    fields = {"sha1": sha1.encode(), "filename": b"t.bin", "token": token}
+    # each answered once its job is done, with the result (a job of its own would be logged first)
+    request = post(b"/sign/gpg", form(fields, data), b"X-Sealbox-Wait: 20\r\n")
+
+    def jobs() -> list[dict[str, Any]]:
+        return [e for e in gpg_server.log_lines() if e.get("event") == "job" and e.get("sha1") == sha1]
+
+    ctx = ssl.create_default_context(cafile=str(gpg_server.deployment.ca))
+    with contextlib.ExitStack() as stack:
+        conns = []
+        for _ in range(3):
+            raw = stack.enter_context(socket.create_connection(("127.0.0.1", gpg_server.port), timeout=CAP))
+            conns.append(stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1")))
+        for tls in conns:  # every form but its last bytes: filedata has begun on each
+            tls.sendall(request[:-20])
+        for tls in conns:  # one after the other: the first's result is there when the next ends
+            tls.sendall(request[-20:])
+            assert tls.recv(65536).split(b" ", 2)[1] == b"200"
+    marker(gpg_server)
+    assert len(jobs()) == 1, jobs()
+
+
+def test_non_ascii_credentials_are_401(gpg_server: ServerProcess) -> None:
+    body = b"slave_ip=127.0.0.1&duration=60"
+    request = (
+        b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Authorization: Basic \xc3\xa9\xc3\xa9\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    assert exchange(gpg_server, request).status == 401
+
+
+@pytest.mark.parametrize("ip", ["fe80::1%a!b", "fe80::1%a b", "fe80::1%a:b"])
+def test_a_token_is_never_minted_for_an_unusable_zone(gpg_server: ServerProcess, ip: str) -> None:
+    body = b"slave_ip=" + urllib.parse.quote(ip).encode() + b"&duration=60"
+    answer = exchange(gpg_server, mint_request(gpg_server, b"application/x-www-form-urlencoded", body))
+    assert answer.status == 400 and "slave_ip" in (answer.header("X-Sealbox-Error") or ""), answer
+
+
+def test_a_zone_of_letters_and_digits_is_minted(gpg_server: ServerProcess) -> None:
+    body = b"slave_ip=" + urllib.parse.quote("fe80::1%eth0").encode() + b"&duration=60"
+    answer = exchange(gpg_server, mint_request(gpg_server, b"application/x-www-form-urlencoded", body))
+    assert answer.status == 200 and answer.body.startswith(b"fe80::1%eth0:"), answer
+
+
+def test_a_silent_token_request_is_answered_408(impatient_server: ServerProcess) -> None:
+    body = b"slave_ip=127.0.0.1&duration=60"
+    request = mint_request(impatient_server, b"application/x-www-form-urlencoded", body)
+    answer = _stalled(impatient_server, request[:-10], b"")
+    assert answer.status == 408 and "stalled" in (answer.header("X-Sealbox-Error") or "")
+
+
+def test_an_upload_the_disk_cannot_hold_is_a_5xx(tmp_path: Path) -> None:
+    """A full disk is the server's trouble, not the input's: a clean 507 naming the cause (a
+    client tries another server), never a crash, nothing left in tmp/, and the server goes on.
+    The file size limit (RLIMIT_FSIZE, EFBIG) stands in for a full disk (ENOSPC): the same
+    write fails the same way, and no test may fill a real disk."""
+    d = Deployment.create(tmp_path / "dep", "dep", ["mar"])  # a format that keeps big uploads
+    sp = start_server(d)
+    try:
+        soft, hard = resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE, (1 << 20, hard))
+        big = os.urandom(2 << 20)  # spooled to a file past SMALL_FILE: fails at 1 MiB
+        sha1 = hashlib.sha1(big, usedforsecurity=False).hexdigest().encode()
+        fields = {"sha1": sha1, "filename": b"big.bin", "token": sp.token().encode()}
+        start = marker(sp)
+        answer = exchange(sp, post(b"/sign/mar", form(fields, big)))
+        assert answer.status == 507, answer
+        assert answer.header("X-Sealbox-Error") == "the server cannot store the upload now: File too large"
+        entries = logged_since(sp, start)
+        assert not crash_lines(entries) and [e["status"] for e in requests_in(entries)] == [507]
+        assert not any((data_dir(sp) / "tmp").iterdir())
+        resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        assert exchange(sp, post(b"/sign/mar", form(fields, big))).status == 202  # (not a MAR: refused later)
+    finally:
+        sp.stop()

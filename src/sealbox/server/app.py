@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -147,25 +147,18 @@ async def mint_token(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     if not _allowed(peer_ip(request), cfg.security.token_issuer_ips):
         return web.Response(status=403)
-    auth = request.headers.get("Authorization", "").split()
-    if len(auth) != 2 or auth[0] != "Basic":
+    user = await _issuer(request)
+    if user is None:
         return web.Response(status=401)
     try:
-        user, _, password = base64.b64decode(auth[1], validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return web.Response(status=401)
-    loop = asyncio.get_running_loop()
-    ok = False
-    for entry in cfg.security.token_issuers:
-        name, _, hashed = entry.partition(":")
-        # scrypt is deliberately slow: keep it off the event loop; check every entry.
-        ok |= (name == user) & await loop.run_in_executor(None, check_password, password, hashed)
-    if not ok:
-        return web.Response(status=401)
-    try:
-        form = await request.post()
+        async with asyncio.timeout(cfg.server.body_timeout):  # a stalled body must not hold us
+            form = await request.post()
     except (ValueError, LookupError) as e:  # no boundary, bytes not in the charset, no such charset
         return refuse(400, f"malformed form: {e}")
+    except TimeoutError:
+        response = refuse(408, f"token request stalled: no form within {cfg.server.body_timeout:g} s")
+        response.force_close()
+        return response
     slave_ip, duration_s = form.get("slave_ip"), form.get("duration")
     if not isinstance(slave_ip, str) or not isinstance(duration_s, str):
         return refuse(400, "slave_ip and duration are required")
@@ -184,6 +177,24 @@ async def mint_token(request: web.Request) -> web.Response:
     if recorder is not None:  # the signing log names the issuer of each upload's token
         recorder.issuers.remember(token, user)
     return web.Response(text=token)
+
+
+async def _issuer(request: web.Request) -> str | None:
+    """The token issuer the request's HTTP Basic credentials name, if they are right."""
+    auth = request.headers.get("Authorization", "").split()
+    if len(auth) != 2 or auth[0] != "Basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(auth[1], validate=True).decode("utf-8").partition(":")
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 (UnicodeDecodeError)
+        return None
+    loop = asyncio.get_running_loop()
+    ok = False
+    for entry in request.app[CONFIG].security.token_issuers:
+        name, _, hashed = entry.partition(":")
+        # scrypt is deliberately slow: keep it off the event loop; check every entry.
+        ok |= (name == user) & await loop.run_in_executor(None, check_password, password, hashed)
+    return user if ok else None
 
 
 # -- GET /sign/<fmt>/<sha1> -----------------------------------------------------------------------
@@ -263,22 +274,32 @@ def _boundary(content_type: str) -> str | None:
     return str(boundary)
 
 
+class _TooLarge(Exception):
+    """The body is longer than an upload may be (no Content-Length said so first)."""
+
+
 async def _parts(
-    request: web.Request, boundary: str, idle: float
+    request: web.Request, boundary: str, idle: float, most: int
 ) -> AsyncGenerator[tuple[str, AsyncIterator[bytes]]]:
     """The form's parts as (name, body chunks), streamed; a part must be read before the next.
 
     A body that sends nothing for ``idle`` seconds raises TimeoutError: a stalled (or
-    unparseable, which aiohttp turns into silence) upload must not hold a handler forever."""
+    unparseable, which aiohttp turns into silence) upload must not hold a handler forever.
+    More than ``most`` bytes (as decoded: chunked or compressed bodies announce no length)
+    raise :class:`_TooLarge`, whatever part they are in."""
     parser = multipart.PushMultipartParser(boundary, max_header_count=8, max_segment_count=16, strict=True)
 
     async def events() -> AsyncIterator[Any]:
+        left = most
         try:
             while True:
                 async with asyncio.timeout(idle):
                     chunk = await request.content.readany()
                 if not chunk:
                     break
+                left -= len(chunk)
+                if left < 0:
+                    raise _TooLarge
                 for event in parser.parse(chunk):
                     yield event
             for event in parser.parse(b""):  # the end: raises if the final boundary is missing
@@ -303,6 +324,14 @@ async def _parts(
             pass
 
 
+class _NoRoom(Exception):
+    """An upload could not be written to the server's disk (full, read-only, failing)."""
+
+    def __init__(self, e: OSError) -> None:
+        super().__init__(e.strerror or type(e).__name__)
+        self.full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class _Spool:
     """A big upload's bytes hashed (SHA-1, SHA-256) and, when kept, written to a temp file: the
     one pass over them here. Its first :data:`SPOOL_INLINE` bytes are taken on the event loop
@@ -315,7 +344,10 @@ class _Spool:
         self.path: Path | None = None
         self.file: BinaryIO | None = None
         if storage is not None:
-            self.path, self.file = storage.temp_file()
+            try:
+                self.path, self.file = storage.temp_file()
+            except OSError as e:
+                raise _NoRoom(e) from None
         self._inline = SPOOL_INLINE
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._ahead: collections.deque[concurrent.futures.Future[None]] = collections.deque()
@@ -324,7 +356,10 @@ class _Spool:
         self.sha1.update(chunk)
         self.sha256.update(chunk)
         if self.file is not None:
-            self.file.write(chunk)
+            try:
+                self.file.write(chunk)
+            except OSError as e:
+                raise _NoRoom(e) from None
 
     async def feed(self, chunk: bytes) -> None:
         if self._thread is None:
@@ -422,9 +457,12 @@ class _Upload:
 
 
 def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
-    if not name or len(name) > 255 or name in (".", "..") or any(c in name for c in "/\\\x00"):
+    """Why ``name`` is refused (None: it is not). A pattern must match the whole name: with
+    ``re.match``, ``^...$`` would let a final newline through."""
+    plain = name not in ("", ".", "..") and len(name) <= 255 and not any(c in name for c in "/\\")
+    if not plain or not name.isprintable():  # no control characters (NUL, CR, LF, ...)
         return "the filename must be a plain file name"
-    if not any(re.match(p, name) for p in patterns):
+    if not any(re.fullmatch(p, name) for p in patterns):
         return "Unacceptable filename: not allowed by this server's allowed_filenames"
     return None
 
@@ -452,10 +490,19 @@ async def _upload(request: web.Request) -> web.StreamResponse:
     data = _Upload(storage, limit, keep=not (known and jobs.signers[fmt].digest_only))
     try:
         try:
-            async with contextlib.aclosing(_parts(request, boundary, cfg.server.body_timeout)) as parts:
+            most = limit + MULTIPART_OVERHEAD
+            async with contextlib.aclosing(_parts(request, boundary, cfg.server.body_timeout, most)) as parts:
                 refused = await _read_form(request, parts, fields, data, fmt, known)
         except (_Malformed, ValueError, asyncio.IncompleteReadError) as e:
             return refuse(400, f"malformed multipart body: {e}", refusal="malformed")
+        except _TooLarge:
+            response = refuse(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
+            response.force_close()  # the rest of the body is not read
+            return response
+        except _NoRoom as e:  # the server's trouble, not the input's: a client tries another server
+            response = refuse(507 if e.full else 503, f"the server cannot store the upload now: {e}")
+            response.force_close()
+            return response
         except TimeoutError:
             response = refuse(
                 408, f"upload stalled: no data for {cfg.server.body_timeout:g} s", refusal="stalled"
@@ -491,8 +538,10 @@ async def _submit(
     if data.sha1 != sha1:
         return refuse(400, "Hash mismatch: filedata does not match the sha1 field", NONCE, "hash_mismatch")
     request.app[METRICS].upload(fmt, data.size)
-    if data.late and (storage.result(fmt, sha1) is not None or jobs.pending(fmt, sha1)):
-        return await _accepted(request, fmt, sha1, "File is pending")  # sent twice at once
+    # Looked up again: the same content may have been sent twice at once, and a job for
+    # (fmt, sha1) runs once (its result is a function of format and content alone).
+    if storage.result(fmt, sha1) is not None or jobs.pending(fmt, sha1):
+        return await _accepted(request, fmt, sha1, "File is pending")
     storage.clear_failure(fmt, sha1)
     jobs.submit(fmt, sha1, data.take(sha1, fields["filename"]), _upload_context(request, fields))
     return await _accepted(request, fmt, sha1, "Accepted")
@@ -511,7 +560,8 @@ async def _read_form(
     The fields come first (as signtool sends them), so the token is checked before any of
     ``filedata`` is read, and a file the server already has is not read at all. A ``sha1``
     field may also follow ``filedata`` (a client that hashes a big file while sending it, in
-    one pass): the token must still come first; the rest is checked once the form is read."""
+    one pass): the token must still come first; the rest is checked once the form is read.
+    No other field may follow ``filedata``: what was checked stays what is used."""
     storage, jobs = request.app[STORAGE], request.app[JOBS]
     async for name, chunks in parts:
         if name == "filedata" and not data.seen:
@@ -530,6 +580,10 @@ async def _read_form(
             if not await data.consume(chunks):
                 return refuse(400, f"File too large: over {data.limit} bytes for {fmt}", NONCE, "size")
         elif name in FIELDS:
+            if data.seen and not (name == "sha1" and data.late and "sha1" not in fields):
+                # Checked when filedata began: nothing may change them now (a late sha1 alone
+                # may follow, once).
+                return refuse(400, f"field {name} after filedata", NONCE, "malformed")
             value = bytearray()
             async for chunk in chunks:
                 value += chunk

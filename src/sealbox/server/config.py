@@ -53,6 +53,9 @@ class ServerSection(_Strict):
     body_timeout: float = Field(
         60.0, gt=0, le=3600, description="seconds an upload may go without sending a byte (then 408)"
     )
+    header_timeout: float = Field(
+        20.0, gt=0, le=300, description="seconds a connection has to send its first request's headers"
+    )
     concurrency: int = Field(4, ge=1, le=64)
     signing_processes: int = Field(
         default_factory=lambda: min(4, os.cpu_count() or 1),

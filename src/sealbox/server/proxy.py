@@ -306,9 +306,12 @@ class ProxySite(web.BaseSite):
         ssl_context: ssl.SSLContext,
         trusted: Sequence[Network] = (),
         backlog: int = 128,
+        header_timeout: float = 20.0,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host, self._port, self._trusted = host, port, list(trusted)
+        #: seconds from accepting a connection to its first request's headers, read whole
+        self._header_timeout = header_timeout
 
     @property
     def name(self) -> str:
@@ -354,12 +357,16 @@ class ProxySite(web.BaseSite):
             listener.spawn(self._connection(conn, address))
 
     async def _connection(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
-        """Read the PROXY header, if any, then start TLS and HTTP on the connection."""
+        """Read the PROXY header, if any, then start TLS and HTTP on the connection, which must
+        have sent its first request's headers ``header_timeout`` seconds after it was accepted
+        (an idle or slowly talking connection must not hold a socket for ever)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._header_timeout
         peer_ip = normalize_ip(str(address[0]))
         sock: socket.socket = conn
         try:
             conn.setblocking(False)
-            async with asyncio.timeout(HEADER_TIMEOUT):
+            async with asyncio.timeout(min(HEADER_TIMEOUT, self._header_timeout)):
                 raw = await read_header(conn)
             if raw:
                 if not _trusted(peer_ip, self._trusted):
@@ -369,7 +376,8 @@ class ProxySite(web.BaseSite):
                     ip = normalize_ip(source[0])
                     sock = _Proxied(conn, (ip, source[1]) if ":" not in ip else (ip, source[1], 0, 0))
         except (ProxyHeaderError, TimeoutError) as e:
-            reason = str(e) if isinstance(e, ProxyHeaderError) else f"nothing within {HEADER_TIMEOUT:g} s"
+            quiet = min(HEADER_TIMEOUT, self._header_timeout)
+            reason = str(e) if isinstance(e, ProxyHeaderError) else f"nothing within {quiet:g} s"
             fields = {"event": "proxy_refused", "peer": peer_ip, "reason": reason}
             log.warning("connection refused", extra={"fields": fields})
             conn.close()
@@ -383,7 +391,20 @@ class ProxySite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(server, sock, ssl=self._ssl_context)
+            _, protocol = await loop.connect_accepted_socket(
+                server, sock, ssl=self._ssl_context, ssl_handshake_timeout=max(deadline - loop.time(), 0.1)
+            )
         except (OSError, TimeoutError):
             # A failed handshake, as asyncio's own listener treats one: the client's problem.
             sock.close()
+            return
+        loop.call_at(deadline, _unless_it_asked, protocol, peer_ip, self._header_timeout)
+
+
+def _unless_it_asked(protocol: Any, peer_ip: str, seconds: float) -> None:
+    """Close a connection whose first request's headers have not all arrived by now. (aiohttp
+    counts the requests it has parsed on a connection: ``RequestHandler._request_count``.)"""
+    if getattr(protocol, "_request_count", 1) == 0 and protocol.transport is not None:
+        fields = {"event": "no_request", "peer": peer_ip, "reason": f"no request within {seconds:g} s"}
+        log.warning("connection closed", extra={"fields": fields})
+        protocol.force_close()

@@ -265,7 +265,13 @@ async def serve(
     await runner.setup()
     # TLS on every connection, after a PROXY protocol header from a trusted balancer.
     site = ProxySite(
-        runner, host, port, ssl_context=tls_context(cfg), trusted=cfg.server.trusted_proxies, backlog=512
+        runner,
+        host,
+        port,
+        ssl_context=tls_context(cfg),
+        trusted=cfg.server.trusted_proxies,
+        backlog=512,
+        header_timeout=cfg.server.header_timeout,
     )
     await site.start()
     # Before the "listening" line: once a server listens, its metrics do too.

@@ -23,6 +23,8 @@ __all__ = ["MAX_TOKEN_LENGTH", "TokenInfo", "mint", "normalize_ip", "verify"]
 MAX_TOKEN_LENGTH = 512
 #: the unpadded base64 of a SHA-256 HMAC (32 bytes), as ``_mac`` writes it
 _SIGNATURE = re.compile(r"[A-Za-z0-9+/]{43}")
+#: what a minted token may carry as its address: an IPv6 zone name is free text otherwise
+_TOKEN_IP = re.compile(r"[0-9A-Za-z.:]+(%[0-9A-Za-z._-]+)?")
 
 
 def _b64(data: bytes) -> str:
@@ -46,6 +48,8 @@ def mint(secret: bytes, ip: str, duration: int, now: float | None = None) -> str
     if duration <= 0:
         raise TokenError("duration must be a positive number of seconds")
     ip = normalize_ip(ip)
+    if not _TOKEN_IP.fullmatch(ip):  # an IPv6 zone may hold any character but "/"
+        raise ValueError(f"{ip!r}: a zone name must be letters, digits, '.', '_' or '-'")
     valid_from = int(time.time() if now is None else now)
     chaff = _b64(os.urandom(16))
     data = f"{ip}:{valid_from}:{valid_from + duration}:{chaff}"
