@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import ConfigError
 
-__all__ = ["remove_tree"]
+__all__ = ["read_small_text", "remove_tree"]
 
 #: how many entries :func:`remove_tree` lists when some could not be removed
 MAX_REPORTED = 20
@@ -221,3 +221,21 @@ def take_lock(path: Path, in_use: str) -> BinaryIO:
         f.close()
         raise ConfigError(in_use) from None
     return f
+
+
+#: the most a small text file given to a command (a token, a public key, credentials) may hold
+SMALL_TEXT = 64 * 1024
+
+
+def read_small_text(path: Path, limit: int = SMALL_TEXT) -> str:
+    """The text of a small file a command is given (a token, a public key, credentials), read
+    as UTF-8. Raises OSError if it cannot be read, and ConfigError naming it if it is not such
+    a file: not UTF-8, or over ``limit`` bytes (a device or a big file is not read whole)."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path} holds more than {limit} bytes: not the small text file expected")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -176,6 +178,123 @@ def test_an_unusable_ca_bundle_or_input_is_one_line(
     os.mkfifo(fifo)
     res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(fifo))
     assert res.returncode == 2 and f"not a regular file: {fifo}" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("what", ["token", "log key"])
+def test_a_small_file_that_is_not_text_is_one_line(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path, what: str
+) -> None:
+    """A token or log key file that is not UTF-8, or a device that never ends: exit 2 naming
+    the file, before any request (it was a traceback, or a read without end)."""
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe not text")
+    for bad, why in ((binary, "is not UTF-8 text"), (Path("/dev/zero"), "holds more than 65536 bytes")):
+        if what == "token":
+            (tmp_path / "token").unlink(missing_ok=True)
+            (tmp_path / "token").symlink_to(bad)
+            res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(payload), timeout=60)
+        else:
+            res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "--log-key", str(bad), str(payload), timeout=60)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert not payload.with_name(payload.name + ".asc").exists()
+
+
+def test_a_nonce_file_that_is_not_text_is_not_sent(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    nonce = tmp_path / "nonce"
+    nonce.write_bytes(b"\xff\xfe")
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-n", str(nonce), str(payload))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert verified(gpg_server, payload)
+
+
+def test_two_files_signed_to_one_place_are_refused(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    """-d with two files of one name: one output would silently replace the other."""
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.txt").write_text(f"from {d}\n" * 8)
+    out = tmp_path / "out"
+    res = sign_cli(
+        gpg_server, tmp_path, "-f", "gpg", "-d", str(out), str(tmp_path / "d1"), str(tmp_path / "d2")
+    )
+    assert res.returncode == 2, res.stderr
+    assert (
+        f"{tmp_path / 'd1/x.txt'} and {tmp_path / 'd2/x.txt'} would both be signed to {out / 'x.txt'}"
+        in res.stderr
+    )
+    assert not out.exists()
+    # the same file named twice (a folder and a file in it) is signed once
+    res = sign_cli(
+        gpg_server, tmp_path, "-f", "gpg", "-d", str(out), str(tmp_path / "d1"), str(tmp_path / "d1/x.txt")
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["x.txt", "x.txt.asc"]
+
+
+def test_an_output_that_cannot_be_written_fails_at_once(
+    gpg_server: ServerProcess, tmp_path: Path, payload: Path
+) -> None:
+    """A local write error is ours, not a server's: no server is asked again (it was retried
+    until the timeout, 600 s by default, signing the file again each time)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be\n")
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", "-d", str(blocker / "out"), str(payload))
+    assert res.returncode == 1, res.stderr
+    assert f"cannot write {blocker / 'out'}" in res.stderr and "Not a directory" in res.stderr, res.stderr
+    assert "gave up" not in res.stderr and "retrying" not in res.stderr
+    long_name = tmp_path / ("n" * 240)  # its .asc has a name a folder holds: its scratch name too
+    long_name.write_bytes(b"a long name " * 8)
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(long_name))
+    assert res.returncode == 0 and verified(gpg_server, long_name), res.stderr
+    longer = tmp_path / ("n" * 254)  # its .asc cannot exist
+    longer.write_bytes(b"a longer name " * 8)
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(longer))
+    assert res.returncode == 1 and "File name too long" in res.stderr, res.stderr
+    assert "gave up" not in res.stderr
+
+
+def test_ctrl_c_is_one_line(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:
+    """SIGINT while the client waits on a host: no traceback, no "Task was destroyed"."""
+    (tmp_path / "token").write_text(gpg_server.token())
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts TCP connections in the kernel, never speaks TLS
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        argv = [str(BIN / "sealbox"), "sign", "-H", host, "-c", str(gpg_server.deployment.ca)]
+        proc = subprocess.Popen(
+            [*argv, "-t", str(tmp_path / "token"), "-f", "gpg", "-d", str(tmp_path / "out"), str(payload)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _connected_to(proc.pid, silent.getsockname()[1]):  # it waits on the host now
+                assert time.monotonic() < deadline and proc.poll() is None, "never connected"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode in (1, 130) and err.strip() == "Aborted!", err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP connection to ``port`` on loopback (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+            return True
+    return False
 
 
 def test_server_that_never_answers_times_out(

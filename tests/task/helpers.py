@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def run(config: Path, work: Path, out: Path, task_id: str | None = None) -> Resu
 def write_upstream(
     work: Path,
     task_id: str,
-    files: dict[str, bytes | Path],
+    files: Mapping[str, bytes | Path],
     key_file: Path | None,
     record_task_id: str | None = None,
     worker_type: str = "build",

@@ -354,9 +354,7 @@ def test_artifact_downloads_share_one_session(
     staging = tmp_path / "staging"
     entries = []
     for task_id in ("ManyBuild1", "ManyBuild2"):
-        files: dict[str, bytes | Path] = {
-            f"public/{task_id}/f{i}.txt": f"{task_id} artifact {i}\n".encode() for i in range(2)
-        }
+        files = {f"public/{task_id}/f{i}.txt": f"{task_id} artifact {i}\n".encode() for i in range(2)}
         write_upstream(staging, task_id, files, worker.dir / "keys/build.key")
         shutil.copytree(staging / "cot" / task_id, root / task_id)
         entries.append(entry(task_id, list(files), ["gpg"]))

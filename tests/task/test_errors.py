@@ -6,10 +6,14 @@ test_signing_failure; here the signing step's other paths, against the real serv
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sealbox.errors import SealboxError
+from sealbox.task import cot
 from sealbox.task.runner import EXIT_FAILED, EXIT_UNAVAILABLE, TaskFailure
 from tests.servers import ServerProcess, refusing_port
 
@@ -54,3 +58,25 @@ def test_signing_server_unavailable_after_the_token_is_exit_4(
     assert res.code == EXIT_UNAVAILABLE, res.text
     assert res.first.startswith("sealbox task: error: server unavailable: public/build/notes.txt: ")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_task_that_fails_after_signing_publishes_nothing(
+    tmp_path: Path, worker: Worker, servers: dict[str, ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything is signed, then writing the task's record fails (a test double in place of
+    ``cot.write_record``: no disk fails on demand): the artifact folder stays empty. Before,
+    the signed files were already in it, with no record."""
+
+    def broken(*args: Any, **kwargs: Any) -> list[Path]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    work = tmp_path / "work"
+    notes = {"public/build/notes.txt": b"release notes\n"}
+    write_upstream(work, "Build1", notes, worker.dir / "keys/build.key")
+    write_task(work, [entry("Build1", list(notes), ["gpg"])], checksums={"path": "public/build"})
+    monkeypatch.setattr(cot, "write_record", broken)  # the runner calls it as cot.write_record
+    res = run(worker.config, work, tmp_path / "out")
+    assert res.code == EXIT_FAILED and "Input/output error" in res.first, res.text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*")), list(
+        (tmp_path / "out").rglob("*")
+    )

@@ -99,6 +99,20 @@ def test_not_json(upstream: Path, down_config: Path, tmp_path: Path) -> None:
     refused(go(down_config, upstream, tmp_path), 3, "not valid JSON")
 
 
+def test_a_task_too_deep_or_too_big(upstream: Path, down_config: Path, tmp_path: Path) -> None:
+    """Refused as malformed (exit 3), not an internal error: its copy in the record must be
+    writable, and the file is not read past the limit."""
+    write_task(upstream, [entry("Build1", ["public/build/notes.txt"], ["gpg"])])
+    task = json.loads((upstream / "task.json").read_text())
+    for depth in (33, 5000):  # deeper than the limit; deeper than Python's JSON parser goes
+        (upstream / "task.json").write_text(
+            json.dumps(task)[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+        )
+        refused(go(down_config, upstream, tmp_path), 3, "task.json nests deeper than 32 levels")
+    (upstream / "task.json").write_text(json.dumps({**task, "extra": {"pad": "x" * (4 << 20)}}))
+    refused(go(down_config, upstream, tmp_path), 3, "task.json is larger than 4194304 bytes")
+
+
 def test_duplicate_paths_from_two_upstreams(
     upstream: Path, worker: Worker, down_config: Path, tmp_path: Path
 ) -> None:

@@ -32,11 +32,12 @@ def verify(dirs: tuple[Path, ...], public_file: Path, as_json: bool) -> None:
 
     Exits 1 if any log does not match, naming its first entry or checkpoint that does not."""
     from ..errors import ConfigError
+    from ..fsutil import read_small_text
     from ..signlog import parse_public_key
     from ..signlog.verify import verify_log
 
     try:
-        public = parse_public_key(public_file.read_text())
+        public = parse_public_key(read_small_text(public_file))
     except OSError as e:
         fail(f"cannot read {public_file}: {e.strerror}", 2)
     except ConfigError as e:

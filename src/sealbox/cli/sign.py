@@ -4,7 +4,7 @@ import fnmatch
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,21 @@ def _files(
         # nothing), but a wrong folder should not pass unnoticed
         click.echo("sealbox: warning: no files to sign in the folders given", err=True)
     return files
+
+
+def _destinations(files: Sequence[Path], dest_of: Callable[[Path], Path]) -> list[tuple[Path, Path]]:
+    """(file, where it is signed to) for each file named once; exit 2 if two files would be
+    signed to one place (``-d`` with two files of one name): one output would be lost."""
+    taken: dict[str, Path] = {}
+    out = []
+    for p in files:
+        dest = dest_of(p)
+        other = taken.setdefault(os.path.abspath(dest), p)
+        if other is p:
+            out.append((p, dest))
+        elif os.path.abspath(other) != os.path.abspath(p):  # (the same file named twice: once)
+            fail(f"{other} and {p} would both be signed to {dest}", 2)
+    return out
 
 
 @click.command()
@@ -120,6 +135,7 @@ def sign(
     trust_only(ca)
     from ..client import SigningClient, parse_host
     from ..errors import SealboxError
+    from ..fsutil import read_small_text
 
     fmts = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
     for f in fmts:
@@ -128,7 +144,7 @@ def sign(
     if not ca.is_file():
         fail(f"certificate not found: {ca}", 2)
     try:
-        token = token_file.read_text().strip()
+        token = read_small_text(token_file).strip()
         servers = [parse_host(h) for h in hosts]
         pinned = _log_key(log_key)
     except OSError as e:
@@ -154,7 +170,7 @@ def sign(
         click.echo(f"sealbox: retrying {src} ({fmt}): {error}", err=True)
 
     show_progress = sys.stderr.isatty() and not quiet and not as_json
-    items = [(p, fmts, dest_of(p)) for p in files]
+    items = [(p, fmts, dest) for p, dest in _destinations(files, dest_of)]
     try:
         client = SigningClient(
             servers,

@@ -27,11 +27,17 @@ def token(server: str, ca: Path, auth_file: Path, ip: str, duration: int, output
 
     trust_only(ca)
     from ..client import parse_host, request_token
+    from ..fsutil import read_small_text
 
     try:
-        user, sep, password = auth_file.read_text().strip().partition(":")
-        if not sep:
-            fail(f"{auth_file}: expected user:password", 2)
+        user, sep, password = read_small_text(auth_file).strip().partition(":")
+    except OSError as e:
+        fail(f"cannot read {auth_file}: {e.strerror}", 2)
+    except SealboxError as e:
+        fail(str(e), 2)
+    if not sep:
+        fail(f"{auth_file}: expected user:password", 2)
+    try:
         host = parse_host(server.removeprefix("https://").rstrip("/"))
         value = request_token(host, ca, user, password, ip, duration)
     except SealboxError as e:

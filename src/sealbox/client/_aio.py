@@ -41,7 +41,7 @@ import secrets
 import shutil
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +51,8 @@ import aiohttp
 import multipart
 import yarl
 
+from ..errors import ConfigError
+from ..fsutil import read_small_text
 from ..hashing import CHUNK, hash_file, is_sha1_hex
 from ..wire import (
     HASH_UPLOAD_HEADER,
@@ -60,7 +62,7 @@ from ..wire import (
     SMALL_FILE,
     WAIT_HEADER,
 )
-from ._errors import ClientError, ServerUnavailable, SigningRefused, TokenRefused
+from ._errors import ClientError, OutputUnwritable, ServerUnavailable, SigningRefused, TokenRefused
 from ._hosts import Server
 from ._logproof import LogProof, ProofFailed
 from ._logproof import check as check_proof
@@ -77,6 +79,7 @@ BENCH = 30.0
 BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 3.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
+NONCE_LIMIT = 4096  # a server takes form fields up to this long
 _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its host down
 #: Uploads ask the server to answer with the result within this many seconds (sealbox servers
 #: honour ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual). A big file
@@ -95,18 +98,30 @@ SignItem = tuple[Path, Sequence[str], Path | None]
 
 
 def _temp_beside(path: Path) -> Path:
-    """A scratch name next to ``path``, unique across processes and concurrent tasks."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{next(_serial)}.tmp")
+    """A scratch name next to ``path``, unique across processes and concurrent tasks (and
+    short enough for any name a folder can hold)."""
+    return path.with_name(f".{path.name[:200]}.{os.getpid()}.{next(_serial)}.tmp")
+
+
+@contextlib.contextmanager
+def _local(path: Path) -> Iterator[None]:
+    """A file system error writing ``path`` is ours, not a server's: no server can help, so it
+    is not retried (:class:`OutputUnwritable`)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputUnwritable(f"cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(dest)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _local(dest):
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _field(boundary: str, name: str, value: str) -> str:
@@ -673,17 +688,21 @@ class AsyncSigningClient:
                 raise _Retry("downloaded result does not match its X-SHA1-Digest")
             _write_atomic(dest, body)
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_beside(dest)
         h = hashlib.sha1(usedforsecurity=False)
+        with _local(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            f = tmp.open("wb")
         try:
-            with tmp.open("wb") as f:
-                async for chunk in r.content.iter_chunked(CHUNK):
+            with f:
+                async for chunk in r.content.iter_chunked(CHUNK):  # (its errors are the server's)
                     h.update(chunk)
-                    f.write(chunk)
+                    with _local(dest):
+                        f.write(chunk)
             if h.hexdigest() != expected:
                 raise _Retry("downloaded result does not match its X-SHA1-Digest")
-            os.replace(tmp, dest)
+            with _local(dest):
+                os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -712,8 +731,9 @@ class AsyncSigningClient:
         source, data, size, dest = job.source, job.data, job.size, job.dest
         nonce = ""
         if self.nonce_file is not None:
-            with contextlib.suppress(OSError):
-                nonce = self.nonce_file.read_text()
+            # unused (signtool's nonce): one that cannot be sent as a field is not sent
+            with contextlib.suppress(OSError, ConfigError):
+                nonce = read_small_text(self.nonce_file, NONCE_LIMIT)
         fields = {"sha1": job.digest, "filename": source.name, "token": token, "nonce": nonce}
         body: Any
         streamed: _StreamedForm | None = None
@@ -887,10 +907,14 @@ class AsyncSigningClient:
         if self.cache_dir is None:
             return
         folder = self.cache_dir / wire
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = _temp_beside(folder / digest)
-        shutil.copyfile(result, tmp)
-        os.replace(tmp, folder / digest)
+        with _local(folder / digest):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(result, tmp)
+                os.replace(tmp, folder / digest)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 class _Retry(Exception):

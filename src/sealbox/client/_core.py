@@ -103,10 +103,22 @@ class SigningClient:
         with self._lock:
             for fut in self._running:
                 fut.cancel()
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """On the client's loop: end every task still there (what a Ctrl-C left: each unwinds
+        before the loop closes, as ``asyncio.run`` does, instead of being destroyed pending),
+        then close the sessions and the threads that read files."""
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.aclose()
+        await self._loop.shutdown_default_executor()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)

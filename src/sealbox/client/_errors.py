@@ -10,6 +10,9 @@ per cause, so that callers branch with ``except``/``isinstance`` and never on me
     ├── TokenRefused         the token was refused: the issuer would not mint one (credentials,
     │                        a bad request) or a signing server rejected it (invalid, expired,
     │                        bound to another address, missing)
+    ├── OutputUnwritable     the result could not be written where it was asked (a folder
+    │                        missing or read-only, a name too long, a full disk): ours, not a
+    │                        server's, so no server is asked again
     └── ServerUnavailable    no server gave an answer in time: refused or reset connections,
                              timeouts, hosts that stopped answering, server errors (5xx) until
                              the time allowed ran out
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from ..errors import SealboxError
 
-__all__ = ["ClientError", "ServerUnavailable", "SigningRefused", "TokenRefused"]
+__all__ = ["ClientError", "OutputUnwritable", "ServerUnavailable", "SigningRefused", "TokenRefused"]
 
 
 class ClientError(SealboxError):
@@ -36,3 +39,8 @@ class TokenRefused(ClientError):
 
 class ServerUnavailable(ClientError):
     """No server answered in time (connection errors, timeouts, 5xx until the deadline)."""
+
+
+class OutputUnwritable(ClientError):
+    """The result (or its cache copy) could not be written where it was asked: a local file
+    system error, which asking a server again would not mend."""

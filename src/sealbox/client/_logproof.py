@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..fsutil import read_small_text
 from ..hashing import hash_file
 
 if TYPE_CHECKING:
@@ -103,4 +104,4 @@ def load_log_key(path: Path) -> Ed25519PublicKey:
     """A signing log public key file (``DIR/public/signlog.pub``)."""
     from ..signlog.log import parse_public_key
 
-    return parse_public_key(path.read_text())
+    return parse_public_key(read_small_text(path))

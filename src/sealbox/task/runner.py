@@ -25,6 +25,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import sys
 import time
 import traceback
@@ -47,7 +48,7 @@ from ..client import (
     request_token,
 )
 from ..errors import ConfigError
-from ..fsutil import remove_tree
+from ..fsutil import read_small_text, remove_tree
 from . import cot, steps
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import check_wire_names, plan
@@ -64,6 +65,11 @@ __all__ = [
     "TaskFailure",
     "run_task",
 ]
+
+#: the most ``task.json`` may hold, and how deeply it may nest (a task definition is small and
+#: flat; its copy in the chain-of-trust record must be writable)
+MAX_TASK_BYTES = 4 * 1024 * 1024
+MAX_TASK_DEPTH = 32
 
 
 @dataclass
@@ -161,6 +167,7 @@ class _Runner:
         verify_upstreams(config, items, self.work, self.echo, self.live)
         self._lap("chain of trust")
         scratch = self._scratch()
+        staged = scratch / "publish"  # all that is published, moved into place once whole
         try:
             run = steps.Run(config, grant.level, task, items, scratch, self.echo)
             steps.inspect_items(run)
@@ -177,13 +184,14 @@ class _Runner:
             ) as client:
                 signed = steps.sign_items(run, client)
                 self._lap("signing")
-                outputs = steps.finish(run, signed, client, self.artifacts)
+                outputs = steps.finish(run, signed, client, staged)
                 proofs = client.log_proofs
+            outputs.update(self._record(config, raw, task_id, key, proofs if proof else None, staged))
+            published = _move_into(staged, self.artifacts, outputs)
+            self._lap("publish")
         finally:
             remove_tree(scratch)  # never raises: a failure above stays the one reported
-        outputs.update(self._publish(config, raw, task_id, key, proofs if log_key is not None else None))
-        self._lap("publish")
-        return Outcome(task_id, grant.level, outputs, self.timings)
+        return Outcome(task_id, grant.level, published, self.timings)
 
     # -- 1. inputs ----------------------------------------------------------------------------
     def _config(self) -> WorkerConfig:
@@ -203,17 +211,25 @@ class _Runner:
     def _task(self) -> tuple[dict[str, Any], Task]:
         path = self.work / "task.json"
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read(MAX_TASK_BYTES + 1)
         except FileNotFoundError:
             raise TaskFailure(EXIT_UNAVAILABLE, f"{path} does not exist") from None
         except OSError as e:
             raise TaskFailure(EXIT_UNAVAILABLE, f"cannot read {path}: {e.strerror}") from None
+        if len(data) > MAX_TASK_BYTES:
+            raise TaskFailure(EXIT_MALFORMED, f"task.json is larger than {MAX_TASK_BYTES} bytes")
+        too_deep = TaskFailure(EXIT_MALFORMED, f"task.json nests deeper than {MAX_TASK_DEPTH} levels")
         try:
             raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # (a JSONDecodeError is a ValueError)
             raise TaskFailure(EXIT_MALFORMED, f"task.json is not valid JSON: {e}") from None
+        except RecursionError:
+            raise too_deep from None
         if not isinstance(raw, dict):
             raise TaskFailure(EXIT_MALFORMED, "task.json: (top level): must be a JSON object")
+        if _depth(raw) > MAX_TASK_DEPTH:  # its copy in the record must not be too deep to write
+            raise too_deep
         try:
             return raw, parse_task(raw)
         except ValueError as e:
@@ -266,11 +282,13 @@ class _Runner:
         level = config.levels[grant.level]
         cred_path = config.path(level.credentials)
         try:
-            user, sep, password = cred_path.read_text(encoding="utf-8").strip().partition(":")
+            user, sep, password = read_small_text(cred_path).strip().partition(":")
         except OSError as e:
             raise TaskFailure(
                 EXIT_FAILED, f"cannot read token-issuer credentials {cred_path}: {e.strerror}"
             ) from None
+        except ConfigError as e:
+            raise TaskFailure(EXIT_FAILED, f"token-issuer credentials: {e}") from None
         if not sep or not user:
             raise TaskFailure(EXIT_FAILED, f"token-issuer credentials {cred_path} must hold user:password")
         errors: list[str] = []
@@ -308,22 +326,23 @@ class _Runner:
             raise TaskFailure(EXIT_FAILED, f"{where}: {e}") from None
 
     # -- 7. publish -----------------------------------------------------------------------------
-    def _publish(
+    def _record(
         self,
         config: WorkerConfig,
         raw: dict[str, Any],
         task_id: str,
         key: Ed25519PrivateKey | None,
         proofs: list[LogProof] | None,
+        staged: Path,
     ) -> dict[str, Path]:
-        """The worker's chain-of-trust record; with ``proofs`` (a level with ``log_pubkey``),
-        its environment lists where each signature is in its server's signing log."""
+        """The worker's chain-of-trust record over ``staged``; with ``proofs`` (a level with
+        ``log_pubkey``), its environment lists where each signature is in its server's signing log."""
         w = config.worker
         environment: dict[str, Any] = {"sealbox": __version__, "production": w.production}
         if proofs is not None:
             environment["signingLog"] = [p.to_json() for p in proofs]
         paths = cot.write_record(
-            self.artifacts,
+            staged,
             raw,
             task_id,
             w.worker_class,
@@ -332,7 +351,30 @@ class _Runner:
             key if w.production else None,
             environment,
         )
-        return {p.relative_to(self.artifacts).as_posix(): p for p in paths}
+        return {p.relative_to(staged).as_posix(): p for p in paths}
+
+
+def _move_into(staged: Path, artifacts: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """Move the task's files from ``staged`` into the artifact folder, once all of them (the
+    record included) are there: a task that fails before publishes nothing."""
+    published = {}
+    for rel in files:
+        dest = artifacts / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staged / rel, dest)
+        published[rel] = dest
+    return published
+
+
+def _depth(value: object) -> int:
+    """How deeply ``value`` (parsed JSON) nests, counted without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _slugid() -> str:

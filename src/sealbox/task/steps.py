@@ -260,8 +260,9 @@ def _check_alignment(tool: str | None, apk: Path, rel: str) -> str:
 
 # -- outputs ------------------------------------------------------------------------------------
 def finish(run: Run, signed: Signed, client: SigningClient, out_dir: Path) -> dict[str, Path]:
-    """Move the staged outputs into ``out_dir``, then write (and sign) the checksums, the gpg
-    key and the precomplete diff; returns every file published, by relative path."""
+    """Move the signed outputs into ``out_dir`` (where the task's files are gathered before
+    they are published), then write (and sign) the checksums, the gpg key and the precomplete
+    diff; returns every file to publish, by relative path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     published: dict[str, Path] = {}
     for rel, src in signed.staged.items():
