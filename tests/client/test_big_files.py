@@ -22,7 +22,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from sealbox.client import SigningClient, _aio
+from sealbox.client import InputChanged, SigningClient, _aio
 from sealbox.client._hosts import Server
 from tests.servers import ServerProcess, ThreadedApp, gpg_verify
 
@@ -309,3 +309,60 @@ def test_a_refusal_of_an_unhashed_upload_is_not_sent_again(
     asked = _signing_requests(gpg_server, before_log, 2)
     assert asked == [("POST", "/sign/gpg", 200), ("POST", "/sign/gpg", 403)], asked
     assert hashed.bytes < SIZE  # it went once, unhashed
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_a_file_that_changes_as_it_is_sent_is_not_signed(
+    gpg_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A build still writing the file: the client looked at it (its size), then it changed.
+    What was sent is not the file, so nothing is signed, at once (InputChanged); it was sent
+    cut short (grown) and signed, or retried until the timeout (shrunk)."""
+    src, _ = _big(tmp_path, "growing.bin")
+    read = _aio._File.read
+
+    async def then_changed(*args: Any) -> _aio._File:
+        job = await read(*args)
+        if change == "grows":
+            with src.open("ab") as f:  # the build writes on, after the client looked
+                f.write(b"more bytes " * 1000)
+        else:
+            os.truncate(src, SIZE // 2)
+        return job
+
+    monkeypatch.setattr(_aio._File, "read", then_changed)
+    with gpg_server.client() as c:
+        outcome = c.sign(src, ["gpg"])
+    assert isinstance(outcome.exception, InputChanged), outcome.error
+    how = "grew" if change == "grows" else "shrank"
+    assert outcome.error == f"{src} {how} while it was being sent: sign it once it is written"
+    assert not src.with_name(src.name + ".asc").exists()
+
+
+def test_a_redirect_is_not_followed(gpg_server: ServerProcess, tmp_path: Path) -> None:
+    """A signing server never redirects: an answer that does (a hijacked or misconfigured
+    address) does not take the token and the file to another host; the client fails over to
+    the real server."""
+    reached: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(f"{request.method} {request.path}")
+        return web.Response(status=500)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"https://127.0.0.1:{other.port}{request.path}")
+
+    tls = gpg_server.deployment.root / "tls"
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls / "server.pem", tls / "server.key")
+    target, redirector = web.Application(), web.Application()
+    target.router.add_route("*", "/{tail:.*}", elsewhere)
+    redirector.router.add_route("*", "/{tail:.*}", redirect)
+    with ThreadedApp(target, ctx) as other, ThreadedApp(redirector, ctx) as hop:
+        servers = [Server("127.0.0.1", hop.port), gpg_server.server]
+        with SigningClient(servers, gpg_server.deployment.ca, gpg_server.token(), shuffle=False) as client:
+            for name in ("small.txt", "big.bin"):
+                src = _small(tmp_path) if name == "small.txt" else _big(tmp_path, name)[0]
+                out = client.sign(src, ["gpg"])
+                assert out.ok and out.server == gpg_server.server.url, out
+    assert reached == []

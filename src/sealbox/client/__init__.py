@@ -10,8 +10,9 @@ Used by ``sealbox sign``, ``sealbox token``, the task runner and the tests alike
 Errors come as one exception type per kind (see :mod:`sealbox.client._errors`), all under
 :class:`ClientError`: :class:`SigningRefused` (a server said no: the input cannot be signed,
 a 4xx), :class:`TokenRefused` (the issuer would not mint a token, or a server rejected it),
-:class:`ServerUnavailable` (no server answered in time) and :class:`OutputUnwritable` (the
-result could not be written where it was asked). Catch them by type::
+:class:`ServerUnavailable` (no server answered in time), :class:`OutputUnwritable` (the
+result could not be written where it was asked) and :class:`InputChanged` (the file changed
+while it was being sent). Catch them by type::
 
     try:
         token = request_token(server, ca, user, password, ip="10.0.0.5", duration=1200)
@@ -35,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._aio import AsyncSigningClient, SignOutcome, describe_error
 from ._core import SigningClient, request_token
-from ._errors import ClientError, OutputUnwritable, ServerUnavailable, SigningRefused, TokenRefused
+from ._errors import (
+    ClientError,
+    InputChanged,
+    OutputUnwritable,
+    ServerUnavailable,
+    SigningRefused,
+    TokenRefused,
+)
 from ._hosts import Server, parse_host
 from ._logproof import LogProof, load_log_key
 from ._plan import detached_suffix, order_formats, wire_name
@@ -78,6 +86,7 @@ __all__ = [
     "ClientError",
     "ImageRef",
     "ImageSignature",
+    "InputChanged",
     "LogProof",
     "OutputUnwritable",
     "RegistryAuth",

@@ -62,7 +62,14 @@ from ..wire import (
     SMALL_FILE,
     WAIT_HEADER,
 )
-from ._errors import ClientError, OutputUnwritable, ServerUnavailable, SigningRefused, TokenRefused
+from ._errors import (
+    ClientError,
+    InputChanged,
+    OutputUnwritable,
+    ServerUnavailable,
+    SigningRefused,
+    TokenRefused,
+)
 from ._hosts import Server
 from ._logproof import LogProof, ProofFailed
 from ._logproof import check as check_proof
@@ -249,6 +256,8 @@ class _StreamedForm:
         first = {name: value for name, value in fields.items() if name != "sha1" or job.digest}
         self.head = _form_head(self.boundary, first, job.source.name)
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        #: why the send stopped when the file changed while it was being sent (None: it did not)
+        self.changed: str | None = None
         self.length = len(self.head) + job.size + len(self._tail("0" * 40))
 
     def _tail(self, sha1: str) -> bytes:
@@ -274,12 +283,16 @@ class _StreamedForm:
                 while left:
                     chunk = await ahead
                     if not chunk:
-                        raise OSError(errno.EIO, f"{self.job.source} shrank while it was being sent")
+                        self.changed = f"{self.job.source} shrank while it was being sent"
+                        raise OSError(errno.EIO, self.changed)
                     left -= len(chunk)
                     if left:
                         size = min(2 * size, STREAM_CHUNK)
                         ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(left, size)))
                     yield chunk
+                if os.fstat(f.fileno()).st_size != self.job.size:  # what was sent is not the file
+                    self.changed = f"{self.job.source} grew while it was being sent"
+                    raise OSError(errno.EIO, self.changed)
             finally:
                 if not ahead.done():
                     await asyncio.wait({ahead})  # the thread is done with the file before it closes
@@ -358,6 +371,7 @@ async def request_token_async(
                 data={"slave_ip": ip, "duration": str(duration)},
                 headers={"Authorization": aiohttp.encode_basic_auth(user, password)},
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=min(CONNECT_TIMEOUT, timeout)),
+                allow_redirects=False,  # the credentials go to this server or nowhere
             ) as r,
         ):
             body = await r.text()
@@ -568,7 +582,9 @@ class AsyncSigningClient:
             raise SigningRefused(f"{what} named no signing log entry for the result (is its log on?)")
         try:
             async with self._http().get(
-                f"{server.url}/log/proof/{index}", timeout=deadline.timeout(LONG_POLL_READ)
+                f"{server.url}/log/proof/{index}",
+                timeout=deadline.timeout(LONG_POLL_READ),
+                allow_redirects=False,
             ) as r:
                 if r.status != 200:
                     reason = r.headers.get("X-Sealbox-Error") or r.reason
@@ -655,7 +671,9 @@ class AsyncSigningClient:
     async def _poll(self, server: Server, wire: str, digest: str, dest: Path, deadline: _Deadline) -> str:
         url = f"{server.url}/sign/{wire}/{digest}"
         started = time.monotonic()
-        async with self._http().get(url, timeout=deadline.timeout(LONG_POLL_READ)) as r:
+        async with self._http().get(
+            url, timeout=deadline.timeout(LONG_POLL_READ), allow_redirects=False
+        ) as r:
             if r.status < 400:
                 expected = r.headers.get("X-SHA1-Digest")
                 if not expected:
@@ -750,9 +768,7 @@ class AsyncSigningClient:
         headers[WAIT_HEADER] = str(int(UPLOAD_WAIT))
         # Sending takes time proportional to the size; allow ~20 MB/s at worst.
         read = max(60.0, size / 20e6) + UPLOAD_WAIT
-        async with self._http().post(
-            self._upload_url(server, job.wire), data=body, headers=headers, timeout=deadline.timeout(read)
-        ) as r:
+        async with self._posted(server, job.wire, body, headers, deadline.timeout(read), streamed) as r:
             named = r.headers.get(INPUT_SHA1_HEADER, "")
             if is_sha1_hex(named):
                 h.names_uploads = True
@@ -780,6 +796,32 @@ class AsyncSigningClient:
             if r.status >= 400:
                 raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(r.headers))
             return "pending"
+
+    @contextlib.asynccontextmanager
+    async def _posted(
+        self,
+        server: Server,
+        wire: str,
+        body: Any,
+        headers: dict[str, str],
+        timeout: aiohttp.ClientTimeout,
+        streamed: _StreamedForm | None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The answer to an upload; :class:`InputChanged` if the file changed as it was sent
+        (aiohttp reports that as a connection error: it would be retried, and fail again)."""
+        try:
+            async with self._http().post(  # no redirect: the token and the file go to this server only
+                self._upload_url(server, wire),
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as r:
+                yield r
+        except (aiohttp.ClientError, OSError):
+            if streamed is not None and streamed.changed:
+                raise InputChanged(f"{streamed.changed}: sign it once it is written") from None
+            raise
 
     def _upload_url(self, server: Server, wire: str) -> yarl.URL:
         # Parsed once: URL parsing is a noticeable part of a small upload's client CPU.
@@ -823,6 +865,7 @@ class AsyncSigningClient:
             async with self._probe_http().get(
                 f"{server.url}/__heartbeat__",
                 timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+                allow_redirects=False,
             ) as r:
                 await r.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

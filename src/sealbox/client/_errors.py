@@ -13,6 +13,8 @@ per cause, so that callers branch with ``except``/``isinstance`` and never on me
     ├── OutputUnwritable     the result could not be written where it was asked (a folder
     │                        missing or read-only, a name too long, a full disk): ours, not a
     │                        server's, so no server is asked again
+    ├── InputChanged         the file changed (grew or shrank) while it was being sent: what
+    │                        would be signed is not the file
     └── ServerUnavailable    no server gave an answer in time: refused or reset connections,
                              timeouts, hosts that stopped answering, server errors (5xx) until
                              the time allowed ran out
@@ -22,7 +24,14 @@ from __future__ import annotations
 
 from ..errors import SealboxError
 
-__all__ = ["ClientError", "OutputUnwritable", "ServerUnavailable", "SigningRefused", "TokenRefused"]
+__all__ = [
+    "ClientError",
+    "InputChanged",
+    "OutputUnwritable",
+    "ServerUnavailable",
+    "SigningRefused",
+    "TokenRefused",
+]
 
 
 class ClientError(SealboxError):
@@ -44,3 +53,8 @@ class ServerUnavailable(ClientError):
 class OutputUnwritable(ClientError):
     """The result (or its cache copy) could not be written where it was asked: a local file
     system error, which asking a server again would not mend."""
+
+
+class InputChanged(ClientError):
+    """The file changed while it was being sent (a build still writing it): what the server
+    got is not the file, so it is not signed; sign it once it is written."""
