@@ -76,3 +76,17 @@ def finish(code: int) -> NoReturn:
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"sealbox: error: {message}", err=True)
     sys.exit(code)
+
+
+def small_text(path: Path) -> str:
+    """The text of a small file the command is given (a token, credentials, a key), or exit 2
+    saying why it cannot be had (unreadable, binary, endless)."""
+    from ..errors import ConfigError
+    from ..fsutil import read_small_text
+
+    try:
+        return read_small_text(path)
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}", 2)
+    except ConfigError as e:
+        fail(str(e), 2)

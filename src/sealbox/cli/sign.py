@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..wire import KNOWN
-from ._common import fail, finish, server_options, trust_only
+from ._common import fail, finish, server_options, small_text, trust_only
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -135,7 +135,6 @@ def sign(
     trust_only(ca)
     from ..client import SigningClient, parse_host
     from ..errors import SealboxError
-    from ..fsutil import read_small_text
 
     fmts = [f.strip() for spec in formats for f in spec.split(",") if f.strip()]
     for f in fmts:
@@ -143,8 +142,8 @@ def sign(
             fail(f"invalid format: {f}", 2)
     if not ca.is_file():
         fail(f"certificate not found: {ca}", 2)
+    token = small_text(token_file).strip()
     try:
-        token = read_small_text(token_file).strip()
         servers = [parse_host(h) for h in hosts]
         pinned = _log_key(log_key)
     except OSError as e:

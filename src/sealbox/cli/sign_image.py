@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._common import fail, server_options
+from ._common import fail, server_options, small_text
 
 
 @click.command("sign-image")
@@ -64,12 +64,11 @@ def sign_image(
     skopeo/podman and a sigstoreSigned policy; see docs/formats/container.md)."""
     from ..client import ClientError, ImageRef, RegistryAuth, SigningClient, parse_host
     from ..errors import SealboxError
-    from ..fsutil import read_small_text
 
     if identity is not None and len(images) != 1:
         fail("--identity can only be used when signing a single image", 2)
+    token = small_text(token_file).strip()
     try:
-        token = read_small_text(token_file).strip()
         servers = [parse_host(h) for h in hosts]
         refs = [ImageRef.parse(i) for i in images]
         auth_file = registry_auth_file or RegistryAuth.default_file()

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import SealboxError
-from ._common import fail, trust_only
+from ._common import fail, small_text, trust_only
 
 
 @click.command()
@@ -27,14 +27,8 @@ def token(server: str, ca: Path, auth_file: Path, ip: str, duration: int, output
 
     trust_only(ca)
     from ..client import parse_host, request_token
-    from ..fsutil import read_small_text
 
-    try:
-        user, sep, password = read_small_text(auth_file).strip().partition(":")
-    except OSError as e:
-        fail(f"cannot read {auth_file}: {e.strerror}", 2)
-    except SealboxError as e:
-        fail(str(e), 2)
+    user, sep, password = small_text(auth_file).strip().partition(":")
     if not sep:
         fail(f"{auth_file}: expected user:password", 2)
     try:
