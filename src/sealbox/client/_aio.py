@@ -35,6 +35,7 @@ import contextlib
 import errno
 import hashlib
 import itertools
+import json
 import os
 import random
 import secrets
@@ -87,6 +88,10 @@ BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 3.0
 LONG_POLL_READ = 75.0  # servers hold a GET for at most 60 s
 NONCE_LIMIT = 4096  # a server takes form fields up to this long
+#: the most of an answer that is not a result (a refusal, "pending", a token, a proof) read
+ANSWER_LIMIT = 1024 * 1024
+#: a result may be at most this much bigger than twice its input: more is a bad answer
+RESULT_MARGIN = 64 * 1024 * 1024
 _WATCH_TICK = 1.0  # how soon an exchange notices that another one found its host down
 #: Uploads ask the server to answer with the result within this many seconds (sealbox servers
 #: honour ``X-Sealbox-Wait``; classic ones answer 202 and the client polls as usual). A big file
@@ -129,6 +134,24 @@ def _write_atomic(dest: Path, data: bytes) -> None:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+async def _answer(r: aiohttp.ClientResponse, limit: int = ANSWER_LIMIT) -> bytes | None:
+    """An answer's body, if it is at most ``limit`` bytes; None (the connection dropped, not
+    read further) if it is longer: no answer but a result is big, and none may fill memory."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await r.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    r.close()
+    return None
+
+
+def _log_index(value: str) -> int | None:
+    """The ``X-Sealbox-Log-Index`` of an answer, if it is one (ASCII digits, 18 at most)."""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 def _field(boundary: str, name: str, value: str) -> str:
@@ -374,8 +397,9 @@ async def request_token_async(
                 allow_redirects=False,  # the credentials go to this server or nowhere
             ) as r,
         ):
-            body = await r.text()
-            if r.status != 200:
+            raw = await _answer(r)
+            body = (raw or b"").decode("utf-8", "replace")
+            if r.status != 200 or raw is None:
                 reason = r.headers.get("X-Sealbox-Error") or r.reason
                 raise TokenRefused(f"{server.url}: token request refused: {r.status} {reason}")
             return body.strip()
@@ -558,11 +582,28 @@ class AsyncSigningClient:
     async def _sign_one(self, source: Path, fmt: str, dest: Path) -> tuple[str, bool, list[LogProof]]:
         """:meth:`sign_one`, and the signing log proof of the result (with ``log_proof``)."""
         job = await _File.read(source, fmt, dest, self.cache_dir is not None or self.token is None)
-        if self._from_cache(job.wire, job.digest, dest):
+        # (a cached result carries no proof: one whose proof is to be checked comes from a server)
+        if not self.log_proof and self._from_cache(job.wire, job.digest, dest):
             return "", True, []
         servers = self._servers_for(job.wire)
         if not servers:
             raise ClientError(f"no server serves format '{fmt}'")
+        if self.log_proof:  # received beside it, and proven, before it takes dest's place
+            job.dest = _temp_beside(dest)
+        try:
+            server, proofs = await self._signed(job, servers)
+            if job.dest != dest:
+                with _local(dest):
+                    os.replace(job.dest, dest)
+        finally:
+            if job.dest != dest:
+                job.dest.unlink(missing_ok=True)
+        self._to_cache(job.wire, job.digest, dest)
+        return server.url, False, proofs
+
+    async def _signed(self, job: _File, servers: list[Server]) -> tuple[Server, list[LogProof]]:
+        """Attempts until a server's result is in ``job.dest`` (and, with ``log_proof``, its
+        proof checked): the server, and the proof."""
         att = _Attempts(_Deadline(self.timeout))
         while True:
             candidates = att.candidates(servers, self.max_errors)
@@ -571,8 +612,7 @@ class AsyncSigningClient:
                 raise failure
             server = await self._next_server(job, att, candidates)
             if server is not None and await self._attempt(job, att, server):
-                proofs = [await self._prove(server, job, att.deadline)] if self.log_proof else []
-                return server.url, False, proofs
+                return server, [await self._prove(server, job, att.deadline)] if self.log_proof else []
 
     async def _prove(self, server: Server, job: _File, deadline: _Deadline) -> LogProof:
         """Fetch and check the signing log's inclusion proof of the result just received."""
@@ -589,7 +629,13 @@ class AsyncSigningClient:
                 if r.status != 200:
                     reason = r.headers.get("X-Sealbox-Error") or r.reason
                     raise ProofFailed(f"GET /log/proof/{index} answered {r.status} {reason}")
-                answer = await r.json()
+                raw = await _answer(r)
+                if raw is None:
+                    raise ProofFailed(f"GET /log/proof/{index}: the answer is over {ANSWER_LIMIT} bytes")
+                try:
+                    answer = json.loads(raw)
+                except (ValueError, RecursionError) as e:
+                    raise ProofFailed(f"GET /log/proof/{index}: not JSON: {type(e).__name__}") from None
             checked = (answer, index, job.wire, job.digest, job.dest, job.source, server.url, self.log_key)
             proof = await asyncio.to_thread(check_proof, *checked)  # hashes the result
         except ProofFailed as e:
@@ -623,7 +669,6 @@ class AsyncSigningClient:
         try:
             state = await self._exchange(job, att, server)
             if state == "done":
-                self._to_cache(job.wire, job.digest, job.dest)
                 return True
             if state.startswith("failed:") and server.url in att.uploaded:
                 att.refuse(server, state.removeprefix("failed:"), SigningRefused)
@@ -658,7 +703,7 @@ class AsyncSigningClient:
             state = await self._watch(server, self._upload(server, job, att.deadline))
         else:
             state = await self._watch(
-                server, self._poll(server, job.wire, job.digest, job.dest, att.deadline)
+                server, self._poll(server, job, att.deadline)
             )
         if state == "unknown" or (state.startswith("failed:") and server.url not in att.uploaded):
             # Unknown to the server, or a failure we did not cause (it may have been
@@ -668,8 +713,8 @@ class AsyncSigningClient:
         return state
 
     # -- protocol steps ---------------------------------------------------------------------
-    async def _poll(self, server: Server, wire: str, digest: str, dest: Path, deadline: _Deadline) -> str:
-        url = f"{server.url}/sign/{wire}/{digest}"
+    async def _poll(self, server: Server, job: _File, deadline: _Deadline) -> str:
+        url = f"{server.url}/sign/{job.wire}/{job.digest}"
         started = time.monotonic()
         async with self._http().get(
             url, timeout=deadline.timeout(LONG_POLL_READ), allow_redirects=False
@@ -678,9 +723,9 @@ class AsyncSigningClient:
                 expected = r.headers.get("X-SHA1-Digest")
                 if not expected:
                     raise _Retry("answer without X-SHA1-Digest")
-                await self._receive(r, dest, expected.lower())
+                await self._receive(r, job, expected.lower())
                 return "done"
-            await r.read()
+            await _answer(r)
             if "X-Pending" in r.headers:
                 if time.monotonic() - started < 0.2:
                     await asyncio.sleep(0.2)  # a server with no long-poll hold: don't spin
@@ -694,10 +739,16 @@ class AsyncSigningClient:
                 raise _Refused(f"{r.status} {reason or r.reason}", _refusal_kind(r.headers))
             return "unknown"
 
-    async def _receive(self, r: aiohttp.ClientResponse, dest: Path, expected: str) -> None:
-        index = r.headers.get(LOG_INDEX_HEADER, "")
-        if index.isdigit():
-            self._log_index[dest] = int(index)
+    async def _receive(self, r: aiohttp.ClientResponse, job: _File, expected: str) -> None:
+        """Write the result ``r`` brings to ``job.dest``, once whole and of SHA-1 ``expected``.
+        One bigger than twice the input and ``RESULT_MARGIN`` is a bad answer (no signature
+        is that big: an answer without end must not fill the disk)."""
+        dest, most = job.dest, 2 * job.size + RESULT_MARGIN
+        index = _log_index(r.headers.get(LOG_INDEX_HEADER, ""))
+        if index is not None:
+            self._log_index[dest] = index
+        if r.content_length is not None and r.content_length > most:
+            raise _Retry(f"a result of {r.content_length} bytes for an input of {job.size}")
         if r.content_length is not None and r.content_length <= SMALL_FILE:
             # A small result is checked in memory and written in one go. (Handing the write
             # to a thread measured slower: the thread and this loop trade the GIL.)
@@ -711,9 +762,14 @@ class AsyncSigningClient:
         with _local(dest):
             dest.parent.mkdir(parents=True, exist_ok=True)
             f = tmp.open("wb")
+        size = 0
         try:
             with f:
                 async for chunk in r.content.iter_chunked(CHUNK):  # (its errors are the server's)
+                    size += len(chunk)
+                    if size > most:
+                        r.close()
+                        raise _Retry(f"a result of over {most} bytes for an input of {job.size}")
                     h.update(chunk)
                     with _local(dest):
                         f.write(chunk)
@@ -746,7 +802,7 @@ class AsyncSigningClient:
     ) -> str:
         """One upload (:meth:`_upload`); "unnamed" if it went ``unhashed`` and the answer did
         not name it."""
-        source, data, size, dest = job.source, job.data, job.size, job.dest
+        source, data, size = job.source, job.data, job.size
         nonce = ""
         if self.nonce_file is not None:
             # unused (signtool's nonce): one that cannot be sent as a field is not sent
@@ -776,7 +832,7 @@ class AsyncSigningClient:
                 # Not a refusal before the file was read: it read it (or would have) and named
                 # nothing, as a server of an earlier release does.
                 h.names_uploads = False
-                await r.read()
+                await _answer(r)
                 return "unnamed"
             if streamed is not None:
                 # the file went whole: its digest names it from now on
@@ -785,9 +841,9 @@ class AsyncSigningClient:
                 with contextlib.suppress(OSError):
                     self.nonce_file.write_text(r.headers["X-Nonce"])
             if r.status == 200 and "X-SHA1-Digest" in r.headers:
-                await self._receive(r, dest, r.headers["X-SHA1-Digest"].lower())
+                await self._receive(r, job, r.headers["X-SHA1-Digest"].lower())
                 return "done"
-            await r.read()
+            await _answer(r)
             reason = r.headers.get("X-Sealbox-Error")
             if r.status == 404 and reason:  # the job failed (answer of a waited upload)
                 return "failed:" + reason
@@ -867,7 +923,7 @@ class AsyncSigningClient:
                 timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
                 allow_redirects=False,
             ) as r:
-                await r.read()
+                await _answer(r)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             h.bad_until = time.monotonic() + BENCH
             what = "not responding" if isinstance(e, TimeoutError) else describe_error(e)

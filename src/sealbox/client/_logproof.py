@@ -79,8 +79,10 @@ def check(
         entry = json.loads(entry_bytes)
         got_index, fmt = entry["index"], entry["format"]
         src, out = entry["input"], entry["output"]
-    except (KeyError, TypeError, ValueError, binascii.Error) as e:
-        raise ProofFailed(f"malformed proof answer: {e}") from None
+        if not isinstance(src, dict) or not isinstance(out, dict):
+            raise TypeError("the entry's input and output must be objects")
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError, binascii.Error) as e:
+        raise ProofFailed(f"malformed proof answer: {type(e).__name__}: {e}"[:300]) from None
     if got_index != index or fmt != wire:
         raise ProofFailed(f"entry {index} is entry {got_index} of format {fmt}, not of this {wire} result")
     if digest not in (src.get("sha1"), out.get("sha1")):
