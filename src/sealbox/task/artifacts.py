@@ -15,12 +15,14 @@ import os
 import shutil
 import ssl
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import aiohttp
 
@@ -32,6 +34,10 @@ CHUNK = 1 << 20
 
 class Unavailable(SealboxError):
     """An input could not be fetched (missing, store unreachable, too big)."""
+
+
+class NotInStore(Unavailable):
+    """The store says it has no such artifact (404, no such file), or there is no store."""
 
 
 class Progress:
@@ -101,8 +107,12 @@ PARALLEL = 4
 
 
 class ArtifactStore:
-    """Fetches artifacts into ``W/cot/<taskId>/<path>`` from the store URL template ``store``
-    (None: only files already there are used). Use it as a context manager.
+    """Fetches artifacts into ``root`` (``W/cot``) as ``<taskId>/<path>`` from the store URL
+    template ``store`` (None: only files already there are used). Use it as a context manager.
+
+    No link below ``root`` is followed, to read a file there or to write one: an artifact is
+    taken from ``root`` or fetched into it, never from or to anywhere else. A download goes to
+    a temporary file of its own (created exclusively) and is renamed into place when whole.
 
     One HTTPS session serves every download: its TLS context is built once, before the first
     download (an unusable ``ca`` is a :class:`~sealbox.errors.ConfigError` then, not a retry),
@@ -114,11 +124,13 @@ class ArtifactStore:
         store: str | None,
         progress: Progress,
         *,
+        root: Path,
         ca: Path | None = None,
         max_size: int = 8 * 1024**3,
         timeout: float = 300.0,
     ) -> None:
         self.store = store
+        self.root = root
         self.progress = progress
         self.ca = ca
         self.max_size = max_size
@@ -182,12 +194,17 @@ class ArtifactStore:
     # -- internals -------------------------------------------------------------------------
     def _missing(self, task_id: str, path: str, dest: Path) -> bool:
         """False if ``dest`` is there to use; raises :class:`Unavailable` if it cannot be fetched."""
-        if dest.is_file() and not dest.is_symlink():
+        link = next((p for p in (self.root, *_between(self.root, dest)) if p.is_symlink()), None)
+        if link is not None:
+            raise Unavailable(
+                f"{task_id}/{path}: {link} is a symbolic link: artifacts are taken from {self.root} only"
+            )
+        if dest.is_file():
             return False
-        if dest.exists() or dest.is_symlink():
+        if dest.exists():
             raise Unavailable(f"{task_id}/{path}: {dest} exists but is not a regular file")
         if self.store is None:
-            raise Unavailable(f"{task_id}/{path}: not in {dest.parent} and no artifact store is configured")
+            raise NotInStore(f"{task_id}/{path}: not in {dest.parent} and no artifact store is configured")
         return True
 
     def _http(self) -> aiohttp.ClientSession:
@@ -204,23 +221,25 @@ class ArtifactStore:
     async def _open(verify: ssl.SSLContext) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=verify, limit=PARALLEL))
 
-    def _target(self, task_id: str, path: str, dest: Path) -> tuple[str, Path, str]:
-        """(URL, temporary file beside ``dest``, name shown)."""
+    def _target(self, task_id: str, path: str) -> tuple[str, str]:
+        """(URL, name shown)."""
         assert self.store is not None
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        return store_url(self.store, task_id, path), tmp, f"{task_id}/{path}"
+        return store_url(self.store, task_id, path), f"{task_id}/{path}"
 
     def _copy(self, task_id: str, path: str, dest: Path) -> None:
-        url, tmp, name = self._target(task_id, path, dest)
+        url, name = self._target(task_id, path)
         started = time.monotonic()
+        tmp: Path | None = None
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            size = _copy_file(url, tmp, name, self.progress, self.max_size)
+            tmp, out = _scratch(dest)
+            with out:
+                size = _copy_file(url, out, name, self.progress, self.max_size)
             os.replace(tmp, dest)
         except OSError as e:  # the folder or the rename (the copy's own errors are Unavailable)
-            raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
+            raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         self.progress.done(name, size, time.monotonic() - started, url)
 
     async def _download_all(self, session: aiohttp.ClientSession, todo: dict[Path, tuple[str, str]]) -> None:
@@ -236,22 +255,42 @@ class ArtifactStore:
         await asyncio.gather(*(one(dest, task_id, path) for dest, (task_id, path) in todo.items()))
 
     async def _download(self, session: aiohttp.ClientSession, task_id: str, path: str, dest: Path) -> None:
-        url, tmp, name = self._target(task_id, path, dest)
+        url, name = self._target(task_id, path)
         started = time.monotonic()
+        tmp: Path | None = None
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            size = await _fetch(session, url, tmp, name, self.progress, self.max_size, self.timeout)
+            tmp, out = _scratch(dest)
+            with out:
+                size = await _fetch(session, url, out, name, self.progress, self.max_size, self.timeout)
             os.replace(tmp, dest)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Unavailable(f"{name}: cannot download {url}: {describe_error(e)}") from None
         except OSError as e:
-            raise Unavailable(f"{name}: cannot write {tmp}: {e.strerror}") from None
+            raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         self.progress.done(name, size, time.monotonic() - started, url)
 
 
-def _copy_file(url: str, tmp: Path, name: str, progress: Progress, max_size: int) -> int:
+def _between(root: Path, dest: Path) -> list[Path]:
+    """Every path from ``root`` (excluded) down to ``dest`` (included)."""
+    out, here = [], root
+    for part in dest.relative_to(root).parts:
+        here = here / part
+        out.append(here)
+    return out
+
+
+def _scratch(dest: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary file beside ``dest``, created exclusively (never through a link, never
+    an existing file: mkstemp's O_EXCL), its folders made first."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".part", dir=dest.parent)
+    return Path(name), os.fdopen(fd, "wb")
+
+
+def _copy_file(url: str, out: BinaryIO, name: str, progress: Progress, max_size: int) -> int:
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise Unavailable(f"{name}: file:// URL with a remote host {parsed.netloc!r}")
@@ -263,12 +302,12 @@ def _copy_file(url: str, tmp: Path, name: str, progress: Progress, max_size: int
         if size > max_size:
             raise Unavailable(f"{name}: {size} bytes is more than the {max_size}-byte limit")
         advance = progress.start(name, size)
-        with src.open("rb") as fin, tmp.open("wb") as fout:
+        with src.open("rb") as fin:
             while chunk := fin.read(CHUNK):
-                fout.write(chunk)
+                out.write(chunk)
                 advance(len(chunk))
     except FileNotFoundError:
-        raise Unavailable(f"{name}: not in the artifact store ({src} does not exist)") from None
+        raise NotInStore(f"{name}: not in the artifact store ({src} does not exist)") from None
     except OSError as e:
         raise Unavailable(f"{name}: cannot read {src}: {e.strerror}") from None
     return size
@@ -277,7 +316,7 @@ def _copy_file(url: str, tmp: Path, name: str, progress: Progress, max_size: int
 async def _fetch(
     session: aiohttp.ClientSession,
     url: str,
-    tmp: Path,
+    out: BinaryIO,
     name: str,
     progress: Progress,
     max_size: int,
@@ -285,20 +324,23 @@ async def _fetch(
 ) -> int:
     size = 0
     limits = aiohttp.ClientTimeout(total=timeout, connect=min(15.0, timeout))
-    async with session.get(url, timeout=limits) as r:
+    # no redirect: the pinned CA and the store's address hold for every byte (not plain HTTP,
+    # not another host)
+    async with session.get(url, timeout=limits, allow_redirects=False) as r:
         if r.status != 200:
-            raise Unavailable(f"{name}: {url} answered {r.status} {r.reason}")
+            kind = NotInStore if r.status in (404, 410) else Unavailable
+            moved = " (a store's redirect is not followed)" if 300 <= r.status < 400 else ""
+            raise kind(f"{name}: {url} answered {r.status} {r.reason}{moved}")
         total = r.content_length
         if total is not None and total > max_size:
             raise Unavailable(f"{name}: {total} bytes is more than the {max_size}-byte limit")
         advance = progress.start(name, total)
-        with tmp.open("wb") as f:
-            async for chunk in r.content.iter_chunked(CHUNK):
-                size += len(chunk)
-                if size > max_size:
-                    raise Unavailable(f"{name}: more than the {max_size}-byte limit")
-                f.write(chunk)
-                advance(len(chunk))
+        async for chunk in r.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > max_size:
+                raise Unavailable(f"{name}: more than the {max_size}-byte limit")
+            out.write(chunk)
+            advance(len(chunk))
     return size
 
 

@@ -48,7 +48,8 @@ RECORD = "public/chain-of-trust.json"
 SIGNATURE = RECORD + ".sig"
 VERSION = 1
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_RECORD = 64 << 20
+#: the largest record read (a record lists paths and hashes: far smaller in practice)
+MAX_RECORD = 64 << 20
 
 
 class CotError(SealboxError):
@@ -214,12 +215,14 @@ def verify_signature(
 
 def parse_record(data: bytes) -> dict[str, Any]:
     """Decode and shape-check a record; raises CotError naming what is wrong."""
-    if len(data) > _MAX_RECORD:
+    if len(data) > MAX_RECORD:
         raise CotError("record is larger than 64 MiB")
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise CotError(f"record is not JSON: {e}") from None
+    except RecursionError:
+        raise CotError("record is not JSON this runner reads: it nests too deeply") from None
     if not isinstance(record, dict):
         raise CotError("record is not a JSON object")
     if record.get("chainOfTrustVersion") != VERSION:

@@ -26,6 +26,7 @@ import os
 import random
 import secrets
 import shutil
+import stat
 import sys
 import time
 import traceback
@@ -164,11 +165,12 @@ class _Runner:
             + (" (production)" if config.worker.production else " (dep worker)")
         )
         self._lap("checks")
-        verify_upstreams(config, items, self.work, self.echo, self.live)
-        self._lap("chain of trust")
         scratch = self._scratch()
         staged = scratch / "publish"  # all that is published, moved into place once whole
         try:
+            # the inputs, copied once into the scratch folder: checked there, signed from there
+            verify_upstreams(config, items, self.work, scratch / "verified", self.echo, self.live)
+            self._lap("chain of trust")
             run = steps.Run(config, grant.level, task, items, scratch, self.echo)
             steps.inspect_items(run)
             self._lap("inspection")
@@ -211,7 +213,10 @@ class _Runner:
     def _task(self) -> tuple[dict[str, Any], Task]:
         path = self.work / "task.json"
         try:
-            with path.open("rb") as f:
+            # (not blocking on a FIFO: what is not a regular file is refused before any read)
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise TaskFailure(EXIT_MALFORMED, f"{path} is not a regular file")
                 data = f.read(MAX_TASK_BYTES + 1)
         except FileNotFoundError:
             raise TaskFailure(EXIT_UNAVAILABLE, f"{path} does not exist") from None
@@ -239,6 +244,8 @@ class _Runner:
         task_id = self.requested_id or task.taskId or os.environ.get("TASK_ID") or _slugid()
         if not TASK_ID.match(task_id):
             raise TaskFailure(EXIT_MALFORMED, f"bad task id {task_id!r}")
+        if self.artifacts.exists() and not self.artifacts.is_dir():
+            raise TaskFailure(EXIT_FAILED, f"artifact dir {self.artifacts} is not a folder")
         if self.artifacts.exists() and any(self.artifacts.iterdir()):
             raise TaskFailure(EXIT_FAILED, f"artifact dir {self.artifacts} is not empty")
         return task_id
@@ -271,7 +278,7 @@ class _Runner:
         kept = remove_tree(scratch)  # an earlier task's, which may have died half-way
         if kept:
             raise TaskFailure(EXIT_FAILED, f"cannot clear the scratch folder: {kept[0]}")
-        scratch.mkdir(parents=True)
+        scratch.mkdir(parents=True, mode=0o700)  # private: what is checked there is what is signed
         return scratch
 
     # -- 6. token -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ of the bytes fetched. The records and signatures themselves are :mod:`sealbox.ta
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ConfigError
 from . import cot
-from .artifacts import ArtifactStore, Progress, Unavailable
+from .artifacts import ArtifactStore, NotInStore, Progress, Unavailable
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import Item
 from .schema import WorkerConfig
@@ -27,10 +28,12 @@ Trusted = dict[str, list[Ed25519PublicKey]]
 
 
 def verify_upstreams(
-    config: WorkerConfig, items: list[Item], work: Path, echo: Echo, live: bool | None
+    config: WorkerConfig, items: list[Item], work: Path, copies: Path, echo: Echo, live: bool | None
 ) -> None:
     """Verify every upstream task of ``items``, fetching into ``work/cot/<taskId>/``; sets each
-    item's ``source``. Raises :class:`TaskFailure`."""
+    item's ``source`` to a copy in ``copies`` (a private folder) whose sha256 was checked: what
+    is checked is what is signed, whatever happens to ``work/cot`` after. Raises
+    :class:`TaskFailure`."""
     trusted = trusted_keys(config) if config.worker.production else {}
     by_task: dict[str, list[Item]] = {}
     for item in items:
@@ -44,7 +47,7 @@ def verify_upstreams(
         # the artifacts, once every record that lists them is trusted
         get.prefetch((up.task_id, item.path) for up in upstreams for item in up.items)
         for up, record in zip(upstreams, records, strict=True):
-            _check_files(get, up, record)
+            _check_files(get, up, record, copies)
             echo(f"chain of trust: {up.what}: {checked}, {len(up.items)} artifact(s) match their sha256")
 
 
@@ -85,6 +88,7 @@ class _Fetcher:
         self.store = ArtifactStore(
             w.artifact_store,
             progress,
+            root=work / "cot",
             ca=config.path(w.artifact_store_ca) if w.artifact_store_ca else None,
             max_size=config.limits.max_download_size,
         )
@@ -104,14 +108,37 @@ class _Fetcher:
         with _failures():
             return self.store.fetch(task_id, rel, self._dest(task_id, rel))
 
+    def optional(self, task_id: str, rel: str) -> Path | None:
+        """:meth:`__call__`, or None if the store has no such file (any other failure raises)."""
+        try:
+            with _failures():
+                return self.store.fetch(task_id, rel, self._dest(task_id, rel))
+        except _Missing:
+            return None
+
+    def read(self, task_id: str, rel: str, most: int) -> bytes:
+        """The bytes of a small file of the chain of trust (a record, a signature): at most
+        ``most``, more is malformed (it is not read whole)."""
+        with self(task_id, rel).open("rb") as f:
+            data = f.read(most + 1)
+        if len(data) > most:
+            raise TaskFailure(EXIT_MALFORMED, f"chain of trust: {task_id}/{rel} is larger than {most} bytes")
+        return data
+
     def _dest(self, task_id: str, rel: str) -> Path:
         return self.work / "cot" / task_id / rel
+
+
+class _Missing(TaskFailure):
+    """The store has no such file (a 404): for a signature, the record is unsigned."""
 
 
 @contextlib.contextmanager
 def _failures() -> Iterator[None]:
     try:
         yield
+    except NotInStore as e:
+        raise _Missing(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
     except Unavailable as e:
         raise TaskFailure(EXIT_UNAVAILABLE, f"input unavailable: {e}") from None
     except ConfigError as e:
@@ -120,15 +147,21 @@ def _failures() -> Iterator[None]:
 
 def _trusted_record(config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream) -> dict[str, Any]:
     """The upstream's record, its signature checked (production) and its contents too."""
-    data = get(up.task_id, cot.RECORD).read_bytes()
+    data = get.read(up.task_id, cot.RECORD, cot.MAX_RECORD)
     if config.worker.production:
         _check_signature(config, trusted, get, up, data)
     return _parse_record(up, data)
 
 
-def _check_files(get: _Fetcher, up: _Upstream, record: dict[str, Any]) -> None:
-    """Every artifact taken from the upstream has the sha256 its record gives; sets ``source``."""
-    files = {item.path: get(up.task_id, item.path) for item in up.items}
+def _check_files(get: _Fetcher, up: _Upstream, record: dict[str, Any], copies: Path) -> None:
+    """Every artifact taken from the upstream, copied into ``copies``, has the sha256 its record
+    gives; sets ``source`` to the copy."""
+    files = {}
+    for item in up.items:
+        copy = copies / up.task_id / item.path
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(get(up.task_id, item.path), copy)
+        files[item.path] = copy
     try:
         cot.check_files(record, files)
     except cot.CotError as e:
@@ -140,15 +173,13 @@ def _check_files(get: _Fetcher, up: _Upstream, record: dict[str, Any]) -> None:
 def _check_signature(
     config: WorkerConfig, trusted: Trusted, get: _Fetcher, up: _Upstream, data: bytes
 ) -> None:
-    try:
-        sig_path = get(up.task_id, cot.SIGNATURE)
-    except TaskFailure:
+    if get.optional(up.task_id, cot.SIGNATURE) is None:  # (a store that fails otherwise: exit 4)
         raise TaskFailure(
             EXIT_MALFORMED,
             f"chain of trust: {up.what}: its record is not signed ({cot.SIGNATURE} missing); "
             "a production worker only consumes signed records (a dep worker's are not)",
-        ) from None
-    cls = cot.verify_signature(data, sig_path.read_bytes(), trusted)
+        )
+    cls = cot.verify_signature(data, get.read(up.task_id, cot.SIGNATURE, 1024), trusted)
     if cls is None:
         raise TaskFailure(
             EXIT_MALFORMED,
