@@ -123,6 +123,41 @@ def _resign(root: Path, key: Ed25519PrivateKey) -> None:
     path.write_bytes(b"".join(frames))
 
 
+def _break_length(path: Path, pos: int) -> None:
+    """Frame ``pos`` of ``path`` announces a length no frame has (not what a crash leaves)."""
+    frames = _frames(path)
+    frames[pos] = b"\xff\xff\xff\xff" + frames[pos][4:]
+    path.write_bytes(b"".join(frames))
+
+
+def _entry_length(root: Path, key: Ed25519PrivateKey) -> None:
+    seg, pos = _locate(root, 25)
+    _break_length(seg, pos)
+
+
+def _checkpoint_length(root: Path, key: Ed25519PrivateKey) -> None:
+    """Along with a forged entry: with its checkpoints unreadable, the log seemed whole."""
+    _forge(root, key)
+    _break_length(root / CHECKPOINTS, 0)
+
+
+def _deep_entry(root: Path, key: Ed25519PrivateKey) -> None:
+    seg, pos = _locate(root, 7)
+    frames = _frames(seg)
+    frames[pos] = frame(b"[" * 100_000 + b"]" * 100_000)
+    seg.write_bytes(b"".join(frames))
+
+
+def _far_time(root: Path, key: Ed25519PrivateKey) -> None:
+    """The last checkpoint's time moved past any date (its frame redone, its signature not)."""
+    path = root / CHECKPOINTS
+    frames = _frames(path)
+    cp = json.loads(frames[-1][4:-32])
+    cp["time"] = 10**20
+    frames[-1] = frame(encode(cp))
+    path.write_bytes(b"".join(frames))
+
+
 TAMPERING = {
     "bit flipped": (_flip_bit, ["entry 7 (segment-", "does not match its hash"]),
     "entry forged, its hash redone": (_forge, ["checkpoint 1 (size 20", "entries 10..19 changed"]),
@@ -136,6 +171,16 @@ TAMPERING = {
     "checkpoint re-signed with another key": (
         _resign,
         ["checkpoint 2 (size 30", "signature does not verify with the given public key"],
+    ),
+    "an entry's length prefix broken": (
+        _entry_length,
+        ["(entry 25)", "frame length 4294967295 is not plausible"],
+    ),
+    "checkpoints' length prefix broken": (_checkpoint_length, ["checkpoints.log, byte 0 (checkpoint 0)"]),
+    "an entry nesting too deeply": (_deep_entry, ["entry 7 (segment-", "is not JSON"]),
+    "a checkpoint's time past any date": (
+        _far_time,
+        ["checkpoint 2 (size 30, time 100000000000000000000 ms)", "signature does not verify"],
     ),
 }
 

@@ -113,12 +113,14 @@ def read_frames(f: BinaryIO) -> Iterator[Frame]:
 
 
 class TornFrame(Exception):
-    """A file ends inside a frame (or holds something that is not one) at ``offset``."""
+    """A file ends inside a frame (``cut``: what a crash leaves) or holds something that is not
+    one (not ``cut``: the file was changed) at ``offset``."""
 
-    def __init__(self, offset: int, why: str = "the file ends inside a frame") -> None:
-        super().__init__(why)
+    def __init__(self, offset: int, why: str = "") -> None:
+        super().__init__(why or "the file ends inside a frame")
         self.offset = offset
-        self.why = why
+        self.cut = not why
+        self.why = str(self)
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -305,6 +307,9 @@ class SignLog:
                         first = first or entry.get("time")
                         last = entry.get("time")
                 except TornFrame as t:
+                    if not t.cut:  # not what a crash leaves: never cut away what may follow
+                        where = f"signing log {self.root}: {path.name} byte {t.offset}"
+                        raise LogCorrupt(f"{where}: {t.why}") from None
                     if n != numbers[-1]:
                         raise LogCorrupt(
                             f"signing log {self.root}: {path.name} is cut at byte {t.offset}, inside entry "
@@ -325,7 +330,7 @@ class SignLog:
             raise LogCorrupt(f"{where}: entry {self.tree.size} does not match its hash")
         try:
             entry = json.loads(fr.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LogCorrupt(f"{where}: entry {self.tree.size} is not JSON") from None
         if not isinstance(entry, dict) or entry.get("index") != self.tree.size:
             got = entry.get("index") if isinstance(entry, dict) else None
@@ -341,10 +346,13 @@ class SignLog:
                         if not fr.intact:
                             raise ValueError("it does not match its hash")
                         self.checkpoints.append(Checkpoint.from_json(json.loads(fr.data)))
-                    except ValueError as e:
+                    except (ValueError, RecursionError) as e:
                         where = f"signing log {self.root}: checkpoint at byte {fr.offset}"
-                        raise LogCorrupt(f"{where}: {e}") from None
+                        raise LogCorrupt(f"{where}: {type(e).__name__}: {e}"[:300]) from None
             except TornFrame as t:
+                if not t.cut:
+                    where = f"signing log {self.root}: {CHECKPOINTS} byte {t.offset}"
+                    raise LogCorrupt(f"{where}: {t.why}") from None
                 log.warning(
                     "signing log checkpoint tail dropped",
                     extra={"fields": {"event": "signlog_torn_tail", "segment": CHECKPOINTS, "at": t.offset}},

@@ -56,7 +56,7 @@ def entries(root: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     entry = json.loads(fr.data)
                     if isinstance(entry, dict) and isinstance(entry.get("index"), int):
                         yield entry["index"], entry
-        except (TornFrame, ValueError):
+        except (TornFrame, ValueError, RecursionError):
             return
 
 
@@ -111,25 +111,27 @@ def _read_entries(root: Path, tree: merkle.Tree, report: Report) -> _Torn | None
                         _fail(report, f"{where} does not match its hash: it was changed")
                     try:
                         entry = json.loads(fr.data)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         _fail(report, f"{where} is not JSON")
                     got = entry.get("index") if isinstance(entry, dict) else None
                     if got != tree.size:
                         _fail(report, f"{where} holds entry {got}: entries were removed or reordered")
                     tree.append(merkle.leaf_hash(fr.data))
+                    report.entries = tree.size
                     when = entry.get("time")
                     if isinstance(when, str):
                         report.first = report.first or when
                         report.last = when
             except TornFrame as t:
+                if not t.cut:  # not what a crash leaves: the file was changed
+                    _fail(report, f"{name}, byte {t.offset} (entry {tree.size}): {t.why}")
                 torn = _Torn(name, t.offset, tree.size)
     report.entries = tree.size
     return torn
 
 
-def _read_checkpoints(
-    root: Path, public: Ed25519PublicKey, tree: merkle.Tree, torn: _Torn | None, report: Report
-) -> None:
+def _load_checkpoints(root: Path, report: Report) -> list[Checkpoint]:
+    """The checkpoints as read (a crash's cut tail dropped, with a warning)."""
     checkpoints: list[Checkpoint] = []
     try:
         with (root / CHECKPOINTS).open("rb") as f:
@@ -139,13 +141,23 @@ def _read_checkpoints(
                     _fail(report, f"checkpoint {n} (byte {fr.offset}) does not match its hash: changed")
                 try:
                     checkpoints.append(Checkpoint.from_json(json.loads(fr.data)))
-                except ValueError as e:
-                    _fail(report, f"checkpoint {n} (byte {fr.offset}): {e}")
+                except (ValueError, RecursionError) as e:
+                    _fail(report, f"checkpoint {n} (byte {fr.offset}): {type(e).__name__}: {e}"[:300])
+                report.checkpoints = len(checkpoints)
     except FileNotFoundError:
         pass
     except TornFrame as t:
+        if not t.cut:
+            _fail(report, f"{CHECKPOINTS}, byte {t.offset} (checkpoint {len(checkpoints)}): {t.why}")
         report.warnings.append(f"{CHECKPOINTS} ends inside a checkpoint at byte {t.offset} (a crash)")
     report.checkpoints = len(checkpoints)
+    return checkpoints
+
+
+def _read_checkpoints(
+    root: Path, public: Ed25519PublicKey, tree: merkle.Tree, torn: _Torn | None, report: Report
+) -> None:
+    checkpoints = _load_checkpoints(root, report)
     previous: Checkpoint | None = None
     matched = 0  # entries covered by a checkpoint that matched
     for n, cp in enumerate(checkpoints):
@@ -187,4 +199,10 @@ def _read_checkpoints(
 
 
 def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """An entry's or checkpoint's time as ISO 8601 (as the number itself if no date can hold it:
+    a damaged checkpoint must still be named)."""
+    try:
+        when = datetime.fromtimestamp(ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"time {ms} ms"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
