@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import ConfigError
 
-__all__ = ["read_small_text", "remove_tree"]
+__all__ = ["read_small_text", "remove_tree", "short_name"]
 
 #: how many entries :func:`remove_tree` lists when some could not be removed
 MAX_REPORTED = 20
@@ -239,3 +239,9 @@ def read_small_text(path: Path, limit: int = SMALL_TEXT) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def short_name(name: str, most: int) -> str:
+    """``name`` cut to at most ``most`` bytes as the file system counts them (a file name may
+    hold 255 bytes, not characters: a cut inside a character is still those bytes)."""
+    return os.fsdecode(os.fsencode(name)[:most])

@@ -248,6 +248,10 @@ def test_an_output_that_cannot_be_written_fails_at_once(
     long_name.write_bytes(b"a long name " * 8)
     res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(long_name))
     assert res.returncode == 0 and verified(gpg_server, long_name), res.stderr
+    wide = tmp_path / ("\u6f22" * 80 + ".txt")  # 244 bytes, 84 characters: its .asc is 248 bytes
+    wide.write_bytes(b"a wide name " * 8)
+    res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(wide))
+    assert res.returncode == 0 and verified(gpg_server, wide), res.stderr
     longer = tmp_path / ("n" * 254)  # its .asc cannot exist
     longer.write_bytes(b"a longer name " * 8)
     res = sign_cli(gpg_server, tmp_path, "-f", "gpg", str(longer))

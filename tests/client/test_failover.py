@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from sealbox.client import SigningClient, SignOutcome
 from sealbox.formats.widevine import WidevineSigner
+from sealbox.samples.mar import write_mar
 from tests.servers import Deployment, ServerProcess, gpg_verify, start_server
 
 
@@ -150,3 +152,30 @@ def test_hung_host_is_found_out_once_for_every_file_and_format(
     for r in out:
         assert gpg_ok(r.source, public)
         WidevineSigner.verify("widevine", r.source.with_name(r.source.name + ".sig"), r.source, public)
+
+
+def test_a_server_that_cannot_store_an_upload_is_left_for_the_next(tmp_path: Path) -> None:
+    """A full disk (RLIMIT_FSIZE stands in for it, as in the server's own test): its 507 sends
+    the client to the next server at once. It read the 507 of an unhashed upload as an older
+    server that does not name uploads and sent the whole file to the same server again."""
+    d = Deployment.create(tmp_path / "dep", "dep", ["mar"])
+    full = start_server(d, extra=["--data-dir", str(tmp_path / "full-data")])
+    good = start_server(d, extra=["--data-dir", str(tmp_path / "good-data")])
+    try:
+        _, hard = resource.prlimit(full.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(full.proc.pid, resource.RLIMIT_FSIZE, (256 * 1024, hard))
+        mar = write_mar(tmp_path, "update.mar", size=2 * 1024 * 1024, seed=1)
+        servers = [full.server, good.server]
+        with SigningClient(servers, d.ca, full.token(), shuffle=False) as client:
+            client.sign(_small_mar(tmp_path), ["mar"])  # learnt: these servers name uploads
+            outcome = client.sign(mar, ["mar"])
+        assert outcome.ok and outcome.server == good.server.url, outcome.error
+        posts = [e for e in full.log_lines() if e.get("event") == "request" and e.get("status") == 507]
+        assert len(posts) == 1, posts
+    finally:
+        full.stop()
+        good.stop()
+
+
+def _small_mar(tmp: Path) -> Path:
+    return write_mar(tmp, "small.mar", size=1024, seed=2)

@@ -149,3 +149,21 @@ def test_an_answer_without_end_is_a_bad_answer(
     assert outcome.ok and outcome.server == gpg_server.server.url, outcome.error
     most = 2 * len(_payload(tmp_path).read_bytes()) + 64 * 1024 * 1024 if status == 200 else ANSWER_LIMIT
     assert sent[0] < most + 64 * 1024 * 1024  # what the socket buffers hold beyond what was read
+
+
+def test_a_waited_upload_whose_input_left_is_sent_again(
+    gpg_server: ServerProcess, stand_in: Callable[[Handler], Server], tmp_path: Path
+) -> None:
+    """A plain 404 to a waited upload (the job found its input gone: nothing is remembered)
+    means "upload it": sent again, not taken as a refusal."""
+    posts: list[int] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        posts.append(1)
+        return web.Response(status=404) if len(posts) == 1 else _signed()
+
+    fake = stand_in(answer)
+    with SigningClient([fake], gpg_server.deployment.ca, gpg_server.token()) as client:
+        outcome = client.sign(_payload(tmp_path), ["gpg"])
+    assert outcome.ok and len(posts) == 2, outcome.error

@@ -92,7 +92,8 @@ def test_what_is_checked_is_what_is_signed(
 @pytest.fixture
 def hostile_store(servers: dict[str, ServerProcess]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     """An HTTPS artifact store (the dev deployment's certificate) serving files from a folder,
-    told by ``behaviour`` how to answer some of them: {"redirect": path suffix, "fail": suffix}."""
+    told by ``behaviour`` how to answer some of them: {"redirect": path suffix (to plain http),
+    "moved": path suffix (to https, under /moved/), "fail": suffix (503)}."""
     root_dir = servers["dep"].deployment.root
     behaviour: dict[str, Any] = {}
     store: dict[str, Path] = {}
@@ -103,6 +104,9 @@ def hostile_store(servers: dict[str, ServerProcess]) -> Iterator[tuple[str, Path
             return web.Response(status=503, text="busy")
         if behaviour.get("redirect") and path.endswith(behaviour["redirect"]):
             raise web.HTTPFound(f"http://127.0.0.1:{plain.port}/{path}")
+        if behaviour.get("moved") and path.endswith(behaviour["moved"]) and not path.startswith("moved/"):
+            raise web.HTTPSeeOther(f"/moved/{path}")  # relative, as a CDN hand-off may be
+        path = path.removeprefix("moved/")
         f = store["root"] / path
         return web.Response(body=f.read_bytes()) if f.is_file() else web.Response(status=404)
 
@@ -140,12 +144,22 @@ def _hostile_run(
     return run(worker.variant("hostile-store", use), work, tmp_path / "out")
 
 
-def test_a_store_redirect_is_not_followed(
+def test_a_store_redirect_to_plain_http_is_not_followed(
     tmp_path: Path, worker: Worker, hostile_store: tuple[str, Path, dict[str, Any]]
 ) -> None:
-    """A redirect to plain HTTP (or any host): the pinned CA would hold for no byte."""
+    """A redirect to plain HTTP: no byte would be under TLS (it was followed)."""
     hostile_store[2]["behaviour"]["redirect"] = "notes.txt"
-    _failed(_hostile_run(tmp_path, worker, hostile_store, "RedirectBuild1"), 4, "redirect is not followed")
+    _failed(_hostile_run(tmp_path, worker, hostile_store, "RedirectBuild1"), 4, "followed to https only")
+
+
+def test_a_store_redirect_over_https_is_followed(
+    tmp_path: Path, worker: Worker, hostile_store: tuple[str, Path, dict[str, Any]]
+) -> None:
+    """As a store hands artifacts to a CDN (Taskcluster's queue answers 303): followed, the
+    same TLS checks on the new address."""
+    hostile_store[2]["behaviour"]["moved"] = "notes.txt"
+    res = _hostile_run(tmp_path, worker, hostile_store, "MovedBuild1")
+    assert res.code == 0, res.text
 
 
 def test_a_signature_the_store_fails_to_send_is_unavailable_not_missing(

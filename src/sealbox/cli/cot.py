@@ -60,7 +60,7 @@ def sign(
     from ..task import cot as c
     from ..task.schema import TASK_ID
 
-    if not TASK_ID.match(task_id):
+    if not TASK_ID.fullmatch(task_id):
         fail(f"bad task id {task_id!r}", 2)
     if not artifact_dir.is_dir():
         fail(f"{artifact_dir} is not a folder", 2)

@@ -53,7 +53,7 @@ import multipart
 import yarl
 
 from ..errors import ConfigError
-from ..fsutil import read_small_text
+from ..fsutil import read_small_text, short_name
 from ..hashing import CHUNK, hash_file, is_sha1_hex
 from ..wire import (
     HASH_UPLOAD_HEADER,
@@ -112,7 +112,7 @@ SignItem = tuple[Path, Sequence[str], Path | None]
 def _temp_beside(path: Path) -> Path:
     """A scratch name next to ``path``, unique across processes and concurrent tasks (and
     short enough for any name a folder can hold)."""
-    return path.with_name(f".{path.name[:200]}.{os.getpid()}.{next(_serial)}.tmp")
+    return path.with_name(f".{short_name(path.name, 200)}.{os.getpid()}.{next(_serial)}.tmp")
 
 
 @contextlib.contextmanager
@@ -702,9 +702,7 @@ class AsyncSigningClient:
             att.uploaded.add(server.url)
             state = await self._watch(server, self._upload(server, job, att.deadline))
         else:
-            state = await self._watch(
-                server, self._poll(server, job, att.deadline)
-            )
+            state = await self._watch(server, self._poll(server, job, att.deadline))
         if state == "unknown" or (state.startswith("failed:") and server.url not in att.uploaded):
             # Unknown to the server, or a failure we did not cause (it may have been
             # transient, and uploading again clears it): upload.
@@ -828,7 +826,7 @@ class AsyncSigningClient:
             named = r.headers.get(INPUT_SHA1_HEADER, "")
             if is_sha1_hex(named):
                 h.names_uploads = True
-            elif unhashed and REFUSAL_HEADER not in r.headers:
+            elif unhashed and REFUSAL_HEADER not in r.headers and r.status < 500:
                 # Not a refusal before the file was read: it read it (or would have) and named
                 # nothing, as a server of an earlier release does.
                 h.names_uploads = False
@@ -847,6 +845,8 @@ class AsyncSigningClient:
             reason = r.headers.get("X-Sealbox-Error")
             if r.status == 404 and reason:  # the job failed (answer of a waited upload)
                 return "failed:" + reason
+            if r.status == 404:  # a waited upload whose input left the server: send it again
+                return "unknown"
             if r.status >= 500:
                 raise _Retry(f"upload failed: {r.status} {reason or r.reason}")
             if r.status >= 400:

@@ -119,7 +119,7 @@ def init_dev(
             "token_issuers": [f"issuer:{hash_password(password)}"],
             "token_secret_files": ["secrets/token-secret"],
             "max_token_age": 3600,
-            "allowed_filenames": [r"[\w][\w.+@-]*"],
+            "allowed_filenames": [r"^[\w][\w.+@-]*$"],
         },
         "keys": ctx.keys,
         "formats": format_sections,

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -332,6 +333,13 @@ class _NoRoom(Exception):
         self.full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _no_room(e: _NoRoom) -> web.Response:
+    """The server's trouble, not the input's: 507 (503), and a client tries another server."""
+    response = refuse(507 if e.full else 503, f"the server cannot store the upload now: {e}")
+    response.force_close()
+    return response
+
+
 class _Spool:
     """A big upload's bytes hashed (SHA-1, SHA-256) and, when kept, written to a temp file: the
     one pass over them here. Its first :data:`SPOOL_INLINE` bytes are taken on the event loop
@@ -383,7 +391,10 @@ class _Spool:
         if self._thread is not None:
             self._thread.shutdown()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # (flushes the last bytes)
+            except OSError as e:
+                raise _NoRoom(e) from None
 
     def discard(self) -> None:
         """Stop (the chunks not yet taken are dropped) and remove the file."""
@@ -392,7 +403,8 @@ class _Spool:
         if self._thread is not None:
             self._thread.shutdown()  # waits for the chunk in hand: the file is not written after
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # what did not reach the disk is discarded anyway
+                self.file.close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
@@ -457,12 +469,12 @@ class _Upload:
 
 
 def _valid_filename(name: str, patterns: Sequence[str]) -> str | None:
-    """Why ``name`` is refused (None: it is not). A pattern must match the whole name: with
-    ``re.match``, ``^...$`` would let a final newline through."""
+    """Why ``name`` is refused (None: it is not). A name holds no path and no control character
+    or line break (with those gone, a pattern's ``$`` cannot match before a final newline)."""
     plain = name not in ("", ".", "..") and len(name) <= 255 and not any(c in name for c in "/\\")
-    if not plain or not name.isprintable():  # no control characters (NUL, CR, LF, ...)
+    if not plain or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
         return "the filename must be a plain file name"
-    if not any(re.fullmatch(p, name) for p in patterns):
+    if not any(re.match(p, name) for p in patterns):
         return "Unacceptable filename: not allowed by this server's allowed_filenames"
     return None
 
@@ -499,10 +511,8 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             response = refuse(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
             response.force_close()  # the rest of the body is not read
             return response
-        except _NoRoom as e:  # the server's trouble, not the input's: a client tries another server
-            response = refuse(507 if e.full else 503, f"the server cannot store the upload now: {e}")
-            response.force_close()
-            return response
+        except _NoRoom as e:
+            return _no_room(e)
         except TimeoutError:
             response = refuse(
                 408, f"upload stalled: no data for {cfg.server.body_timeout:g} s", refusal="stalled"
@@ -515,7 +525,10 @@ async def _upload(request: web.Request) -> web.StreamResponse:
             return refused
         if data.known:
             return await _accepted(request, fmt, fields["sha1"], "File is pending")
-        return await _submit(request, fields, data, fmt, known)
+        try:
+            return await _submit(request, fields, data, fmt, known)
+        except _NoRoom as e:
+            return _no_room(e)
     finally:
         data.discard()
 
@@ -543,7 +556,11 @@ async def _submit(
     if storage.result(fmt, sha1) is not None or jobs.pending(fmt, sha1):
         return await _accepted(request, fmt, sha1, "File is pending")
     storage.clear_failure(fmt, sha1)
-    jobs.submit(fmt, sha1, data.take(sha1, fields["filename"]), _upload_context(request, fields))
+    try:
+        item = data.take(sha1, fields["filename"])
+    except OSError as e:  # moving the spooled file into the store
+        raise _NoRoom(e) from None
+    jobs.submit(fmt, sha1, item, _upload_context(request, fields))
     return await _accepted(request, fmt, sha1, "Accepted")
 
 

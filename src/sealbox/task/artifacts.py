@@ -25,9 +25,11 @@ from types import TracebackType
 from typing import BinaryIO
 
 import aiohttp
+import yarl
 
 from ..client import describe_error
 from ..errors import ConfigError, SealboxError
+from ..fsutil import short_name
 
 CHUNK = 1 << 20
 
@@ -104,6 +106,8 @@ def store_url(template: str, task_id: str, path: str) -> str:
 
 #: downloads of one batch at once: most tasks wait on a store's latency, not its bandwidth
 PARALLEL = 4
+#: redirects followed per download (https only)
+MAX_REDIRECTS = 5
 
 
 class ArtifactStore:
@@ -286,7 +290,7 @@ def _scratch(dest: Path) -> tuple[Path, BinaryIO]:
     """A new temporary file beside ``dest``, created exclusively (never through a link, never
     an existing file: mkstemp's O_EXCL), its folders made first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".part", dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{short_name(dest.name, 200)}.", suffix=".part", dir=dest.parent)
     return Path(name), os.fdopen(fd, "wb")
 
 
@@ -322,25 +326,41 @@ async def _fetch(
     max_size: int,
     timeout: float,
 ) -> int:
-    size = 0
     limits = aiohttp.ClientTimeout(total=timeout, connect=min(15.0, timeout))
-    # no redirect: the pinned CA and the store's address hold for every byte (not plain HTTP,
-    # not another host)
-    async with session.get(url, timeout=limits, allow_redirects=False) as r:
-        if r.status != 200:
-            kind = NotInStore if r.status in (404, 410) else Unavailable
-            moved = " (a store's redirect is not followed)" if 300 <= r.status < 400 else ""
-            raise kind(f"{name}: {url} answered {r.status} {r.reason}{moved}")
-        total = r.content_length
-        if total is not None and total > max_size:
-            raise Unavailable(f"{name}: {total} bytes is more than the {max_size}-byte limit")
-        advance = progress.start(name, total)
-        async for chunk in r.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > max_size:
-                raise Unavailable(f"{name}: more than the {max_size}-byte limit")
-            out.write(chunk)
-            advance(len(chunk))
+    here = yarl.URL(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.get(here, timeout=limits, allow_redirects=False) as r:
+            if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
+                # Followed over TLS only (a store hands artifacts to a CDN that way), through the
+                # same session: its TLS context, the pinned CA if there is one, checks each host.
+                target = here.join(yarl.URL(r.headers["Location"]))
+                if target.scheme != "https":
+                    why = f"redirects to a {target.scheme} URL (a store's redirect is followed to https only)"
+                    raise Unavailable(f"{name}: {here} {why}")
+                here = target
+                continue
+            if r.status != 200:
+                kind = NotInStore if r.status in (404, 410) else Unavailable
+                raise kind(f"{name}: {here} answered {r.status} {r.reason}")
+            return await _take(r, out, name, progress, max_size)
+    raise Unavailable(f"{name}: {url} redirects more than {MAX_REDIRECTS} times")
+
+
+async def _take(
+    r: aiohttp.ClientResponse, out: BinaryIO, name: str, progress: Progress, max_size: int
+) -> int:
+    """Write an artifact's body to ``out``, at most ``max_size`` bytes; its size."""
+    total = r.content_length
+    if total is not None and total > max_size:
+        raise Unavailable(f"{name}: {total} bytes is more than the {max_size}-byte limit")
+    advance = progress.start(name, total)
+    size = 0
+    async for chunk in r.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > max_size:
+            raise Unavailable(f"{name}: more than the {max_size}-byte limit")
+        out.write(chunk)
+        advance(len(chunk))
     return size
 
 

@@ -49,7 +49,7 @@ from ..client import (
     request_token,
 )
 from ..errors import ConfigError
-from ..fsutil import read_small_text, remove_tree
+from ..fsutil import read_small_text, remove_tree, short_name
 from . import cot, steps
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import check_wire_names, plan
@@ -242,7 +242,7 @@ class _Runner:
 
     def _task_id(self, task: Task) -> str:
         task_id = self.requested_id or task.taskId or os.environ.get("TASK_ID") or _slugid()
-        if not TASK_ID.match(task_id):
+        if not TASK_ID.fullmatch(task_id):
             raise TaskFailure(EXIT_MALFORMED, f"bad task id {task_id!r}")
         if self.artifacts.exists() and not self.artifacts.is_dir():
             raise TaskFailure(EXIT_FAILED, f"artifact dir {self.artifacts} is not a folder")
@@ -362,15 +362,26 @@ class _Runner:
 
 
 def _move_into(staged: Path, artifacts: Path, files: dict[str, Path]) -> dict[str, Path]:
-    """Move the task's files from ``staged`` into the artifact folder, once all of them (the
-    record included) are there: a task that fails before publishes nothing."""
-    published = {}
-    for rel in files:
-        dest = artifacts / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(staged / rel, dest)
-        published[rel] = dest
-    return published
+    """Publish the task's files (the record included): gathered beside the artifact folder (on
+    its file system: ``staged`` may be on another), then renamed into its place in one step, so
+    the folder holds all of them or none. (A mount point, which cannot be renamed over, gets
+    them moved one by one.)"""
+    artifacts.parent.mkdir(parents=True, exist_ok=True)
+    gathered = artifacts.parent / f".{short_name(artifacts.name, 200)}.{secrets.token_hex(6)}.publishing"
+    gathered.mkdir()  # (mode as the umask says, as the artifact folder's would be)
+    try:
+        for rel in files:
+            (gathered / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(staged / rel, gathered / rel)
+        try:
+            os.replace(gathered, artifacts)  # replaces a missing or empty folder
+        except OSError:
+            for rel in files:
+                (artifacts / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(gathered / rel, artifacts / rel)
+    finally:
+        remove_tree(gathered)  # gone once renamed; otherwise what a failure left
+    return {rel: artifacts / rel for rel in files}
 
 
 def _depth(value: object) -> int:

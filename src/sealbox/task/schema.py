@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..wire import KNOWN
 
 #: Taskcluster slugids are 22 characters; anything path-safe up to 64 is accepted
-TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole names only: use fullmatch
 RESTRICTED_BY_DEFAULT = ("nightly", "release")
 CHECKSUM_ALGORITHMS = ("sha256", "sha512", "sha384", "sha1")
 
@@ -59,7 +59,7 @@ class UpstreamArtifact(BaseModel):
     @field_validator("taskId")
     @classmethod
     def _task_id(cls, v: str) -> str:
-        if not TASK_ID.match(v):
+        if not TASK_ID.fullmatch(v):
             raise ValueError(f"bad taskId {v!r} (expected 1-64 of A-Z a-z 0-9 _ -)")
         return v
 
@@ -152,7 +152,7 @@ class Task(BaseModel):
     @field_validator("taskId")
     @classmethod
     def _own_id(cls, v: str | None) -> str | None:
-        if v is not None and not TASK_ID.match(v):
+        if v is not None and not TASK_ID.fullmatch(v):
             raise ValueError(f"bad taskId {v!r}")
         return v
 

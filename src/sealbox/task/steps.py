@@ -9,6 +9,7 @@ detached ``.sig``), gpg (a detached ``.asc``), or a format that signs the file i
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import traceback
@@ -162,7 +163,9 @@ def _sign_item(run: Run, item: Item, sign_one: bh.SignOne, scratch: Path) -> Ite
     assert item.source is not None
     stage = scratch / "file" / PurePosixPath(item.path).name
     stage.parent.mkdir(parents=True)
-    shutil.copyfile(item.source, stage)
+    # the run's own checked copy (trust.verify_upstreams), moved: no other copy is made
+    os.replace(item.source, stage)
+    item.source = stage
     tools = run.config.tools
     w = _Work(stage, item.path, sign_one, run.limits, run.config.worker.jobs, tools.zipalign)
     if item.path != item.output:  # .dmg -> .tar.gz

@@ -159,8 +159,13 @@ def _check_files(get: _Fetcher, up: _Upstream, record: dict[str, Any], copies: P
     files = {}
     for item in up.items:
         copy = copies / up.task_id / item.path
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(get(up.task_id, item.path), copy)
+        source = get(up.task_id, item.path)
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, copy)
+        except OSError as e:
+            why = f"cannot copy {source} into the scratch folder: {e.strerror}"
+            raise TaskFailure(EXIT_FAILED, why) from None
         files[item.path] = copy
     try:
         cot.check_files(record, files)
