@@ -11,6 +11,7 @@ HTTPS session (one TLS context, kept-alive connections) and run a few at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import ssl
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -233,17 +234,8 @@ class ArtifactStore:
     def _copy(self, task_id: str, path: str, dest: Path) -> None:
         url, name = self._target(task_id, path)
         started = time.monotonic()
-        tmp: Path | None = None
-        try:
-            tmp, out = _scratch(dest)
-            with out:
-                size = _copy_file(url, out, name, self.progress, self.max_size)
-            os.replace(tmp, dest)
-        except OSError as e:  # the folder or the rename (the copy's own errors are Unavailable)
-            raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        with _into(dest, name) as out:
+            size = _copy_file(url, out, name, self.progress, self.max_size)
         self.progress.done(name, size, time.monotonic() - started, url)
 
     async def _download_all(self, session: aiohttp.ClientSession, todo: dict[Path, tuple[str, str]]) -> None:
@@ -261,19 +253,11 @@ class ArtifactStore:
     async def _download(self, session: aiohttp.ClientSession, task_id: str, path: str, dest: Path) -> None:
         url, name = self._target(task_id, path)
         started = time.monotonic()
-        tmp: Path | None = None
         try:
-            tmp, out = _scratch(dest)
-            with out:
+            with _into(dest, name) as out:
                 size = await _fetch(session, url, out, name, self.progress, self.max_size, self.timeout)
-            os.replace(tmp, dest)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise Unavailable(f"{name}: cannot download {url}: {describe_error(e)}") from None
-        except OSError as e:
-            raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
         self.progress.done(name, size, time.monotonic() - started, url)
 
 
@@ -286,12 +270,27 @@ def _between(root: Path, dest: Path) -> list[Path]:
     return out
 
 
-def _scratch(dest: Path) -> tuple[Path, BinaryIO]:
-    """A new temporary file beside ``dest``, created exclusively (never through a link, never
-    an existing file: mkstemp's O_EXCL), its folders made first."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{short_name(dest.name, 200)}.", suffix=".part", dir=dest.parent)
-    return Path(name), os.fdopen(fd, "wb")
+@contextlib.contextmanager
+def _into(dest: Path, name: str) -> Iterator[BinaryIO]:
+    """A new temporary file beside ``dest`` for artifact ``name``, created exclusively (never
+    through a link, never an existing file: mkstemp's O_EXCL), renamed to ``dest`` once written
+    whole, removed if not. A file system error is :class:`Unavailable` (a download's own errors,
+    aiohttp's, pass through)."""
+    tmp: Path | None = None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".{short_name(dest.name, 200)}.", suffix=".part", dir=dest.parent)
+        tmp = Path(path)
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except OSError as e:
+        if isinstance(e, aiohttp.ClientError):
+            raise
+        raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _copy_file(url: str, out: BinaryIO, name: str, progress: Progress, max_size: int) -> int:
