@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import ConfigError
 
-__all__ = ["read_small_text", "remove_tree", "short_name"]
+__all__ = ["read_small", "read_small_text", "remove_tree", "short_name"]
 
 #: how many entries :func:`remove_tree` lists when some could not be removed
 MAX_REPORTED = 20
@@ -227,14 +227,22 @@ def take_lock(path: Path, in_use: str) -> BinaryIO:
 SMALL_TEXT = 64 * 1024
 
 
+def read_small(path: Path, limit: int = SMALL_TEXT) -> bytes:
+    """The bytes of a small file (a key, a secret, a token): OSError if it cannot be read,
+    ConfigError naming it if it holds more than ``limit`` bytes (a device or a big file is not
+    read whole: /dev/zero given for a key must not take the memory)."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path} holds more than {limit} bytes: not the small file expected")
+    return data
+
+
 def read_small_text(path: Path, limit: int = SMALL_TEXT) -> str:
     """The text of a small file a command is given (a token, a public key, credentials), read
     as UTF-8. Raises OSError if it cannot be read, and ConfigError naming it if it is not such
     a file: not UTF-8, or over ``limit`` bytes (a device or a big file is not read whole)."""
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ConfigError(f"{path} holds more than {limit} bytes: not the small text file expected")
+    data = read_small(path, limit)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

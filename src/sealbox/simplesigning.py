@@ -168,6 +168,8 @@ def parse(data: bytes) -> Payload:
         doc = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
     except json.JSONDecodeError as e:
         raise PayloadError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # (a few KiB of brackets): no payload nests so deep
+        raise PayloadError("not a simple-signing payload: it nests too deeply") from None
     top = _object(doc, "the payload", {"critical", "optional"})
     critical = _object(top["critical"], "critical", {"type", "image", "identity"})
     if critical["type"] != SIGNATURE_TYPE:

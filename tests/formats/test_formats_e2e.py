@@ -300,3 +300,23 @@ def test_sealbox_verify_command(full: ServerProcess, tmp_path: Path, fmt: str) -
     cmd[cmd.index("--public") + 1] = str(other.public)
     bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "NOT verified" in bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["sha2signcode", "mar", "dmg", "jar", "sigstore"])
+def test_sealbox_verify_reads_regular_files_only(full: ServerProcess, tmp_path: Path, fmt: str) -> None:
+    """A FIFO (nothing ever writes it) or a device: refused at once, never read (a FIFO hung
+    the verifiers that open the file themselves; /dev/zero took the memory)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for given in (fifo, Path("/dev/zero")):
+        cmd = [
+            str(BIN / "sealbox"),
+            "verify",
+            "--format",
+            fmt,
+            "--public",
+            str(full.deployment.public),
+            str(given),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 2 and f"not a regular file: {given}" in res.stderr, res.stderr

@@ -220,6 +220,7 @@ MALFORMED = {
     "not UTF-8": GOOD.replace(b"sealbox tests", b"sealbox \xff tests", 1),
     "at most 4096 are accepted": GOOD + b" " * 5000,
     "is not a JSON object": b"[1, 2, 3, 4]",
+    "nests too deeply": b"[" * 2000 + b"]" * 2000,  # under 4096 bytes (was an internal error)
 }
 
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.servers import BIN, Deployment, ServerProcess, start_server
 
 
@@ -78,6 +80,70 @@ def test_a_path_in_the_way_is_named(tmp_path: Path) -> None:
     assert sp.proc.wait(60) == 2
     out = sp.log.read_text()
     assert f"not starting: File exists: {blocker}" in out, out
+
+
+def _serve(d: Deployment, *extra: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "sealbox"), "serve", "--config", str(d.config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        pass_fds=pass_fds,
+    )
+
+
+REFUSALS: dict[str, tuple[Callable[[Deployment], object], list[str]]] = {  # break it, words said
+    "config not UTF-8": (
+        lambda d: d.config.write_bytes(b"\xff" + d.config.read_bytes()),
+        ["sealbox.toml", "not UTF-8"],
+    ),
+    "key file endless": (
+        lambda d: _repoint(d, 'path = "keys/gpg.pem"', 'path = "/dev/zero"'),
+        ["key 'gpg'", "/dev/zero holds more than"],
+    ),
+    "token secret endless": (
+        lambda d: _repoint(d, '"secrets/token-secret"', '"/dev/zero"'),
+        ["security.token_secret_files", "/dev/zero holds more than"],
+    ),
+    "gpg public key not a key": (
+        lambda d: (d.root / "public/gpg.asc").write_text("not a key\n"),
+        ["format 'gpg': public_key", "gpg.asc", "not an ASCII-armoured OpenPGP block"],
+    ),
+}
+
+
+def _repoint(d: Deployment, old: str, new: str) -> None:
+    text = d.config.read_text()
+    assert old in text
+    d.config.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_start_up_refusal_names_what_is_wrong(tmp_path: Path, case: str) -> None:
+    """One refusal line, exit 2, naming the file or the setting; a device is never read to its end
+    (/dev/zero as a key took the memory), and no traceback."""
+    d = Deployment.create(tmp_path / "dep", "dep", ["gpg"])
+    breaks, words = REFUSALS[case]
+    breaks(d)
+    res = _serve(d, "--passphrase-file", str(d.root / "passphrases"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line = res.stderr.strip().splitlines()[-1]  # (after the JSON log lines of what did start)
+    assert line.startswith("sealbox: error: not starting: ")
+    for w in words:
+        assert w in line, line
+
+
+def test_a_passphrase_source_that_is_not_one_is_named(tmp_path: Path) -> None:
+    d = Deployment.create(tmp_path / "dep", "dep", ["gpg"])
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"gpg:\xff\xfe\n")
+    res = _serve(d, "--passphrase-file", str(binary))
+    assert res.returncode == 2 and str(binary) in res.stderr and "not UTF-8" in res.stderr, res.stderr
+    for fd, why in ((2**31, "not a file descriptor"), (1023, "Bad file descriptor")):
+        res = _serve(d, "--passphrase-fd", str(fd))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"--passphrase-fd {fd}: {why}" in res.stderr, res.stderr
 
 
 def test_passphrases_never_logged(gpg_server: ServerProcess, tmp_path: Path, payload: Path) -> None:

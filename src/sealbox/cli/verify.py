@@ -30,6 +30,9 @@ def verify(fmt: str, signature: Path | None, public_dir: Path, file: Path) -> No
     from ..formats import signer_class
 
     wire = wire_name(fmt)
+    for given in (file, signature):
+        if given is not None and not given.is_file():  # a FIFO or a device: never read (it may not end)
+            fail(f"not a regular file: {given}", 2)
     try:
         cls = signer_class(wire)
         if detached_suffix(wire):

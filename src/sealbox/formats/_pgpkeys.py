@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, VerificationFailed
-from ..fsutil import remove_tree
+from ..fsutil import read_small, remove_tree
 from ..keys import SigningKey
 from . import _openpgp
 from .base import FormatSettings, KeyResolver, public_file
@@ -27,9 +27,11 @@ def load(settings: FormatSettings, keys: KeyResolver) -> tuple[SigningKey, _open
     path = settings.path("public_key")
     assert path is not None
     try:
-        pub = _openpgp.PublicKey.from_armored(path.read_bytes())
+        pub = _openpgp.PublicKey.from_armored(read_small(path))
     except OSError as e:
         raise ConfigError(f"format '{settings.name}': cannot read {path}: {e.strerror}") from None
+    except ConfigError as e:  # not a key block (or not a small file): name the option and the file
+        raise ConfigError(f"format '{settings.name}': public_key {path}: {e}") from None
     if not pub.matches(key.public_key):
         raise ConfigError(f"format '{settings.name}': {path} is not the public half of key '{settings.key}'")
     return key, pub

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fsutil import SMALL_TEXT, read_small_text
 
 
 def _parse(text: str, origin: str) -> dict[str, bytes]:
@@ -42,7 +43,7 @@ class PassphraseSource:
     def from_file(cls, path: Path) -> PassphraseSource:
         """Passphrases from a file of ``key-name:passphrase`` lines."""
         try:
-            text = path.read_text("utf-8")
+            text = read_small_text(path)  # (a pipe, <(...), is read to its end: it has one)
         except OSError as e:
             raise ConfigError(f"cannot read passphrase file {path}: {e.strerror}") from None
         return cls(_parse(text, str(path)))
@@ -50,8 +51,18 @@ class PassphraseSource:
     @classmethod
     def from_fd(cls, fd: int) -> PassphraseSource:
         """Passphrases from ``key-name:passphrase`` lines read from ``fd`` (then closed)."""
-        with os.fdopen(fd, "r", encoding="utf-8", closefd=True) as f:
-            return cls(_parse(f.read(), f"fd {fd}"))
+        try:
+            with os.fdopen(fd, "rb", closefd=True) as f:
+                data = f.read(SMALL_TEXT + 1)
+        except (OSError, TypeError, OverflowError) as e:  # (a number no descriptor can be: TypeError)
+            why = e.strerror if isinstance(e, OSError) else "not a file descriptor"
+            raise ConfigError(f"cannot read passphrases from --passphrase-fd {fd}: {why}") from None
+        if len(data) > SMALL_TEXT:
+            raise ConfigError(f"--passphrase-fd {fd} gives more than {SMALL_TEXT} bytes")
+        try:
+            return cls(_parse(data.decode("utf-8"), f"fd {fd}"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--passphrase-fd {fd} is not UTF-8 text (byte {e.start})") from None
 
     @classmethod
     def interactive(cls) -> PassphraseSource:

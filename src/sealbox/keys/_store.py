@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ..errors import ConfigError, KeyUnlockError
+from ..fsutil import read_small
 from ._signing import HASHES, FileHandoff, HashName, Padding, PrivateKey, SigningKey, pss
 
 
@@ -63,6 +64,8 @@ class FileKey(SigningKey):
         return FileKey(self.name, self._key, chain)
 
 
+#: the most a key or certificate file may hold (a chain of a few certificates is far less)
+KEY_FILE_LIMIT = 1024 * 1024
 #: the name this backend had before there were others
 UnlockedKey = FileKey
 
@@ -70,17 +73,19 @@ UnlockedKey = FileKey
 def load_certificates(path: Path) -> tuple[x509.Certificate, ...]:
     """The PEM certificates in ``path``, in file order; ConfigError if unreadable."""
     try:
-        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
-    except (OSError, ValueError) as e:
+        return tuple(x509.load_pem_x509_certificates(read_small(path, KEY_FILE_LIMIT)))
+    except (OSError, ValueError, ConfigError) as e:
         raise ConfigError(f"cannot read certificates from {path}: {e}") from None
 
 
 def load_key(spec: KeySpec, passphrase: bytes) -> FileKey:
     """Decrypt a key; a wrong passphrase raises :class:`KeyUnlockError` naming the key."""
     try:
-        data = spec.path.read_bytes()
+        data = read_small(spec.path, KEY_FILE_LIMIT)
     except OSError as e:
         raise ConfigError(f"key '{spec.name}': cannot read {spec.path}: {e.strerror}") from None
+    except ConfigError as e:
+        raise ConfigError(f"key '{spec.name}': {e}") from None
     try:
         if spec.kind == "pkcs12":
             key, cert, extra = pkcs12.load_key_and_certificates(data, passphrase)

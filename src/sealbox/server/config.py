@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from ..formats.base import FormatSettings
+from ..fsutil import read_small
 from ..keys import KeySpec, Pkcs11Spec
 
 __all__ = [
@@ -261,9 +262,11 @@ class ServerConfig(_Strict):
         for p in self.security.token_secret_files:
             path = self.resolve(p)
             try:
-                secret = path.read_bytes().strip()
+                secret = read_small(path).strip()
             except OSError as e:
                 raise ConfigError(f"security.token_secret_files: cannot read {path}: {e.strerror}") from None
+            except ConfigError as e:
+                raise ConfigError(f"security.token_secret_files: {e}") from None
             if len(secret) < 16:
                 raise ConfigError(f"security.token_secret_files: {path} holds fewer than 16 bytes")
             out.append(secret)
@@ -284,6 +287,8 @@ def load_config(path: Path) -> ServerConfig:
         raw = tomllib.loads(path.read_text("utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     raw["base_dir"] = path.resolve().parent
