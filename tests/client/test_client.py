@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -266,7 +267,10 @@ def test_ctrl_c_is_one_line(gpg_server: ServerProcess, tmp_path: Path, payload: 
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # accepts TCP connections in the kernel, never speaks TLS
         host = f"127.0.0.1:{silent.getsockname()[1]}"
-        argv = [str(BIN / "sealbox"), "sign", "-H", host, "-c", str(gpg_server.deployment.ca)]
+        # SIGINT's default restored first: a test run started in the background (as CI may
+        # start it) hands its children SIGINT ignored, and Python then never handles it
+        argv = [sys.executable, "-c", _DEFAULT_SIGINT, str(BIN / "sealbox"), "sign", "-H", host]
+        argv += ["-c", str(gpg_server.deployment.ca)]
         proc = subprocess.Popen(
             [*argv, "-t", str(tmp_path / "token"), "-f", "gpg", "-d", str(tmp_path / "out"), str(payload)],
             stdout=subprocess.PIPE,
@@ -284,6 +288,12 @@ def test_ctrl_c_is_one_line(gpg_server: ServerProcess, tmp_path: Path, payload: 
             proc.kill()
     assert proc.returncode in (1, 130) and err.strip() == "Aborted!", err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _connected_to(pid: int, port: int) -> bool:
