@@ -4,6 +4,7 @@ or crash on a record, a task file or an artifact folder that is not what it shou
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import ssl
@@ -196,3 +197,32 @@ def test_an_artifact_folder_that_is_a_file_or_a_task_file_that_is_a_fifo(
     (work / "task.json").unlink()
     os.mkfifo(work / "task.json")  # nothing ever writes it: reading it would wait for ever
     _failed(run(worker.config, work, tmp_path / "out2"), 3, "is not a regular file")
+
+
+def test_a_download_that_stalls_is_a_timeout_not_a_write_error(
+    tmp_path: Path, servers: dict[str, ServerProcess]
+) -> None:
+    """A store that sends its headers, then nothing: the download's time runs out, and that is
+    what the failure says (the temporary file's handling once reported it as "cannot write")."""
+    from sealbox.task.artifacts import ArtifactStore, Progress, Unavailable
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b"x")
+        await asyncio.sleep(5)  # (then the body ends short: also "cannot download")
+        return response
+
+    root_dir = servers["dep"].deployment.root
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(root_dir / "tls/server.pem", root_dir / "tls/server.key")
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", stall)
+    with ThreadedApp(app, ctx) as running:
+        url = f"https://127.0.0.1:{running.port}/{{taskId}}/{{path}}"
+        progress = Progress(lambda line: None, live=False)
+        store = ArtifactStore(url, progress, root=tmp_path / "cot", ca=root_dir / "tls/ca.pem", timeout=1.0)
+        with store, pytest.raises(Unavailable) as failed:
+            store.fetch("StallBuild1", "public/x.bin", tmp_path / "cot/StallBuild1/public/x.bin")
+    assert "cannot download" in str(failed.value) and "cannot write" not in str(failed.value), failed.value
+    assert not any((tmp_path / "cot/StallBuild1/public").iterdir())

@@ -275,7 +275,7 @@ def _into(dest: Path, name: str) -> Iterator[BinaryIO]:
     """A new temporary file beside ``dest`` for artifact ``name``, created exclusively (never
     through a link, never an existing file: mkstemp's O_EXCL), renamed to ``dest`` once written
     whole, removed if not. A file system error is :class:`Unavailable` (a download's own errors,
-    aiohttp's, pass through)."""
+    aiohttp's and timeouts, some of them OSErrors, pass through)."""
     tmp: Path | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ def _into(dest: Path, name: str) -> Iterator[BinaryIO]:
             yield out
         os.replace(tmp, dest)
     except OSError as e:
-        if isinstance(e, aiohttp.ClientError):
+        if isinstance(e, aiohttp.ClientError | TimeoutError):
             raise
         raise Unavailable(f"{name}: cannot write {tmp or dest}: {e.strerror}") from None
     finally:
