@@ -25,11 +25,16 @@ def safe_text(text: str, limit: int = MAX_REASON) -> str:
 
 
 def refuse(
-    status: int, reason: str, headers: dict[str, str] | None = None, refusal: str | None = None
+    status: int,
+    reason: str,
+    headers: dict[str, str] | None = None,
+    refusal: str | None = None,
+    close: bool = False,
 ) -> web.Response:
     """The one way a refusal is answered: the reason in ``X-Sealbox-Error`` and the body;
     ``refusal`` sorts a refused upload (one of a fixed set of words) for the metrics and, in
-    :data:`~sealbox.wire.REFUSAL_HEADER`, for the client."""
+    :data:`~sealbox.wire.REFUSAL_HEADER`, for the client. ``close``: the connection ends with
+    this answer (what is left of the request is not read)."""
     reason = safe_text(reason)
     h = {"X-Sealbox-Error": reason, **(headers or {})}
     if refusal is not None:
@@ -37,4 +42,6 @@ def refuse(
     response = web.Response(status=status, text=reason + "\n", headers=h)
     if refusal is not None:
         response[REFUSAL] = refusal
+    if close:
+        response.force_close()
     return response

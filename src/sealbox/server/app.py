@@ -157,9 +157,7 @@ async def mint_token(request: web.Request) -> web.Response:
     except (ValueError, LookupError) as e:  # no boundary, bytes not in the charset, no such charset
         return refuse(400, f"malformed form: {e}")
     except TimeoutError:
-        response = refuse(408, f"token request stalled: no form within {cfg.server.body_timeout:g} s")
-        response.force_close()
-        return response
+        return refuse(408, f"token request stalled: no form within {cfg.server.body_timeout:g} s", close=True)
     slave_ip, duration_s = form.get("slave_ip"), form.get("duration")
     if not isinstance(slave_ip, str) or not isinstance(duration_s, str):
         return refuse(400, "slave_ip and duration are required")
@@ -335,9 +333,7 @@ class _NoRoom(Exception):
 
 def _no_room(e: _NoRoom) -> web.Response:
     """The server's trouble, not the input's: 507 (503), and a client tries another server."""
-    response = refuse(507 if e.full else 503, f"the server cannot store the upload now: {e}")
-    response.force_close()
-    return response
+    return refuse(507 if e.full else 503, f"the server cannot store the upload now: {e}", close=True)
 
 
 class _Spool:
@@ -508,17 +504,13 @@ async def _upload(request: web.Request) -> web.StreamResponse:
         except (_Malformed, ValueError, asyncio.IncompleteReadError) as e:
             return refuse(400, f"malformed multipart body: {e}", refusal="malformed")
         except _TooLarge:
-            response = refuse(413, f"File too large: over {limit} bytes for {fmt}", refusal="size")
-            response.force_close()  # the rest of the body is not read
-            return response
+            # (the rest of the body is not read)
+            return refuse(413, f"File too large: over {limit} bytes for {fmt}", refusal="size", close=True)
         except _NoRoom as e:
             return _no_room(e)
         except TimeoutError:
-            response = refuse(
-                408, f"upload stalled: no data for {cfg.server.body_timeout:g} s", refusal="stalled"
-            )
-            response.force_close()
-            return response
+            stalled = f"upload stalled: no data for {cfg.server.body_timeout:g} s"
+            return refuse(408, stalled, refusal="stalled", close=True)
         if data.sha1:
             request[INPUT_SHA1] = data.sha1
         if refused is not None:
