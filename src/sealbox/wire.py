@@ -166,6 +166,12 @@ REFUSAL_HEADER = "X-Sealbox-Refusal"
 LOG_INDEX_HEADER = "X-Sealbox-Log-Index"
 
 
+def log_index(text: str) -> int | None:
+    """A signing log index as it travels (a header, a path segment): ASCII digits, 18 at most
+    (``str.isdigit`` also takes other scripts' digits, and ``int`` refuses 4300 of them)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 #: Files up to this size are small, on both sides of the wire: the client reads one whole,
 #: uploads it from memory and asks for the answer at once (``X-Sealbox-Wait``); the server
 #: keeps the upload in memory, signs it in a signing worker process (in-process formats) and

@@ -62,6 +62,7 @@ from ..wire import (
     REFUSAL_HEADER,
     SMALL_FILE,
     WAIT_HEADER,
+    log_index,
 )
 from ._errors import (
     ClientError,
@@ -118,22 +119,33 @@ def _temp_beside(path: Path) -> Path:
 @contextlib.contextmanager
 def _local(path: Path) -> Iterator[None]:
     """A file system error writing ``path`` is ours, not a server's: no server can help, so it
-    is not retried (:class:`OutputUnwritable`)."""
+    is not retried (:class:`OutputUnwritable`). A transfer's own errors (aiohttp's and
+    timeouts, some of them OSErrors) pass through."""
     try:
         yield
     except OSError as e:
+        if isinstance(e, aiohttp.ClientError | TimeoutError):
+            raise
         raise OutputUnwritable(f"cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
-def _write_atomic(dest: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _replacing(dest: Path) -> Iterator[Path]:
+    """A scratch path beside ``dest`` for the block to write: renamed to ``dest`` when the
+    block ends without error, removed otherwise; file system errors as :func:`_local` says."""
     tmp = _temp_beside(dest)
     with _local(dest):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
+            yield tmp
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    with _replacing(dest) as tmp:
+        tmp.write_bytes(data)
 
 
 async def _answer(r: aiohttp.ClientResponse, limit: int = ANSWER_LIMIT) -> bytes | None:
@@ -147,11 +159,6 @@ async def _answer(r: aiohttp.ClientResponse, limit: int = ANSWER_LIMIT) -> bytes
         body += chunk
     r.close()
     return None
-
-
-def _log_index(value: str) -> int | None:
-    """The ``X-Sealbox-Log-Index`` of an answer, if it is one (ASCII digits, 18 at most)."""
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 def _field(boundary: str, name: str, value: str) -> str:
@@ -742,7 +749,7 @@ class AsyncSigningClient:
         One bigger than twice the input and ``RESULT_MARGIN`` is a bad answer (no signature
         is that big: an answer without end must not fill the disk)."""
         dest, most = job.dest, 2 * job.size + RESULT_MARGIN
-        index = _log_index(r.headers.get(LOG_INDEX_HEADER, ""))
+        index = log_index(r.headers.get(LOG_INDEX_HEADER, ""))
         if index is not None:
             self._log_index[dest] = index
         if r.content_length is not None and r.content_length > most:
@@ -755,28 +762,18 @@ class AsyncSigningClient:
                 raise _Retry("downloaded result does not match its X-SHA1-Digest")
             _write_atomic(dest, body)
             return
-        tmp = _temp_beside(dest)
         h = hashlib.sha1(usedforsecurity=False)
-        with _local(dest):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            f = tmp.open("wb")
         size = 0
-        try:
-            with f:
-                async for chunk in r.content.iter_chunked(CHUNK):  # (its errors are the server's)
-                    size += len(chunk)
-                    if size > most:
-                        r.close()
-                        raise _Retry(f"a result of over {most} bytes for an input of {job.size}")
-                    h.update(chunk)
-                    with _local(dest):
-                        f.write(chunk)
+        with _replacing(dest) as tmp, tmp.open("wb") as f:
+            async for chunk in r.content.iter_chunked(CHUNK):  # (its errors are the server's)
+                size += len(chunk)
+                if size > most:
+                    r.close()
+                    raise _Retry(f"a result of over {most} bytes for an input of {job.size}")
+                h.update(chunk)
+                f.write(chunk)
             if h.hexdigest() != expected:
                 raise _Retry("downloaded result does not match its X-SHA1-Digest")
-            with _local(dest):
-                os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     async def _upload(self, server: Server, job: _File, deadline: _Deadline) -> str:
         """Upload; "done" if the server answered with the result (uploads ask it to wait for
@@ -1005,15 +1002,8 @@ class AsyncSigningClient:
     def _to_cache(self, wire: str, digest: str, result: Path) -> None:
         if self.cache_dir is None:
             return
-        folder = self.cache_dir / wire
-        tmp = _temp_beside(folder / digest)
-        with _local(folder / digest):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(result, tmp)
-                os.replace(tmp, folder / digest)
-            finally:
-                tmp.unlink(missing_ok=True)
+        with _replacing(self.cache_dir / wire / digest) as tmp:
+            shutil.copyfile(result, tmp)
 
 
 class _Retry(Exception):

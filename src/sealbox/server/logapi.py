@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from ..signlog import Checkpoint, LogUnavailable, Recorder, SignLog
+from ..wire import log_index
 from .answers import refuse
 
 RECORDER = web.AppKey("recorder", Recorder)
@@ -52,10 +53,6 @@ def _public(signlog: SignLog) -> str:
     return public_key_text(signlog.public)
 
 
-def _number(text: str) -> int | None:
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
-
-
 async def checkpoint(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
@@ -73,7 +70,7 @@ async def proof(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
         return refuse(404, "this server keeps no signing log")
-    index = _number(request.match_info["index"])
+    index = log_index(request.match_info["index"])
     if index is None:
         return refuse(400, "the index must be a decimal number")
     if index >= signlog.size:
@@ -99,7 +96,7 @@ async def consistency(request: web.Request) -> web.Response:
     signlog = _log(request)
     if signlog is None:
         return refuse(404, "this server keeps no signing log")
-    old, new = _number(request.match_info["old"]), _number(request.match_info["new"])
+    old, new = log_index(request.match_info["old"]), log_index(request.match_info["new"])
     cp = signlog.checkpoint
     if old is None or new is None or not 0 < old <= new:
         return refuse(400, "sizes must be decimal numbers, 0 < old <= new")
