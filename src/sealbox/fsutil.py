@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import ConfigError
 
-__all__ = ["read_small", "read_small_text", "remove_tree", "short_name"]
+__all__ = ["read_bounded", "read_small", "read_small_text", "remove_tree", "short_name", "utf8_text"]
 
 #: how many entries :func:`remove_tree` lists when some could not be removed
 MAX_REPORTED = 20
@@ -232,9 +232,15 @@ def read_small(path: Path, limit: int = SMALL_TEXT) -> bytes:
     ConfigError naming it if it holds more than ``limit`` bytes (a device or a big file is not
     read whole: /dev/zero given for a key must not take the memory)."""
     with path.open("rb") as f:
-        data = f.read(limit + 1)
+        return read_bounded(f, str(path), limit)
+
+
+def read_bounded(f: BinaryIO, what: str, limit: int = SMALL_TEXT) -> bytes:
+    """What ``f`` (named ``what`` in errors) holds, if that is at most ``limit`` bytes (it is
+    read no further); ConfigError otherwise."""
+    data = f.read(limit + 1)
     if len(data) > limit:
-        raise ConfigError(f"{path} holds more than {limit} bytes: not the small file expected")
+        raise ConfigError(f"{what} holds more than {limit} bytes: not the small file expected")
     return data
 
 
@@ -242,11 +248,15 @@ def read_small_text(path: Path, limit: int = SMALL_TEXT) -> str:
     """The text of a small file a command is given (a token, a public key, credentials), read
     as UTF-8. Raises OSError if it cannot be read, and ConfigError naming it if it is not such
     a file: not UTF-8, or over ``limit`` bytes (a device or a big file is not read whole)."""
-    data = read_small(path, limit)
+    return utf8_text(read_small(path, limit), str(path))
+
+
+def utf8_text(data: bytes, what: str) -> str:
+    """``data`` (from ``what``) as UTF-8 text; ConfigError saying where it is not."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(f"{what} is not UTF-8 text (byte {e.start})") from None
 
 
 def short_name(name: str, most: int) -> str:

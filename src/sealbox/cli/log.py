@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ._common import fail
+from ._common import fail, small_text
 
 
 @click.group()
@@ -32,14 +32,12 @@ def verify(dirs: tuple[Path, ...], public_file: Path, as_json: bool) -> None:
 
     Exits 1 if any log does not match, naming its first entry or checkpoint that does not."""
     from ..errors import ConfigError
-    from ..fsutil import read_small_text
     from ..signlog import parse_public_key
     from ..signlog.verify import verify_log
 
+    text = small_text(public_file)
     try:
-        public = parse_public_key(read_small_text(public_file))
-    except OSError as e:
-        fail(f"cannot read {public_file}: {e.strerror}", 2)
+        public = parse_public_key(text)
     except ConfigError as e:
         fail(f"{public_file}: {e}", 2)
     reports = [verify_log(d, public) for d in dirs]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fsutil import SMALL_TEXT, read_small_text
+from ..fsutil import read_bounded, read_small_text, utf8_text
 
 
 def _parse(text: str, origin: str) -> dict[str, bytes]:
@@ -51,18 +51,14 @@ class PassphraseSource:
     @classmethod
     def from_fd(cls, fd: int) -> PassphraseSource:
         """Passphrases from ``key-name:passphrase`` lines read from ``fd`` (then closed)."""
+        what = f"--passphrase-fd {fd}"
         try:
             with os.fdopen(fd, "rb", closefd=True) as f:
-                data = f.read(SMALL_TEXT + 1)
+                data = read_bounded(f, what)
         except (OSError, TypeError, OverflowError) as e:  # (a number no descriptor can be: TypeError)
             why = e.strerror if isinstance(e, OSError) else "not a file descriptor"
-            raise ConfigError(f"cannot read passphrases from --passphrase-fd {fd}: {why}") from None
-        if len(data) > SMALL_TEXT:
-            raise ConfigError(f"--passphrase-fd {fd} gives more than {SMALL_TEXT} bytes")
-        try:
-            return cls(_parse(data.decode("utf-8"), f"fd {fd}"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--passphrase-fd {fd} is not UTF-8 text (byte {e.start})") from None
+            raise ConfigError(f"cannot read passphrases from {what}: {why}") from None
+        return cls(_parse(utf8_text(data, what), f"fd {fd}"))
 
     @classmethod
     def interactive(cls) -> PassphraseSource:

@@ -49,7 +49,7 @@ from ..client import (
     request_token,
 )
 from ..errors import ConfigError
-from ..fsutil import read_small_text, remove_tree, short_name
+from ..fsutil import read_bounded, read_small_text, remove_tree, short_name
 from . import cot, steps
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, EXIT_UNAVAILABLE, Echo, TaskFailure
 from .plan import check_wire_names, plan
@@ -217,13 +217,13 @@ class _Runner:
             with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     raise TaskFailure(EXIT_MALFORMED, f"{path} is not a regular file")
-                data = f.read(MAX_TASK_BYTES + 1)
+                data = read_bounded(f, "task.json", MAX_TASK_BYTES)
         except FileNotFoundError:
             raise TaskFailure(EXIT_UNAVAILABLE, f"{path} does not exist") from None
         except OSError as e:
             raise TaskFailure(EXIT_UNAVAILABLE, f"cannot read {path}: {e.strerror}") from None
-        if len(data) > MAX_TASK_BYTES:
-            raise TaskFailure(EXIT_MALFORMED, f"task.json is larger than {MAX_TASK_BYTES} bytes")
+        except ConfigError:
+            raise TaskFailure(EXIT_MALFORMED, f"task.json is larger than {MAX_TASK_BYTES} bytes") from None
         too_deep = TaskFailure(EXIT_MALFORMED, f"task.json nests deeper than {MAX_TASK_DEPTH} levels")
         try:
             raw = json.loads(data)

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import ConfigError
+from ..fsutil import read_small
 from . import cot
 from .artifacts import ArtifactStore, NotInStore, Progress, Unavailable
 from .exits import EXIT_FAILED, EXIT_MALFORMED, EXIT_UNAVAILABLE, Echo, TaskFailure
@@ -111,19 +112,19 @@ class _Fetcher:
     def optional(self, task_id: str, rel: str) -> Path | None:
         """:meth:`__call__`, or None if the store has no such file (any other failure raises)."""
         try:
-            with _failures():
-                return self.store.fetch(task_id, rel, self._dest(task_id, rel))
+            return self(task_id, rel)
         except _Missing:
             return None
 
     def read(self, task_id: str, rel: str, most: int) -> bytes:
         """The bytes of a small file of the chain of trust (a record, a signature): at most
         ``most``, more is malformed (it is not read whole)."""
-        with self(task_id, rel).open("rb") as f:
-            data = f.read(most + 1)
-        if len(data) > most:
-            raise TaskFailure(EXIT_MALFORMED, f"chain of trust: {task_id}/{rel} is larger than {most} bytes")
-        return data
+        try:
+            return read_small(self(task_id, rel), most)
+        except ConfigError:
+            raise TaskFailure(
+                EXIT_MALFORMED, f"chain of trust: {task_id}/{rel} is larger than {most} bytes"
+            ) from None
 
     def _dest(self, task_id: str, rel: str) -> Path:
         return self.work / "cot" / task_id / rel
