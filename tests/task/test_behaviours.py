@@ -205,6 +205,10 @@ def test_cot_keys_and_records(tmp_path: Path) -> None:
     assert cot.verify_signature(data, sig.read_bytes(), {"other": [cot.generate_key().public_key()]}) is None
     with pytest.raises(cot.CotError, match="chainOfTrustVersion"):
         cot.parse_record(b'{"taskId": "x", "artifacts": {}}')
+    for version in (b"true", b"1.0", b'"1"'):  # equal to 1 in Python, or a string of it: not version 1
+        with pytest.raises(cot.CotError, match="chainOfTrustVersion"):
+            cot.parse_record(b'{"chainOfTrustVersion": %s, "taskId": "x", "artifacts": {}}' % version)
+    assert cot.parse_record(b'{"chainOfTrustVersion": 1, "taskId": "x", "artifacts": {}}') is not None
 
 
 def test_cot_cli_keygen_sign_verify(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ def parse_record(data: bytes) -> dict[str, Any]:
         raise CotError("record is not JSON this runner reads: it nests too deeply") from None
     if not isinstance(record, dict):
         raise CotError("record is not a JSON object")
-    if record.get("chainOfTrustVersion") != VERSION:
+    version = record.get("chainOfTrustVersion")
+    if type(version) is not int or version != VERSION:  # (true and 1.0 equal 1 in Python)
         raise CotError(f"record has chainOfTrustVersion {record.get('chainOfTrustVersion')!r}, not {VERSION}")
     if not isinstance(record.get("taskId"), str):
         raise CotError("record has no taskId")
