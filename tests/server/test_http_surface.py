@@ -676,6 +676,33 @@ def test_a_silent_token_request_is_answered_408(impatient_server: ServerProcess)
     assert answer.status == 408 and "stalled" in (answer.header("X-Sealbox-Error") or "")
 
 
+def test_a_small_result_the_disk_cannot_hold_fails_as_retryable(tmp_path: Path) -> None:
+    """A small upload is kept in memory and written with its result in one SQLite commit at
+    the job's end. When that write fails (RLIMIT_FSIZE stands in for a full disk, as above),
+    the job fails as the server's trouble, retryable and named, not as an internal error
+    with a traceback; once there is room, the same file signs."""
+    d = Deployment.create(tmp_path / "dep", "dep", ["gpg"])
+    sp = start_server(d)
+    try:
+        src = tmp_path / "small.bin"
+        src.write_bytes(os.urandom(200_000))  # under SMALL_FILE: a row, not a file
+        soft, hard = resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE, (150_000, hard))
+        start = marker(sp)
+        with sp.client(timeout=30) as client:
+            outcome = client.sign(src, ["gpg"], tmp_path / "small.asc")
+        assert not outcome.ok and "server storage error: small.sqlite3:" in str(outcome.error), outcome.error
+        entries = logged_since(sp, start)
+        assert not crash_lines(entries)
+        jobs = [e for e in entries if e.get("event") == "job"]
+        assert [e["outcome"] for e in jobs] == ["failed"] and "Errno" not in jobs[0]["reason"], jobs
+        resource.prlimit(sp.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        with sp.client(timeout=30) as client:
+            assert client.sign(src, ["gpg"], tmp_path / "small.asc").ok
+    finally:
+        sp.stop()
+
+
 def test_an_upload_the_disk_cannot_hold_is_a_5xx(tmp_path: Path) -> None:
     """A full disk is the server's trouble, not the input's: a clean 507 naming the cause (a
     client tries another server), never a crash, nothing left in tmp/, and the server goes on.

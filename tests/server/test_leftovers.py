@@ -239,3 +239,43 @@ def test_serve_logs_leftovers_it_cannot_remove(tmp_path: Path, sweep: None) -> N
     finally:
         rc = sp.stop()
     assert rc == 0, sp.log.read_text()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda db: db.write_bytes(b"not a database at all\n" * 100), id="not-a-database"),
+        pytest.param(lambda db: _overwrite(db, 0, b"\xff" * 100), id="damaged-header"),
+        pytest.param(lambda db: _overwrite(db, 4096, b"\xff" * 4096), id="damaged-table"),
+    ],
+)
+def test_serve_moves_a_damaged_row_store_aside(
+    tmp_path: Path, sweep: None, damage: Callable[[Path], None]
+) -> None:
+    """The SQLite file of small inputs and results, left damaged (a disk fault, a copy taken
+    of a live file): it is a cache of signatures, so it is moved aside once the damage shows
+    (at start-up, or when a table is first read), named in the log, and a new one serves.
+    (Before, every small job failed with an internal error for as long as the file stayed.)"""
+    d = Deployment.create(tmp_path / "dep", "dep", ["gpg"])
+    sp = start_server(d)
+    try:
+        assert _signs(sp, tmp_path, "a.txt")
+    finally:
+        assert sp.stop() == 0
+    db = d.root / "data" / "small.sqlite3"
+    damage(db)
+    sp = start_server(d)
+    try:
+        assert _signs(sp, tmp_path, "b.txt") and _signs(sp, tmp_path, "a.txt")
+        (damaged,) = _events(sp, "store_rows_damaged")  # found at start-up, or at first use
+        assert damaged["level"] == "warning", damaged
+        assert [p.name for p in db.parent.glob("small.sqlite3.damaged-*")] == [damaged["moved_to"]]
+        assert not any(e.get("level") == "error" for e in sp.log_lines())
+    finally:
+        assert sp.stop() == 0
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)

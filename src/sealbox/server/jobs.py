@@ -200,8 +200,10 @@ class JobManager:
                 return "gone", str(e)
             except TimeoutError:
                 reason = f"signing timed out after {self.timeout:g} s"
-            except (SigningFailed, OSError) as e:
+            except SigningFailed as e:
                 reason = str(e)
+            except OSError as e:  # the server's disk (a full one, say): its trouble, not the input's
+                reason = f"server storage error: {e.strerror or type(e).__name__}"  # (no server path)
             if attempt < TRANSIENT_ATTEMPTS:
                 await asyncio.sleep(0.5 * attempt)
         self.storage.add_failure(job.fmt, job.sha1, False, reason)

@@ -42,15 +42,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from ..errors import SigningFailed
 from ..fsutil import MAX_REPORTED, private, remove_tree, take_lock
 from ..hashing import hash_file, hash_stream
 from ..wire import SMALL_FILE
-from .smallstore import RowStore
+from .smallstore import RowStore, RowStoreError
 
 log = logging.getLogger("sealbox.storage")
+_T = TypeVar("_T")
 
 #: Fresh results up to SMALL_FILE are kept in memory, up to CACHE_BYTES in all.
 CACHE_BYTES = 64 * 1024 * 1024
@@ -153,6 +154,7 @@ class Storage:
         files.xattrs = files.probe_xattrs() if xattrs is None else xattrs
         self._files = files
         self._rows = RowStore(root / "small.sqlite3")
+        self._rows.check()
         self._mutex = threading.Lock()  # jobs publish from worker threads
         self._index: OrderedDict[tuple[str, str], Result] = OrderedDict()
         self._cached_bytes = 0
@@ -222,12 +224,12 @@ class Storage:
 
     # -- inputs -------------------------------------------------------------------------------
     def has_input(self, sha1: str) -> bool:
-        return self._rows.has_input(sha1) or self._files.has_input(sha1)
+        return self._rows_or(False, self._rows.has_input, sha1) or self._files.has_input(sha1)
 
     def get_input(self, sha1: str) -> Input | None:
         """The input ``sha1``, if held: a row's bytes (checked as read: a corrupt row is
         dropped), or a file (checked by :meth:`checked` before it is signed)."""
-        held = self._rows.read_input(sha1)
+        held = self._rows_or(None, self._rows.read_input, sha1)
         if held is not None:
             filename, data = held
             return Input(data, len(data), sha1=sha1, filename=filename)
@@ -262,8 +264,18 @@ class Storage:
         return dataclasses.replace(item, digests={"sha256": states["sha256"]}, checked=True)
 
     def drop_input(self, sha1: str) -> None:
-        self._rows.delete_input(sha1)
+        self._rows_or(None, self._rows.delete_input, sha1)
         self._files.drop_input(sha1)
+
+    def _rows_or(self, default: _T, read: Callable[..., _T], *args: Any) -> _T:
+        """``read(*args)`` on the rows, or ``default`` where the database fails (logged): a
+        lookup that cannot be answered is a miss, so the content is signed again and only
+        publishing its result (which must write) fails, as retryable."""
+        try:
+            return read(*args)
+        except RowStoreError as e:
+            log.warning("store database", extra={"fields": {"event": "store_rows_failed", "error": str(e)}})
+            return default
 
     # -- results ------------------------------------------------------------------------------
     def result(self, fmt: str, sha1: str) -> Result | None:
@@ -279,7 +291,7 @@ class Storage:
                 return found
             try:  # keep it alive, without a write per GET
                 if found.in_row:
-                    self._rows.touch(fmt, sha1, now)
+                    self._rows_or(None, self._rows.touch, fmt, sha1, now)
                 else:
                     self._files.touch_result(fmt, sha1, now)
                 found.touched = now
@@ -295,12 +307,12 @@ class Storage:
         return found
 
     def _load_result(self, fmt: str, sha1: str, now: float) -> Result | None:
-        held = self._rows.read_result(fmt, sha1)
+        held = self._rows_or(None, self._rows.read_result, fmt, sha1)
         if held is None:
             return self._files.read_result(fmt, sha1, now)
         digest, body, touched = held
         if now - touched > TOUCH_EVERY:
-            self._rows.touch(fmt, sha1, now)
+            self._rows_or(None, self._rows.touch, fmt, sha1, now)
         return Result(body, len(body), digest=digest, in_row=True, touched=now)
 
     def put_result(
