@@ -403,3 +403,22 @@ def test_tar_decompression_bomb_is_refused_by_ratio(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 200_000
     with pytest.raises(FormatRejected, match="decompression bomb"):
         safe_extract_tar(bomb, tmp_path / "out")
+
+
+def test_a_zip64_locator_past_any_offset_is_a_refusal(tmp_path: Path) -> None:
+    """A ZIP64 locator naming an end record at 2**64 - 16 (found by fuzzing): refused, not a
+    ValueError from seek."""
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.txt", "hello")
+    raw = buf.getvalue()
+    eocd = raw.rfind(b"PK\x05\x06")
+    tail = bytearray(raw[eocd:])
+    struct.pack_into("<H", tail, 10, 0xFFFF)
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, 0xFFFFFFFFFFFFFFF0, 1)
+    path = tmp_path / "odd.zip"
+    path.write_bytes(raw[:eocd] + locator + bytes(tail))
+    with pytest.raises(FormatRejected):
+        safe_extract_zip(path, tmp_path / "out")

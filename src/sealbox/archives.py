@@ -601,6 +601,8 @@ def _zip_declared_count(path: Path) -> int | None:
                 return count
             # zip64: the locator just before the record gives the zip64 end record's offset
             offset: int = struct.unpack_from("<Q", tail, at - 20 + 8)[0]
+            if offset > size:  # (past 2**63 seek itself raises ValueError)
+                return None
             f.seek(offset)
             rec = f.read(56)
             if len(rec) < 56 or not rec.startswith(b"PK\x06\x06"):

@@ -265,7 +265,8 @@ def _appx_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        # (NotImplementedError: a "version needed" past what zipfile reads)
         return f"malformed zip (APPX/MSIX package): {e}"
     missing = [p for p in _APPX_PARTS if p not in names]
     if missing:

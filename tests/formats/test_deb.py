@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sealbox.errors import VerificationFailed
+from sealbox.errors import FormatRejected, VerificationFailed
 from sealbox.formats.deb import DebSigner, ar_header, members
 from sealbox.samples.linuxpkg import write_deb, write_rpm
 from tests.formats.test_formats_e2e import _no_temp_left, _refused_at_once
@@ -125,3 +125,12 @@ def test_hsm_key(tmp_path: Path) -> None:
         sp.stop()
     DebSigner.verify("deb", out, None, d.public)
     assert not (d.root / "keys" / "deb.pem").exists()  # the key lives in the token only
+
+
+def test_a_mode_field_with_non_octal_digits_is_a_refusal() -> None:
+    """An ar member's mode of "100689" (found by fuzzing): a refusal, not a ValueError."""
+    from sealbox.formats.deb import _field
+
+    with pytest.raises(FormatRejected, match="bad mode field"):
+        _field(b"100689  ", "mode", 8, 8)
+    assert _field(b"100644  ", "mode", 8, 8) == 0o100644

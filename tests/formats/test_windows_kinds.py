@@ -157,3 +157,23 @@ def test_old_osslsigncode_serves_every_kind(old_server: ServerProcess, tmp_path:
             res = c.sign(src, [FMT], tmp_path / "out" / src.name)
             assert res.ok, res.error
             AuthenticodeSigner.verify(FMT, tmp_path / "out" / src.name, None, old_server.deployment.public)
+
+
+def test_a_zip_of_a_version_zipfile_cannot_read_is_not_an_appx(tmp_path: Path) -> None:
+    """A central directory asking for zip version 25.5 (found by fuzzing): zipfile raises
+    NotImplementedError; that is a malformed package, not an internal error."""
+    import io
+    import zipfile
+
+    from sealbox.winfiles import _appx_problem
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("AppxManifest.xml", "<x/>")
+    raw = bytearray(buf.getvalue())
+    central = raw.rfind(b"PK\x01\x02")
+    raw[central + 6] = 255  # version needed to extract: 25.5
+    path = tmp_path / "app.msix"
+    path.write_bytes(bytes(raw))
+    problem = _appx_problem(path)
+    assert problem is not None and problem.startswith("malformed zip"), problem

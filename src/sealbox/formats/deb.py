@@ -56,7 +56,7 @@ class Member:
 
 def _field(raw: bytes, what: str, at: int, base: int = 10) -> int:
     """A numeric header field (digits, space-padded); refuses anything else."""
-    if not _DIGITS.fullmatch(raw):
+    if not _DIGITS.fullmatch(raw) or (base == 8 and any(c in raw for c in b"89")):
         raise FormatRejected(f"malformed .deb: member header at byte {at} has a bad {what} field")
     return int(raw.rstrip(b" "), base)
 
