@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from .archives import PARSE_ERRORS
 from .errors import FormatRejected
 
 __all__ = [
@@ -265,8 +266,7 @@ def _appx_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        # (NotImplementedError: a "version needed" past what zipfile reads)
+    except (*PARSE_ERRORS, OSError) as e:  # (NotImplementedError: a version zipfile cannot read)
         return f"malformed zip (APPX/MSIX package): {e}"
     missing = [p for p in _APPX_PARTS if p not in names]
     if missing:

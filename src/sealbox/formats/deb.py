@@ -35,7 +35,7 @@ MAX_MEMBERS = 16
 _CONTROL = re.compile(r"control\.tar(\.gz|\.xz|\.zst)?")
 _DATA = re.compile(r"data\.tar(\.gz|\.xz|\.bz2|\.lzma|\.zst)?")
 _NAME = re.compile(r"[A-Za-z0-9_.+-]{1,16}")
-_DIGITS = re.compile(rb"[0-9]+ *")
+_DIGITS = {10: re.compile(rb"[0-9]+ *"), 8: re.compile(rb"[0-7]+ *")}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Member:
 
 def _field(raw: bytes, what: str, at: int, base: int = 10) -> int:
     """A numeric header field (digits, space-padded); refuses anything else."""
-    if not _DIGITS.fullmatch(raw) or (base == 8 and any(c in raw for c in b"89")):
+    if not _DIGITS[base].fullmatch(raw):
         raise FormatRejected(f"malformed .deb: member header at byte {at} has a bad {what} field")
     return int(raw.rstrip(b" "), base)
 

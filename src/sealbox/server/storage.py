@@ -267,12 +267,12 @@ class Storage:
         self._rows_or(None, self._rows.delete_input, sha1)
         self._files.drop_input(sha1)
 
-    def _rows_or(self, default: _T, read: Callable[..., _T], *args: Any) -> _T:
-        """``read(*args)`` on the rows, or ``default`` where the database fails (logged): a
+    def _rows_or(self, default: _T, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)`` on the rows, or ``default`` where the database fails (logged): a
         lookup that cannot be answered is a miss, so the content is signed again and only
         publishing its result (which must write) fails, as retryable."""
         try:
-            return read(*args)
+            return call(*args)
         except RowStoreError as e:
             log.warning("store database", extra={"fields": {"event": "store_rows_failed", "error": str(e)}})
             return default

@@ -227,7 +227,7 @@ def parse_record(data: bytes) -> dict[str, Any]:
         raise CotError("record is not a JSON object")
     version = record.get("chainOfTrustVersion")
     if type(version) is not int or version != VERSION:  # (true and 1.0 equal 1 in Python)
-        raise CotError(f"record has chainOfTrustVersion {record.get('chainOfTrustVersion')!r}, not {VERSION}")
+        raise CotError(f"record has chainOfTrustVersion {version!r}, not {VERSION}")
     if not isinstance(record.get("taskId"), str):
         raise CotError("record has no taskId")
     artifacts = record.get("artifacts")
